@@ -1,0 +1,60 @@
+"""The Python entry point: `rewrite(model, example_args, passes="lora,lora-merge")`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .capture import Captured, capture, export_program
+from .pass_base import Pass, parse_pipeline
+from .pass_manager import Instrument, Report, run_passes
+from .verify import flat_inputs
+
+
+@dataclass
+class RewriteResult:
+    program: torch.export.ExportedProgram      # the rewritten program
+    original: torch.export.ExportedProgram     # the program as captured
+    report: Report
+    passes: list[Pass]
+    args: tuple
+    kwargs: dict
+
+    def module(self) -> torch.nn.Module:
+        """The rewritten program as a callable module (trainable: adapter parameters keep requires_grad)."""
+        return self.program.module()
+
+    def save(self, path: str) -> None:
+        from .save import save_program
+        save_program(self.program, path)
+
+
+def rewrite(model, example_args=None, passes="", *, example_kwargs=None, verify: bool = False,
+            strict: bool = False, decompose: bool = False, codegen: str | None = None,
+            instruments: list[Instrument] = (), progress=None, trust_pickle: bool = False) -> RewriteResult:
+    """Capture `model` (nn.Module, ExportedProgram, path or "demo:NAME"), run the pipeline, export once.
+
+    passes: a spec string ("lora{rank=4},lora-merge"), Pass objects, or a list of either.
+    verify: compare outputs with the input program after every pass (contracts checked, errors reported).
+    decompose: lower this package's custom ops to plain aten ops in the result.
+    codegen: "triton" to lower custom ops to Triton kernels (see codegen/).
+    """
+    pipeline = parse_pipeline(passes) if passes else []
+    captured: Captured = capture(model, example_args, example_kwargs, strict=strict, trust_pickle=trust_pickle)
+    return run_captured(captured, pipeline, verify=verify, decompose=decompose, codegen=codegen,
+                        instruments=instruments, progress=progress)
+
+
+def run_captured(captured: Captured, pipeline: list[Pass], *, verify=False, decompose=False, codegen=None,
+                 instruments=(), progress=None) -> RewriteResult:
+    gm = captured.gm
+    inputs = flat_inputs(captured.args, captured.kwargs)
+    report = run_passes(gm, inputs, pipeline, verify=verify, instruments=instruments, progress=progress)
+    if decompose:
+        from .decompose import decompose_custom_ops
+        decompose_custom_ops(gm, inputs)
+    if codegen:
+        from .lowering import lower
+        lower(gm, inputs, codegen, report)
+    program = export_program(gm, captured.args, captured.kwargs)
+    return RewriteResult(program, captured.program, report, pipeline, captured.args, captured.kwargs)

@@ -1,0 +1,32 @@
+"""Errors a user can act on.
+
+`UserError` carries one line saying what is wrong and what to do; the CLI prints it without a traceback
+and exits with code 2. `VerificationError` means a pass broke its contract; the CLI exits with code 1.
+"""
+from __future__ import annotations
+
+import difflib
+
+
+class RewriteError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    exit_code = 2
+
+
+class UserError(RewriteError):
+    """Bad input: unknown pass or option, unreadable file, model that won't trace, ..."""
+
+    exit_code = 2
+
+
+class VerificationError(RewriteError):
+    """A pass produced a program that does not meet its contract."""
+
+    exit_code = 1
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean "x"?)' when a close match exists, else ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""

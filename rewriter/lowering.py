@@ -1,0 +1,17 @@
+"""`codegen=...`: lower custom ops to generated kernels. The backends live in codegen/ and register themselves."""
+from __future__ import annotations
+
+import importlib
+
+from .errors import UserError
+
+BACKENDS = {"triton": "codegen"}
+
+
+def lower(gm, inputs, backend: str, report) -> None:
+    if backend not in BACKENDS:
+        raise UserError(f'unknown codegen backend "{backend}"; available: {", ".join(BACKENDS)}')
+    module = importlib.import_module(BACKENDS[backend])
+    if not hasattr(module, "lower"):
+        raise UserError(f'codegen backend "{backend}" is not available yet')
+    module.lower(gm, inputs, report)

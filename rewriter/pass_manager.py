@@ -1,0 +1,246 @@
+"""The pass manager: runs a pipeline of passes over one working GraphModule.
+
+For each pass:  should_run → run → graph lint → shape check → (numerics with verify=True) → change record
+→ instruments. Exact passes are checked against the program before them (so an exact pass after an
+approximate one is judged on its own); every pass also reports its error against the original program.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from . import cost
+from .errors import VerificationError
+from .ir import op_name, provenance
+from .params import state_snapshot
+from .pass_base import Contract, Pass
+from .verify import (check_same_signature, exact_tolerance, propagate_shapes, relative_error, run_graph)
+
+
+@dataclass
+class NodeChange:
+    name: str
+    op: str
+    rule: str | None = None
+    replaces: str | None = None
+
+
+@dataclass
+class ParamChange:
+    name: str
+    shape: tuple
+    dtype: str
+    trainable: bool
+
+
+@dataclass
+class PassResult:
+    """What one pass did: the change record the diff and the report are rendered from."""
+
+    name: str
+    spec: str
+    contract: str
+    skipped: str | None = None
+    seconds: float = 0.0
+    nodes_added: list[NodeChange] = field(default_factory=list)
+    nodes_removed: list[NodeChange] = field(default_factory=list)
+    params_added: list[ParamChange] = field(default_factory=list)
+    params_removed: list[ParamChange] = field(default_factory=list)
+    params_changed: list[ParamChange] = field(default_factory=list)
+    params_before: dict = field(default_factory=dict)
+    params_after: dict = field(default_factory=dict)
+    flops_before: Any = 0
+    flops_after: Any = 0
+    error_vs_previous: float | None = None
+    error_vs_original: float | None = None
+    tolerance: float | None = None
+    sites: list[dict] = field(default_factory=list)   # per-layer entries: {"site", "status", ...}
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.nodes_added or self.nodes_removed or self.params_added or self.params_removed
+                    or self.params_changed)
+
+
+@dataclass
+class Report:
+    passes: list[PassResult] = field(default_factory=list)
+    flops_before: Any = 0
+    flops_after: Any = 0
+    params_before: dict = field(default_factory=dict)
+    params_after: dict = field(default_factory=dict)
+    verified: bool = False
+    error: float | None = None  # final error vs the original program (verify=True)
+
+    def to_json(self) -> dict:
+        from .report import report_to_json
+        return report_to_json(self)
+
+
+class PassContext:
+    """What a pass sees: the working GraphModule, example inputs, and ways to report per-site results."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: list, pass_obj: Pass, result: PassResult,
+                 progress: Callable | None = None):
+        self.gm = gm
+        self.inputs = inputs          # flat example inputs, in placeholder order
+        self.pass_obj = pass_obj
+        self.result = result
+        self._progress = progress
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def site(self, name: str, status: str = "rewritten", **info) -> None:
+        """Record one matched site (a layer): status is "rewritten" or "skipped"; info holds figures/reasons."""
+        self.result.sites.append({"site": name, "status": status, **info})
+
+    def skip(self, name: str, reason: str) -> None:
+        self.site(name, "skipped", reason=reason)
+
+    def message(self, text: str) -> None:
+        self.result.messages.append(text)
+
+    def progress(self, items, description: str):
+        """Iterate `items` with a progress bar when a console is attached."""
+        if self._progress is None:
+            return items
+        return self._progress(items, f"{self.pass_obj.name}: {description}")
+
+    def activations(self, nodes: list[fx.Node]) -> dict[fx.Node, Any]:
+        """Values of `nodes` on the example inputs (runs the current graph once)."""
+        wanted = set(nodes)
+        captured: dict[fx.Node, Any] = {}
+
+        class Capture(fx.Interpreter):
+            def run_node(self, n):
+                value = super().run_node(n)
+                if n in wanted:
+                    captured[n] = value.detach() if isinstance(value, torch.Tensor) else value
+                return value
+
+        with torch.no_grad():
+            Capture(self.gm).run(*self.inputs)
+        return captured
+
+
+class Instrument:
+    """Hooks around each pass (TVM's PassInstrument): timing, printing, dumping."""
+
+    def before_pass(self, p: Pass, gm: fx.GraphModule) -> None:
+        pass
+
+    def after_pass(self, p: Pass, gm: fx.GraphModule, result: PassResult, index: int) -> None:
+        pass
+
+
+def _node_changes(nodes, pass_name: str) -> list[NodeChange]:
+    out = []
+    for n in nodes:
+        prov = provenance(n) or {}
+        if n.op == "get_attr":
+            continue
+        out.append(NodeChange(n.name, op_name(n) if n.op == "call_function" else n.op,
+                              prov.get("rule") if prov.get("pass") == pass_name else None, prov.get("replaces")))
+    return out
+
+
+def _param_change(name, tensor, trainable) -> ParamChange:
+    return ParamChange(name, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""), trainable)
+
+
+def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: bool = False,
+               instruments: list[Instrument] = (), progress: Callable | None = None) -> Report:
+    """Run `passes` in order over `gm` (modified in place) and return the report."""
+    report = Report()
+    reference = propagate_shapes(gm, inputs)
+    report.flops_before = cost.program_flops(gm)
+    report.params_before = cost.program_params(gm)
+    original_outputs = previous_outputs = run_graph(gm, inputs) if verify else None
+    done: list[str] = []
+    for index, p in enumerate(passes):
+        result = PassResult(p.name, p.spec(), p.contract.value)
+        label = f'pass "{p.spec()}"' + (f" (after {', '.join(done)})" if done else "")
+        reason = p.should_run(_ReadOnlyContext(gm))
+        if reason is not None:
+            result.skipped = reason
+            report.passes.append(result)
+            done.append(p.spec())
+            continue
+        for inst in instruments:
+            inst.before_pass(p, gm)
+        nodes_before = set(gm.graph.nodes)
+        state_before = state_snapshot(gm)
+        result.flops_before = cost.program_flops(gm)
+        result.params_before = cost.program_params(gm)
+        start = time.perf_counter()
+        p.run(PassContext(gm, inputs, p, result, progress))
+        gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+        try:
+            gm.graph.lint()
+        except Exception as e:
+            raise VerificationError(f"{label} produced an ill-formed graph: {e}") from e
+        gm.recompile()
+        result.seconds = time.perf_counter() - start
+        # ---- shapes, always
+        try:
+            got = propagate_shapes(gm, inputs)
+        except Exception as e:
+            raise VerificationError(f"{label} produced a graph whose shapes do not check: {e}") from e
+        check_same_signature(reference, got, label)
+        # ---- change record
+        nodes_after = set(gm.graph.nodes)
+        result.nodes_added = _node_changes([n for n in gm.graph.nodes if n not in nodes_before], p.name)
+        result.nodes_removed = _node_changes([n for n in nodes_before if n not in nodes_after], p.name)
+        state_after = state_snapshot(gm)
+        for name, (t, trainable) in state_after.items():
+            if name not in state_before:
+                result.params_added.append(_param_change(name, t, trainable))
+            elif state_before[name][0] is not t or state_before[name][1] != trainable:
+                result.params_changed.append(_param_change(name, t, trainable))
+        for name, (t, trainable) in state_before.items():
+            if name not in state_after:
+                result.params_removed.append(_param_change(name, t, trainable))
+        result.flops_after = cost.program_flops(gm)
+        result.params_after = cost.program_params(gm)
+        # ---- numerics
+        if verify:
+            outputs = run_graph(gm, inputs)
+            result.error_vs_previous = relative_error(previous_outputs, outputs)
+            result.error_vs_original = relative_error(original_outputs, outputs)
+            if p.contract is Contract.EXACT:
+                result.tolerance = exact_tolerance(outputs)
+            elif p.contract is Contract.APPROXIMATE and p.error_bound is not None:
+                result.tolerance = p.error_bound
+            if result.tolerance is not None and not result.error_vs_previous <= result.tolerance:
+                report.passes.append(result)
+                raise VerificationError(
+                    f"{label} broke its {p.contract.value} contract: output relative error "
+                    f"{result.error_vs_previous:.3g} > {result.tolerance:.3g}")
+            previous_outputs = outputs
+        report.passes.append(result)
+        done.append(p.spec())
+        for inst in instruments:
+            inst.after_pass(p, gm, result, index)
+    report.flops_after = cost.program_flops(gm)
+    report.params_after = cost.program_params(gm)
+    if verify:
+        report.verified = True
+        report.error = relative_error(original_outputs, previous_outputs)
+    return report
+
+
+def _is_impure(node: fx.Node) -> bool:
+    # keep export's guard call and anything with side effects
+    return node.op in ("placeholder", "output", "call_module") or node.is_impure()
+
+
+class _ReadOnlyContext:
+    def __init__(self, gm):
+        self.gm = gm

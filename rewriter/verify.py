@@ -1,0 +1,91 @@
+"""Checks run after every pass: graph lint and output shapes always, numerics on example inputs with --verify.
+
+Error measure (per output tensor, then the max over outputs): normwise relative error
+    err = max|y − y_ref| / max(max|y_ref|, tiny)
+which is what "max relative error" means everywhere in this package. It is robust to outputs near zero,
+where elementwise relative error is meaningless.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils import _pytree as pytree
+
+from .errors import VerificationError
+
+# Tolerance for "exact" passes: a few units of rounding of the output dtype, normwise.
+EXACT_TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+}
+
+
+def exact_tolerance(outputs) -> float:
+    dtypes = [t.dtype for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return max((EXACT_TOLERANCE.get(d, 1e-5) for d in dtypes), default=1e-5)
+
+
+def flat_inputs(args: tuple, kwargs: dict | None) -> list:
+    """The flat list of user inputs, in the order of the unlifted module's placeholders."""
+    return pytree.tree_leaves((tuple(args), dict(kwargs or {})))
+
+
+def run_graph(gm: fx.GraphModule, inputs: list) -> list:
+    """Run the graph on flat inputs (bypassing the pytree wrapper) and return flat outputs."""
+    with torch.no_grad():
+        out = fx.Interpreter(gm).run(*inputs)
+    return pytree.tree_leaves(out)
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: list) -> list:
+    """FakeTensor propagation: refreshes node.meta['val'] everywhere; returns the fake outputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+    with torch.no_grad():
+        out = FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+    for node in gm.graph.nodes:  # get_attr nodes get a fake of their tensor too
+        if node.op == "get_attr" and isinstance(node.meta.get("val"), torch.Tensor) \
+                and not isinstance(node.meta["val"], torch._subclasses.FakeTensor):
+            node.meta["val"] = mode.from_tensor(node.meta["val"])
+    return pytree.tree_leaves(out)
+
+
+def describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+    return repr(t)
+
+
+def check_same_signature(expected: list, got: list, pass_label: str) -> None:
+    """Outputs must keep their count, shapes and dtypes."""
+    if len(expected) != len(got):
+        raise VerificationError(f"{pass_label} changed the number of outputs from {len(expected)} to {len(got)}")
+    for i, (a, b) in enumerate(zip(expected, got)):
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            raise VerificationError(f"{pass_label} changed output {i} from {describe(a)} to {describe(b)}")
+        if isinstance(a, torch.Tensor) and (tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype):
+            raise VerificationError(f"{pass_label} changed output {i} from {describe(a)} to {describe(b)}")
+
+
+def relative_error(reference: list, got: list) -> float:
+    """Max over outputs of max|got − ref| / max|ref| (computed in float64). NaN where ref is finite -> inf."""
+    worst = 0.0
+    for ref, out in zip(reference, got):
+        if not (isinstance(ref, torch.Tensor) and ref.is_floating_point()):
+            if isinstance(ref, torch.Tensor) and not torch.equal(ref, out):
+                worst = max(worst, float("inf"))
+            continue
+        r, o = ref.detach().double(), out.detach().double()
+        finite = torch.isfinite(r)
+        if not torch.equal(finite, torch.isfinite(o)) or not torch.equal(r[~finite].nan_to_num(), o[~finite].nan_to_num()):
+            return float("inf")
+        if r.numel() == 0 or not finite.any():
+            continue
+        scale = r[finite].abs().max().clamp_min(1e-30)
+        worst = max(worst, float((o[finite] - r[finite]).abs().max() / scale))
+    return worst

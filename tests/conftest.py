@@ -1,0 +1,25 @@
+"""Test set-up: Triton runs in interpreter mode on the CPU (must be set before triton is imported), and
+hypothesis runs a bounded number of examples with no deadline (first calls compile/trace)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("default", max_examples=20, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_gpt():
+    from rewriter.demo_models import demo_model
+    return demo_model("tiny-gpt")
