@@ -33,7 +33,6 @@ class LoraMergePass(Pass):
     name = "lora-merge"
     contract = Contract.EXACT
     target_ops = (LORA_OP,)
-    must_follow = ("lora", "lora-unmerge")
     summary = "fold LoRA adapters into the base weights (W + s·B·A in fp64, rounded once); undo with lora-unmerge"
 
     def should_run(self, ctx):

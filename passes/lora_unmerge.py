@@ -26,7 +26,6 @@ class LoraUnmergePass(Pass):
     name = "lora-unmerge"
     contract = Contract.EXACT
     target_ops = LINEAR_OPS
-    must_follow = ("lora-merge",)
     summary = "restore merged LoRA layers: base weights bit-exact, adapters trainable again"
 
     def should_run(self, ctx):

@@ -10,8 +10,10 @@ Merge arithmetic (exact unmerge):
     Δ  = scale · B·A                 in float64 (products of ≤ 24-bit mantissas are exact; sums round at 2⁻⁵³)
     W' = round_dtype(W + Δ)          merged weight, rounded once
     W̃  = round_dtype(W' − Δ)         what a plain unmerge would give (PEFT stops here and drifts)
-    c  = bits(W) − bits(W̃)           integer difference of the bit patterns, stored in the smallest int type
-Unmerge recomputes W̃ and returns bits⁻¹(bits(W̃) + c) = W, bit for bit.
+    c  = ord(W) − ord(W̃)             difference in ulps, stored in the smallest int type that holds it
+Unmerge recomputes W̃ and returns ord⁻¹(ord(W̃) + c) = W, bit for bit. `ord` maps a float's bits to an integer
+that is monotonic in the float's value (negative floats: −magnitude − 1, so −0.0 ≠ +0.0 survives), so c counts
+ulps and stays small across zero.
 """
 from __future__ import annotations
 
@@ -61,11 +63,19 @@ def delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Ten
     return (lora_b.double() @ lora_a.double()) * scale
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(_BITS[t.dtype]).long()
+def _ordered(t: torch.Tensor) -> torch.Tensor:
+    """Float bits -> int64 ordered like the float values (−0.0 -> −1, +0.0 -> 0)."""
+    bits = t.contiguous().view(_BITS[t.dtype]).long()
+    width = torch.iinfo(_BITS[t.dtype]).bits
+    magnitude = bits & ((1 << (width - 1)) - 1)
+    return torch.where(bits < 0, -magnitude - 1, magnitude)
 
 
-def _from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _from_ordered(ordered: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    width = torch.iinfo(_BITS[dtype]).bits
+    negative = ordered < 0
+    magnitude = torch.where(negative, -ordered - 1, ordered)
+    bits = torch.where(negative, magnitude - (1 << (width - 1)), magnitude)  # set the sign bit (two's complement)
     return bits.to(_BITS[dtype]).view(dtype)
 
 
@@ -82,13 +92,13 @@ def merge_weight(w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.
     """(W' = round(W + Δ), correction c) for a weight W (out, in) and Δ in float64. See module docstring."""
     merged = (w.double() + d).to(w.dtype)
     plain_unmerge = (merged.double() - d).to(w.dtype)
-    return merged, _smallest_int(_bits(w) - _bits(plain_unmerge))
+    return merged, _smallest_int(_ordered(w) - _ordered(plain_unmerge))
 
 
 def unmerge_weight(merged: torch.Tensor, d: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
     """The original W, bit for bit, from W', Δ and the stored correction."""
     plain_unmerge = (merged.double() - d).to(merged.dtype)
-    return _from_bits(_bits(plain_unmerge) + correction.long(), merged.dtype)
+    return _from_ordered(_ordered(plain_unmerge) + correction.long(), merged.dtype)
 
 
 def shared_readers(gm: fx.GraphModule, weight_name: str, node: fx.Node) -> list[fx.Node]:

@@ -31,7 +31,8 @@ class RewriteResult:
 
 def rewrite(model, example_args=None, passes="", *, example_kwargs=None, verify: bool = False,
             strict: bool = False, decompose: bool = False, codegen: str | None = None,
-            instruments: list[Instrument] = (), progress=None, trust_pickle: bool = False) -> RewriteResult:
+            instruments: list[Instrument] = (), progress=None, trust_pickle: bool = False,
+            dump_kernels: str | None = None) -> RewriteResult:
     """Capture `model` (nn.Module, ExportedProgram, path or "demo:NAME"), run the pipeline, export once.
 
     passes: a spec string ("lora{rank=4},lora-merge"), Pass objects, or a list of either.
@@ -42,11 +43,11 @@ def rewrite(model, example_args=None, passes="", *, example_kwargs=None, verify:
     pipeline = parse_pipeline(passes) if passes else []
     captured: Captured = capture(model, example_args, example_kwargs, strict=strict, trust_pickle=trust_pickle)
     return run_captured(captured, pipeline, verify=verify, decompose=decompose, codegen=codegen,
-                        instruments=instruments, progress=progress)
+                        instruments=instruments, progress=progress, dump_kernels=dump_kernels)
 
 
 def run_captured(captured: Captured, pipeline: list[Pass], *, verify=False, decompose=False, codegen=None,
-                 instruments=(), progress=None) -> RewriteResult:
+                 instruments=(), progress=None, dump_kernels=None) -> RewriteResult:
     gm = captured.gm
     inputs = flat_inputs(captured.args, captured.kwargs)
     report = run_passes(gm, inputs, pipeline, verify=verify, instruments=instruments, progress=progress)
@@ -55,6 +56,6 @@ def run_captured(captured: Captured, pipeline: list[Pass], *, verify=False, deco
         decompose_custom_ops(gm, inputs)
     if codegen:
         from .lowering import lower
-        lower(gm, inputs, codegen, report)
+        lower(gm, inputs, codegen, report, dump_dir=dump_kernels)
     program = export_program(gm, captured.args, captured.kwargs)
     return RewriteResult(program, captured.program, report, pipeline, captured.args, captured.kwargs)

@@ -38,8 +38,12 @@ class Captured:
     program: torch.export.ExportedProgram | None = None  # the program as captured (before any pass)
 
 
-def load_source(source: str, *, trust_pickle: bool = False, input_shapes: str | None = None):
+def load_source(source: str, *, trust_pickle: bool = False, input_shapes: str | None = None,
+                hf_options: dict | None = None):
     """source string -> (model or ExportedProgram, example_args, example_kwargs)."""
+    hf = _hf_module()
+    if hf is not None and hf.is_hf_source(source):
+        return hf.load_hf(source, input_shape=input_shapes, **(hf_options or {}))
     if source.startswith("demo:"):
         from .demo_models import demo_model
         model, args = demo_model(source[len("demo:"):])
@@ -55,6 +59,14 @@ def load_source(source: str, *, trust_pickle: bool = False, input_shapes: str | 
     if not os.path.exists(source):
         raise UserError(f"no such file: {source} (expected FILE.pt2, FILE.pt, demo:NAME or pkg.module:function)")
     raise UserError(f"don't know how to read {source}: use a .pt2 (torch.export.save) or .pt (whole module) file")
+
+
+def _hf_module():
+    try:
+        from . import hf
+    except ImportError:  # the Hugging Face loader is optional
+        return None
+    return hf
 
 
 def _load_pt2(path: str):
@@ -181,11 +193,13 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict, *, strict: b
                            "make the code traceable (no data-dependent Python control flow) or try --strict")) from e
 
 
-def capture(source, args=None, kwargs=None, *, trust_pickle=False, strict=False, input_shapes=None) -> Captured:
+def capture(source, args=None, kwargs=None, *, trust_pickle=False, strict=False, input_shapes=None,
+            hf_options: dict | None = None) -> Captured:
     """Anything the user has -> Captured(working GraphModule, example inputs)."""
     name = source if isinstance(source, str) else type(source).__name__
     if isinstance(source, str):
-        source, loaded_args, loaded_kwargs = load_source(source, trust_pickle=trust_pickle, input_shapes=input_shapes)
+        source, loaded_args, loaded_kwargs = load_source(source, trust_pickle=trust_pickle, input_shapes=input_shapes,
+                                                         hf_options=hf_options)
         args = loaded_args if args is None else args
         kwargs = loaded_kwargs if kwargs is None else kwargs
     kwargs = dict(kwargs or {})

@@ -8,10 +8,10 @@ from .errors import UserError
 BACKENDS = {"triton": "codegen"}
 
 
-def lower(gm, inputs, backend: str, report) -> None:
+def lower(gm, inputs, backend: str, report, *, dump_dir: str | None = None) -> None:
     if backend not in BACKENDS:
         raise UserError(f'unknown codegen backend "{backend}"; available: {", ".join(BACKENDS)}')
     module = importlib.import_module(BACKENDS[backend])
     if not hasattr(module, "lower"):
         raise UserError(f'codegen backend "{backend}" is not available yet')
-    module.lower(gm, inputs, report)
+    module.lower(gm, inputs, report, dump_dir=dump_dir)

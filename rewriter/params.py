@@ -124,7 +124,7 @@ def remove_if_unused(gm: fx.GraphModule, qualname: str) -> bool:
 
 def state_snapshot(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, bool]]:
     """name -> (tensor, trainable) of every parameter and buffer; used to record what a pass changed
-    (a replaced tensor is a different object)."""
-    snap = {name: (p, True) for name, p in gm.named_parameters(remove_duplicate=False)}
+    (a replaced tensor is a different object; trainable = a Parameter with requires_grad)."""
+    snap = {name: (p, p.requires_grad) for name, p in gm.named_parameters(remove_duplicate=False)}
     snap.update({name: (b, False) for name, b in gm.named_buffers(remove_duplicate=False)})
     return snap

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from . import cost
-from .errors import VerificationError
+from .errors import RewriteError, UserError, VerificationError
 from .ir import op_name, provenance
 from .params import state_snapshot
 from .pass_base import Contract, Pass
@@ -180,7 +180,13 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
         result.flops_before = cost.program_flops(gm)
         result.params_before = cost.program_params(gm)
         start = time.perf_counter()
-        p.run(PassContext(gm, inputs, p, result, progress))
+        try:
+            p.run(PassContext(gm, inputs, p, result, progress))
+        except RewriteError:
+            raise
+        except Exception as e:
+            raise UserError(f"{label} failed on this model: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+                            "(run with --debug for the traceback)") from e
         gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
         try:
             gm.graph.lint()
