@@ -185,8 +185,13 @@ def check_finite_parameters(named_params) -> None:
 def export_model(model: torch.nn.Module, args: tuple, kwargs: dict, *, strict: bool = False,
                  dynamic_shapes=None) -> torch.export.ExportedProgram:
     """torch.export with a one-line, actionable error when the model does not trace."""
+    import contextlib
+    import io
+    printed = io.StringIO()  # torch prints the partial graph of a failed export to stderr; the error says enough
     try:
-        return torch.export.export(model, tuple(args), dict(kwargs), strict=strict, dynamic_shapes=dynamic_shapes)
+        with contextlib.redirect_stderr(printed):
+            return torch.export.export(model, tuple(args), dict(kwargs), strict=strict,
+                                       dynamic_shapes=dynamic_shapes)
     except Exception as e:
         raise UserError(f"the model does not export: {_export_failure(e)}; "
                         + ("try without --strict" if strict else

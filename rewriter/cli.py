@@ -259,6 +259,13 @@ def main(argv=None) -> int:
     console = Console()
     err = Console(stderr=True)
     debug = "--debug" in argv
+    if not debug:  # torch logs warnings (export retries, deserialisation) that would bury the one-line message
+        import logging
+
+        import torch._logging
+        torch._logging.set_logs(all=logging.ERROR)
+        import warnings
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     command = COMMANDS.get(argv[0], cmd_rewrite) if argv else cmd_rewrite
     if argv and argv[0] in COMMANDS:
         argv = argv[1:]

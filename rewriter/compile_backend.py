@@ -46,7 +46,13 @@ def _placeholder_name(node: fx.Node) -> str | None:
 
 
 def freeze_parameters(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list[int]]:
-    """Turn parameter/buffer placeholders into attributes; return the module and the positions of user inputs."""
+    """Turn parameter/buffer placeholders into attributes of a copy of `gm` (dynamo reads the placeholders of the
+    graph it handed us after we return, so that one must stay as it was); return the copy and the positions of
+    user inputs."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    gm = fx.GraphModule(gm, graph)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user_positions = []
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
@@ -108,7 +114,10 @@ def backend(passes="", *, inner="inductor", verify: bool = False):
         working = ep.module()
         compile_fn.report = run_passes(working, user_inputs, pipeline, verify=verify)
         working = _flatten_codegen(working)
-        compiled = _inner_compiler(inner)(working, user_inputs)
+        # The inner compiler must not see dynamo's tracing context: it describes the graph before parameters were
+        # frozen (inductor would read the wrong input list from it).
+        with torch._guards.tracing(None):
+            compiled = _inner_compiler(inner)(working, user_inputs)
 
         def run(*args):
             return compiled(*[args[i] for i in user_positions])
