@@ -18,6 +18,9 @@ Parameters (`freeze_base=false` leaves the other parameters as they were). With 
 the adapter reads dropout(x) — the program is then built for training (dropout is active when it runs);
 `lora-merge` removes it.
 
+`adapter=DIR` loads a Hugging Face PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors): the
+layers it names get its A, B and scale (rank, alpha, rsLoRA and per-module patterns come from its config).
+
 Targets: `targets` is a regex searched in layer names (e.g. "attn\\.(q|v)$"); by default every linear except an
 LM head (a layer tied to, or as wide as, an embedding table). `exclude` removes matches.
 """
@@ -34,6 +37,7 @@ from rewriter.adapters import adapter_names, build_lora_node, shared_readers
 from rewriter.errors import UserError
 from rewriter.ir import get_attr_value, replace_node
 from rewriter.matchers.linear import LINEAR_OPS, find_linears, is_lm_head
+from rewriter.peft_interop import match_layer, read_adapter
 from rewriter.pass_base import Contract, Pass
 
 
@@ -53,6 +57,7 @@ class LoraPass(Pass):
     init: Literal["zeros", "gaussian", "pissa"] = "zeros"
     seed: int = 0
     freeze_base: bool = True
+    adapter: str = ""
 
     def __post_init__(self):
         if self.rank < 1:
@@ -68,8 +73,14 @@ class LoraPass(Pass):
 
     def run(self, ctx) -> None:
         gm = ctx.gm
+        adapters = read_adapter(self.adapter) if self.adapter else None
         sites = find_linears(gm, self.targets or None, self.exclude or None)
-        if not self.targets:
+        if adapters is not None:
+            sites = [s for s in sites if match_layer(adapters, s.name) is not None]
+            if not sites:
+                raise UserError(f"lora: no layer of the model matches the adapter in {self.adapter} "
+                                f"(it names {', '.join(list(adapters)[:4])} ...)")
+        elif not self.targets:
             sites = [s for s in sites if not is_lm_head(gm, s)]
         if not sites:
             layers = [s.name for s in find_linears(gm)]
@@ -86,7 +97,16 @@ class LoraPass(Pass):
                 ctx.skip(site.name, "zero-sized layer")
                 continue
             weight = site.weight_out_in(gm)
-            if self.init == "pissa":
+            scale = self.scale
+            if adapters is not None:
+                loaded = adapters[match_layer(adapters, site.name)]
+                a, b, scale = loaded["A"], loaded["B"], loaded["scale"]
+                rank = a.shape[0]
+                if a.shape[1] != site.in_features or b.shape != (site.out_features, rank):
+                    raise UserError(f"lora: adapter for {site.name} has shapes A{list(a.shape)} B{list(b.shape)}, "
+                                    f"the layer is {site.in_features} → {site.out_features}")
+                a, b = a.to(weight.dtype), b.to(weight.dtype)
+            elif self.init == "pissa":
                 if shared_readers(gm, site.weight_name, site.node):
                     ctx.skip(site.name, "weight is shared (tied) with other ops; PiSSA would change them too")
                     continue
@@ -96,10 +116,11 @@ class LoraPass(Pass):
                 a, b = self._zero_init(weight, rank, gen)
             params.add_tensor(gm, names["A"], a, trainable=True)
             params.add_tensor(gm, names["B"], b, trainable=True)
-            new = build_lora_node(gm, site, names["A"], names["B"], self.scale, self.dropout,
+            new = build_lora_node(gm, site, names["A"], names["B"], scale, self.dropout,
                                   pass_name=self.name, rule=f"insert-{site.rule}")
             replace_node(gm, site.node, new)
-            ctx.site(site.name, rank=rank, params_added=a.numel() + b.numel(), init=self.init)
+            ctx.site(site.name, rank=rank, params_added=a.numel() + b.numel(),
+                     init="adapter" if adapters is not None else self.init)
         if self.freeze_base:
             for name, p in gm.named_parameters():
                 if not name.endswith((".lora_A", ".lora_B")):

@@ -1,0 +1,104 @@
+"""LoRA: unmerged adapter cost vs the base layer, ours vs PEFT, and merge → unmerge exactness in bf16.
+
+    python -m bench.lora [--quick]
+
+Speed: one linear layer (d × d) with a rank-16 adapter at several token counts; every variant timed in the same
+run, reported as a ratio to the base nn.Linear. Exactness: bf16 weights, merge then unmerge, ours vs PEFT's
+merge_adapter/unmerge_adapter; counts weights that did not come back bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from torch import nn
+
+import rewriter
+from bench.common import machine, markdown_table, time_call
+
+
+class One(nn.Module):
+    def __init__(self, d, dtype=torch.float32):
+        super().__init__()
+        self.proj = nn.Linear(d, d, dtype=dtype)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_model(base: nn.Module, rank: int):
+    import peft
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"], init_lora_weights="gaussian")
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def speed(dims, tokens_list, rank=16):
+    rows = []
+    for d in dims:
+        torch.manual_seed(0)
+        base = One(d).eval()
+        for tokens in tokens_list:
+            x = torch.randn(tokens, d)
+            ours_unmerged = rewriter.rewrite(base, (x,), f"lora{{rank={rank},init=gaussian}}").module()
+            ours_merged = rewriter.rewrite(base, (x,), f"lora{{rank={rank},init=gaussian}},lora-merge").module()
+            t_base = time_call(lambda: base(x))
+            t_ours = time_call(lambda: ours_unmerged(x))
+            t_merged = time_call(lambda: ours_merged(x))
+            row = [d, tokens, t_base * 1e3, t_ours / t_base, t_merged / t_base]
+            try:
+                peft_model = _peft_model(base, rank)
+                row.append(time_call(lambda: peft_model(x)) / t_base)
+            except ImportError:
+                row.append("peft not installed")
+            rows.append(row)
+    return markdown_table(["d", "tokens", "base ms", "ours unmerged ×", "ours merged ×", "PEFT unmerged ×"], rows)
+
+
+def exactness(d=512, rank=16):
+    torch.manual_seed(0)
+    base = One(d, dtype=torch.bfloat16).eval()
+    x = torch.randn(4, d, dtype=torch.bfloat16)
+    w0 = base.proj.weight.detach().clone()
+    rows = []
+    # ours
+    inserted = rewriter.rewrite(base, (x,), f"lora{{rank={rank},alpha={2 * rank},init=gaussian}}")
+    with torch.no_grad():
+        for name, t in inserted.program.state_dict.items():
+            if name.endswith("lora_B"):
+                t.normal_(0, 0.02)
+    back = rewriter.rewrite(inserted.program, None, "lora-merge,lora-unmerge").program.state_dict["proj.weight"]
+    rows.append(["rewrite", int((back.view(torch.int16) != w0.view(torch.int16)).sum()), w0.numel(),
+                 float((back.float() - w0.float()).abs().max())])
+    try:
+        model = _peft_model(base, rank)
+        model.merge_adapter()
+        model.unmerge_adapter()
+        w = model.base_model.model.proj.base_layer.weight.detach()
+        rows.append(["PEFT", int((w.view(torch.int16) != w0.view(torch.int16)).sum()), w0.numel(),
+                     float((w.float() - w0.float()).abs().max())])
+    except ImportError:
+        rows.append(["PEFT", "not installed", "", ""])
+    return markdown_table(["bf16 merge → unmerge", "weights changed", "of", "max |ΔW|"], rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    print(f"# bench.lora — {machine()}\n")
+    dims, tokens = ([1024], [1, 64]) if args.quick else ([1024, 4096], [1, 16, 512])
+    print("## unmerged LoRA cost (time ratio to the base nn.Linear, same run)\n")
+    print(speed(dims, tokens))
+    print("\n## exactness\n")
+    print(exactness())
+
+
+if __name__ == "__main__":
+    main()
