@@ -16,7 +16,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	@mkdir -p build
-	$(VENV)/bin/rewrite demo:tiny-gpt --pass "lora{rank=8,alpha=16,init=pissa},lora-merge,lora-unmerge" --verify --diff -o build/tiny-gpt-lora-merged.pt2
+	$(VENV)/bin/rewrite demo:tiny-gpt --pass "lora{rank=8,alpha=16,init=pissa},lora-merge,lora-unmerge" --verify --diff -o build/tiny-gpt-lora.pt2
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile

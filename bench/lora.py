@@ -47,17 +47,20 @@ def speed(dims, tokens_list, rank=16):
             x = torch.randn(tokens, d)
             ours_unmerged = rewriter.rewrite(base, (x,), f"lora{{rank={rank},init=gaussian}}").module()
             ours_merged = rewriter.rewrite(base, (x,), f"lora{{rank={rank},init=gaussian}},lora-merge").module()
+            base_program = rewriter.rewrite(base, (x,), "").module()
             t_base = time_call(lambda: base(x))
+            t_program = time_call(lambda: base_program(x))
             t_ours = time_call(lambda: ours_unmerged(x))
             t_merged = time_call(lambda: ours_merged(x))
-            row = [d, tokens, t_base * 1e3, t_ours / t_base, t_merged / t_base]
+            row = [d, tokens, t_base * 1e3, t_program / t_base, t_ours / t_base, t_merged / t_base]
             try:
                 peft_model = _peft_model(base, rank)
                 row.append(time_call(lambda: peft_model(x)) / t_base)
             except ImportError:
                 row.append("peft not installed")
             rows.append(row)
-    return markdown_table(["d", "tokens", "base ms", "ours unmerged ×", "ours merged ×", "PEFT unmerged ×"], rows)
+    return markdown_table(["d", "tokens", "base ms", "base exported ×", "ours unmerged ×", "ours merged ×",
+                                 "PEFT unmerged ×"], rows)
 
 
 def exactness(d=512, rank=16):
