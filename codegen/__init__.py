@@ -1,4 +1,15 @@
 """Triton codegen backend: lowers rewrite:: custom ops to Triton kernels (templates and generated regions).
 
-Imports rewriter/ only; kernels register as device implementations of the ops defined in rewriter/ops/.
+Imports rewriter/ only. Importing this package registers the `rewrite_triton::` ops that lowered programs call,
+so a saved lowered program loads after `import rewriter, codegen`.
+
+    codegen.lower(gm, inputs, report, dump_dir=None)   the hook used by `rewrite(..., codegen="triton")`
+    templates/lora_linear.py    fused LoRA GEMM (+ GELU / residual epilogue)
+    templates/softmax.py        two-pass (mantissa, exponent) softmax, row and looped kernels
+    regions.py, pointwise_table.py, generate.py   fused pointwise/reduction regions → generated kernels
+    cache.py                    generated source → file (atomic) → import
 """
+from . import ops  # noqa: F401  (registers rewrite_triton::)
+from .lower import lower
+
+__all__ = ["lower"]

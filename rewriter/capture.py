@@ -72,6 +72,8 @@ def _hf_module():
 def _load_pt2(path: str):
     if not os.path.exists(path):
         raise UserError(f"no such file: {path}")
+    from .lowering import register_backends
+    register_backends()  # a lowered program calls kernel ops (rewrite_triton::) that must be registered first
     try:
         ep = torch.export.load(path)
     except Exception as e:  # zip/pickle/serialization errors all mean the same to the user

@@ -1,0 +1,154 @@
+"""GPU benchmarks of the codegen kernels, each against its baseline measured side by side in one run.
+
+    python -m bench.kernels [--quick] [--json]
+
+    lora      fused LoRA linear (one Triton kernel) vs the base linear alone and vs the unmerged adapter as PEFT
+              runs it (base(x) + lora_B(lora_A(x))·s: three GEMMs and an add). Goal: fused ≤ 1.1× base.
+    softmax   two-pass softmax kernel vs torch.softmax, effective GB/s (one read + one write of the tensor; the
+              looped kernel for long rows reads twice).
+    region    a generated pointwise+reduction kernel (codegen.lower of an exported function) vs eager and vs
+              torch.compile (inductor).
+
+Timings: triton.testing.do_bench, p50 (p20–p80 in the JSON), after a correctness check of every variant.
+Needs a CUDA GPU: without one it prints one line and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def _bench(fn) -> tuple[float, float, float]:
+    import triton.testing
+    p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    return p50, p20, p80
+
+
+def bench_lora(quick: bool, dtype, device="cuda", sizes=None) -> list[dict]:
+    from codegen.templates import lora_linear as lora_t
+    d, r = (2048, 16) if quick else (4096, 16)
+    tokens = [1024, 4096] if quick else [256, 1024, 4096, 8192]
+    if sizes is not None:
+        (d, r), tokens = sizes
+    rows = []
+    for m in tokens:
+        x = torch.randn(m, d, device=device, dtype=dtype)
+        w = torch.randn(d, d, device=device, dtype=dtype) / d ** 0.5
+        b = torch.randn(d, device=device, dtype=dtype)
+        a = torch.randn(r, d, device=device, dtype=dtype) / d ** 0.5
+        bb = torch.randn(d, r, device=device, dtype=dtype) / r ** 0.5
+        s = 2.0
+        base = lambda: F.linear(x, w, b)  # noqa: E731
+        peft = lambda: F.linear(x, w, b) + F.linear(F.linear(x, a), bb) * s  # noqa: E731
+        fused = lambda: lora_t.launch(x, w, b, a, bb, s)  # noqa: E731
+        torch.testing.assert_close(fused().float(), peft().float(), rtol=2e-2, atol=2e-2)
+        tb, tp, tf = _bench(base), _bench(peft), _bench(fused)
+        rows.append(dict(bench="lora", shape=f"{m}x{d}->{d} r{r}", dtype=str(dtype).replace("torch.", ""),
+                         base_ms=tb[0], peft_ms=tp[0], fused_ms=tf[0], peft_vs_base=tp[0] / tb[0],
+                         fused_vs_base=tf[0] / tb[0], quantiles=dict(base=tb, peft=tp, fused=tf)))
+    return rows
+
+
+def bench_softmax(quick: bool, dtype, device="cuda", sizes=None) -> list[dict]:
+    from codegen.templates import softmax as softmax_t
+    shapes = [(4096, 1024), (1024, 32768)] if quick else [(8192, 512), (4096, 1024), (4096, 4096),
+                                                           (1024, 16384), (256, 131072)]
+    shapes = sizes or shapes
+    rows = []
+    for rws, n in shapes:
+        x = torch.randn(rws, n, device=device, dtype=dtype) * 4
+        torch.testing.assert_close(softmax_t.launch(x, -1).float(), torch.softmax(x.float(), -1),
+                                   rtol=1e-2, atol=1e-4)
+        tt = _bench(lambda: torch.softmax(x, -1))
+        tk = _bench(lambda: softmax_t.launch(x, -1))
+        gb = 2 * x.numel() * x.element_size() / 1e9
+        rows.append(dict(bench="softmax", shape=f"{rws}x{n}", dtype=str(dtype).replace("torch.", ""),
+                         torch_ms=tt[0], twopass_ms=tk[0], torch_gbps=gb / (tt[0] / 1e3),
+                         twopass_gbps=gb / (tk[0] / 1e3), twopass_vs_torch=tk[0] / tt[0],
+                         looped=n > softmax_t.max_row_block()))
+    return rows
+
+
+class _Epilogue(torch.nn.Module):
+    def forward(self, x, b, res):
+        y = F.gelu(x * 0.5 + b) + res
+        return (y * y).sum(-1), y
+
+
+class _Pointwise(torch.nn.Module):
+    def forward(self, x, b, res):
+        return torch.sigmoid(x + b) * res - torch.tanh(res)
+
+
+def bench_region(quick: bool, dtype, device="cuda", sizes=None, inductor=True) -> list[dict]:
+    import codegen
+    from rewriter.pass_manager import Report
+    shapes = [(4096, 1024)] if quick else [(4096, 1024), (16384, 4096)]
+    shapes = sizes or shapes
+    rows = []
+    for module in (_Pointwise(), _Epilogue()):
+        for m, n in shapes:
+            x = torch.randn(m, n, device=device, dtype=dtype)
+            b = torch.randn(n, device=device, dtype=dtype)
+            res = torch.randn(m, n, device=device, dtype=dtype)
+            args = (x, b, res)
+            gm = torch.export.export(module, args).module()
+            result = codegen.lower(gm, list(args), Report())
+            assert result.sites, "nothing was lowered"
+            compiled = torch.compile(module) if inductor else module
+            want = module(*args)
+            for got in (gm(*args), compiled(*args)):
+                for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+                    torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+            te, ti, tg = _bench(lambda: module(*args)), _bench(lambda: compiled(*args)), _bench(lambda: gm(*args))
+            rows.append(dict(bench="region", shape=f"{type(module).__name__[1:]} {m}x{n}",
+                             dtype=str(dtype).replace("torch.", ""), kernels=len(result.sites),
+                             eager_ms=te[0], inductor_ms=ti[0], generated_ms=tg[0],
+                             generated_vs_inductor=tg[0] / ti[0], generated_vs_eager=tg[0] / te[0]))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--only", choices=["lora", "softmax", "region"], action="append")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.kernels: needs a CUDA GPU (Triton kernels are timed on the device); none found", file=sys.stderr)
+        return 2
+    import triton
+
+    from bench.common import machine, markdown_table
+    wanted = args.only or ["lora", "softmax", "region"]
+    results = []
+    for dtype in (torch.float16, torch.bfloat16) if not args.quick else (torch.float16,):
+        if "lora" in wanted:
+            results += bench_lora(args.quick, dtype)
+        if "softmax" in wanted:
+            results += bench_softmax(args.quick, dtype)
+        if "region" in wanted:
+            results += bench_region(args.quick, dtype)
+    if args.json:
+        print(json.dumps(dict(machine=machine(), triton=triton.__version__, results=results), indent=1))
+        return 0
+    print(f"# bench.kernels — {machine()}, triton {triton.__version__}\n")
+    for name, cols in (("lora", ["shape", "dtype", "base_ms", "peft_ms", "fused_ms", "peft_vs_base",
+                                 "fused_vs_base"]),
+                       ("softmax", ["shape", "dtype", "torch_gbps", "twopass_gbps", "twopass_vs_torch", "looped"]),
+                       ("region", ["shape", "dtype", "kernels", "eager_ms", "inductor_ms", "generated_ms",
+                                   "generated_vs_inductor"])):
+        sel = [r for r in results if r["bench"] == name]
+        if sel:
+            print(f"## {name}\n")
+            print(markdown_table(cols, [[r[c] for c in cols] for r in sel]))
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

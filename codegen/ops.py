@@ -1,0 +1,132 @@
+"""The `rewrite_triton::` custom ops that lowered graphs call (opaque ops with fake impls: they export, save and
+load — the loading process must `import codegen` — and run under torch.compile).
+
+    rewrite_triton::lora_linear(x, weight, bias?, lora_a, lora_b, scale, adapter_input?, activation, residual?)
+        = act(rewrite::lora_linear(...)) + residual          (templates/lora_linear.py)
+    rewrite_triton::two_pass_softmax(x, dim)  = softmax(x, dim)   (templates/softmax.py)
+    rewrite_triton::region(inputs, spec)      = the fused region described by the JSON spec   (generate.py)
+
+Each launches its Triton kernel where one can run (CUDA, or CPU under TRITON_INTERPRET=1) and otherwise runs the
+reference implementation after a one-line notice. Kernels use opaque custom ops rather than
+torch.library.triton_op: exporting a triton_op program fails under the interpreter (FakeTensor data pointer).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import generate
+from .runtime import can_launch, notice_fallback
+from .templates import lora_linear as lora_t
+from .templates import softmax as softmax_t
+
+NAMESPACE = "rewrite_triton"
+
+
+@torch.library.custom_op("rewrite_triton::lora_linear", mutates_args=())
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float, adapter_input: torch.Tensor | None = None,
+                activation: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
+    args = (x, weight, bias, lora_a, lora_b, scale, adapter_input, activation, residual)
+    reason = lora_t.supported(x, weight, bias, lora_a, lora_b, adapter_input, residual)
+    if reason is None and can_launch(x, weight, lora_a, lora_b):
+        return lora_t.launch(*args)
+    notice_fallback("rewrite_triton.lora_linear", reason or "no device for Triton kernels")
+    return lora_t.reference(*args)
+
+
+@lora_linear.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, adapter_input=None, activation="none", residual=None):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _lora_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, adapter_input, activation, residual = inputs
+    ctx.save_for_backward(x, weight, bias, lora_a, lora_b, adapter_input, residual)
+    ctx.scale, ctx.activation = scale, activation
+
+
+def _lora_backward(ctx, grad):
+    """Gradients by recomputing the forward with torch ops (the kernel is forward-only): cheap next to the GEMMs,
+    and exact to the reference formula — epilogue included."""
+    saved = ctx.saved_tensors
+    wanted = [i for i, t in enumerate(saved) if t is not None and ctx.needs_input_grad[(0, 1, 2, 3, 4, 6, 8)[i]]]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None for i, t in enumerate(saved)]
+        x, weight, bias, lora_a, lora_b, adapter_input, residual = leaves
+        y = lora_t.reference(x, weight, bias, lora_a, lora_b, ctx.scale, adapter_input, ctx.activation, residual)
+        grads = torch.autograd.grad(y, [leaves[i] for i in wanted], grad) if wanted else []
+    out = [None] * 9
+    for i, g in zip(wanted, grads):
+        out[(0, 1, 2, 3, 4, 6, 8)[i]] = g
+    return tuple(out)
+
+
+lora_linear.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+@torch.library.custom_op("rewrite_triton::two_pass_softmax", mutates_args=())
+def two_pass_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    reason = softmax_t.supported(x)
+    if reason is None and can_launch(x):
+        return softmax_t.launch(x, dim)
+    notice_fallback("rewrite_triton.two_pass_softmax", reason or "no device for Triton kernels")
+    return softmax_t.reference(x, dim)
+
+
+@two_pass_softmax.register_fake
+def _(x, dim):
+    return torch.empty_like(x)
+
+
+def _softmax_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+    ctx.dim = inputs[1]
+
+
+def _softmax_backward(ctx, grad):
+    (y,) = ctx.saved_tensors
+    return y * (grad - (grad * y).sum(ctx.dim, keepdim=True)), None
+
+
+two_pass_softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+
+
+@torch.library.custom_op("rewrite_triton::region", mutates_args=())
+def region(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
+    s = generate.parse_spec(spec)
+    floats_ok = all(t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.bool) for t in inputs)
+    if floats_ok and can_launch(*inputs):
+        return generate.launch(list(inputs), s)
+    notice_fallback("rewrite_triton.region", "unsupported dtype" if not floats_ok else "no device for Triton kernels")
+    return generate.reference(list(inputs), s)
+
+
+@region.register_fake
+def _(inputs, spec):
+    s = generate.parse_spec(spec)
+    shape = generate.output_shape(s, generate.iteration_shape(inputs))
+    return inputs[0].new_empty(shape, dtype=generate.DTYPES[s["dtype"]])
+
+
+def _region_setup(ctx, inputs, output):
+    tensors, spec = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.spec = spec
+
+
+def _region_backward(ctx, grad):
+    """Recompute the region with its aten ops under autograd (the generated kernel is forward-only)."""
+    saved = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in saved]
+        y = generate.reference(leaves, generate.parse_spec(ctx.spec))
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True)) if wanted else iter(())
+    return [next(grads) if t.requires_grad else None for t in leaves], None
+
+
+region.register_autograd(_region_backward, setup_context=_region_setup)
+
+LORA = torch.ops.rewrite_triton.lora_linear.default
+SOFTMAX = torch.ops.rewrite_triton.two_pass_softmax.default
+REGION = torch.ops.rewrite_triton.region.default

@@ -1,0 +1,57 @@
+"""Where kernels can run: CUDA tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
+
+Anything else (CPU without the interpreter, float64, a missing Triton) runs the op's reference implementation;
+the first such fallback per op prints a one-line notice.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+_NOTICED: set[str] = set()
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def can_launch(*tensors) -> bool:
+    """True when a Triton kernel can run on these tensors here (all on one CUDA device, or CPU + interpreter)."""
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if not ts or not triton_available():
+        return False
+    if all(t.is_cuda for t in ts):
+        return len({t.device for t in ts}) == 1
+    return interpreter() and all(t.device.type == "cpu" for t in ts)
+
+
+def backend_note() -> str | None:
+    """One line explaining why kernels will fall back on this machine, or None when they can run."""
+    if not triton_available():
+        return "codegen: triton is not installed; lowered ops run their reference implementations"
+    if not torch.cuda.is_available() and not interpreter():
+        return ("codegen: no CUDA device and TRITON_INTERPRET is not set; lowered ops run their reference "
+                "implementations on CPU")
+    return None
+
+
+def notice_fallback(op: str, reason: str) -> None:
+    if op not in _NOTICED:
+        _NOTICED.add(op)
+        print(f"rewrite: {op}: {reason}; running the reference implementation", file=sys.stderr)
+
+
+def bf16_ok() -> bool:
+    """bf16 arithmetic is broken in the interpreter: kernels upcast right after loads there anyway."""
+    return not interpreter()

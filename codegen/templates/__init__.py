@@ -1,0 +1,1 @@
+"""Hand-written, parameterised Triton kernel templates (one per file)."""

@@ -1,0 +1,47 @@
+"""Test helpers for kernels: guarded buffers around inputs and outputs.
+
+`guarded(t, strided=...)` copies `t` into a view in the middle of a larger NaN-filled buffer (optionally with a
+column stride of 2, so the view is non-contiguous and NaN sits between its elements): a kernel that reads out of
+bounds pulls NaN into its result. `guarded_output(shape, dtype)` does the same for an output with a finite
+sentinel (NaN would hide an out-of-bounds write of NaN); `guard_intact(view)` says whether everything outside the
+view still holds its fill, i.e. nothing was written out of bounds.
+"""
+from __future__ import annotations
+
+import torch
+
+PAD = 67
+OUT_SENTINEL = -7777.0
+
+
+def guarded(t: torch.Tensor, strided: bool = False, fill: float = float("nan")) -> torch.Tensor:
+    shape = list(t.shape) or [1]
+    numel = t.numel()
+    step = 2 if strided else 1
+    big = torch.full((numel * step + 2 * PAD,), fill, dtype=t.dtype, device=t.device)
+    body = big[PAD:PAD + numel * step]
+    view = body.view(*shape[:-1], shape[-1] * step)[..., ::step] if numel else body.view(shape)
+    view = view.reshape(t.shape) if t.dim() == 0 else view
+    view.copy_(t)
+    view._guard_base = big  # keep the buffer reachable for guard_intact
+    view._guard_fill = fill
+    return view
+
+
+def guarded_output(shape, dtype, strided: bool = False) -> torch.Tensor:
+    """A zero output view inside a buffer filled with OUT_SENTINEL."""
+    return guarded(torch.zeros(shape, dtype=dtype), strided=strided, fill=OUT_SENTINEL)
+
+
+def guard_intact(view: torch.Tensor) -> bool:
+    """True when every element of the buffer outside `view` still holds the fill value."""
+    big = view._guard_base
+    idx = torch.arange(big.numel(), device=big.device)
+    inside = torch.as_strided(idx, view.shape, view.stride(), view.storage_offset())
+    outside = torch.ones(big.numel(), dtype=torch.bool, device=big.device)
+    outside[inside.reshape(-1)] = False
+    rest = big[outside].float()
+    fill = torch.full((1,), view._guard_fill, dtype=big.dtype).float()
+    if torch.isnan(fill).all():
+        return bool(torch.isnan(rest).all())
+    return bool((rest == fill).all())

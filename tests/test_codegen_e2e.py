@@ -1,0 +1,194 @@
+"""End to end: rewrite(..., codegen="triton") through the interpreter; save/load of the lowered program in a fresh
+process; the kernel cache; the CPU fallback without the interpreter."""
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import codegen
+import codegen.ops as kops
+from codegen import cache
+from rewriter import rewrite
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _randomise_lora_b(program):
+    """lora init gives B = 0 (exact insertion): make B random so the adapter path is really exercised."""
+    g = torch.Generator().manual_seed(0)
+    sd = program.state_dict
+    names = [k for k in sd if k.endswith("lora_B")]
+    assert names
+    for k in names:
+        sd[k].data.copy_(torch.randn(sd[k].shape, generator=g) * 0.5)
+    return names
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    from rewriter.demo_models import demo_model
+    model, args = demo_model("tiny-gpt")
+    base = rewrite(model, args, passes="lora{rank=4,init=gaussian}")
+    _randomise_lora_b(base.program)
+    dump = tmp_path_factory.mktemp("kernels")
+    saved = os.environ.get("REWRITE_KERNEL_CACHE")
+    os.environ["REWRITE_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        r = rewrite(base.program, args, codegen="triton", verify=True, dump_kernels=str(dump))
+    finally:
+        if saved is None:
+            os.environ.pop("REWRITE_KERNEL_CACHE")
+        else:
+            os.environ["REWRITE_KERNEL_CACHE"] = saved
+    return base, r, args, dump
+
+
+def test_tiny_gpt_lora_codegen_matches_uncodegened(lowered):
+    base, r, args, _ = lowered
+    res = r.report.passes[-1]
+    assert res.name == "codegen"
+    kernels = [s["kernel"] for s in res.sites]
+    assert sum(k.startswith("lora_linear") for k in kernels) == 12
+    assert any("gelu" in k for k in kernels) and any("+residual" in k for k in kernels)
+    assert any(k.startswith("region_") for k in kernels)
+    assert res.error_vs_previous is not None and res.tolerance == 1e-5
+    targets = {str(n.target) for n in r.program.graph.nodes if n.op == "call_function"}
+    assert "rewrite_triton.lora_linear.default" in targets and "rewrite.lora_linear.default" not in targets
+    want = base.module()(*args)
+    truth = copy.deepcopy(base.program.module()).double()(*args)
+    got = r.module()(*args)
+    rel = lambda y: ((y.double() - truth).abs().max() / truth.abs().max()).item()  # noqa: E731
+    # fp32 kernels vs fp32 eager differ in summation order: both must be close to the float64 truth
+    assert rel(got) <= max(1e-5, 2 * rel(want)), (rel(got), rel(want))
+    assert ((got - want).abs().max() / want.abs().max()).item() < 5e-5
+    adapter_off = copy.deepcopy(base.program.module())
+    # the adapter matters at this B: zeroing B changes the output a lot
+    for k, v in adapter_off.state_dict().items():
+        if k.endswith("lora_B"):
+            v.data.zero_()
+    assert (adapter_off(*args) - want).abs().max() > 1e-2
+
+
+def test_lowered_program_trains_like_the_original(lowered):
+    base, r, args, _ = lowered
+    grads = []
+    for module in (base.module(), r.module()):
+        loss = module(*args).float().pow(2).mean()
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        assert names and all("lora" in n for n in names)
+        grads.append(dict(zip(names, torch.autograd.grad(loss, [p for n, p in module.named_parameters()
+                                                                  if p.requires_grad]))))
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        g0, g1 = grads[0][k], grads[1][k]
+        assert ((g1 - g0).abs().max() / g0.abs().max()).item() < 1e-3, k
+
+
+def test_dump_kernels_writes_templates_and_generated_sources(lowered):
+    _, r, _, dump = lowered
+    names = sorted(p.name for p in dump.iterdir())
+    assert "template_lora_linear.py" in names
+    regions = {s["kernel"] for s in r.report.passes[-1].sites if s["kernel"].startswith("region_")}
+    assert regions and all(f"{k}.py" in names for k in regions)
+    assert all("@triton.jit" in (dump / n).read_text() for n in names)
+
+
+def test_lowered_program_saves_and_loads_in_fresh_process(lowered, tmp_path):
+    _, r, args, _ = lowered
+    path = tmp_path / "prog.pt2"
+    torch.export.save(r.program, str(path))
+    torch.save(args, tmp_path / "args.pt")
+    torch.save(r.module()(*args), tmp_path / "want.pt")
+    script = textwrap.dedent(f"""
+        import torch, rewriter, codegen
+        p = torch.export.load({str(path)!r})
+        args = torch.load({str(tmp_path / 'args.pt')!r})
+        want = torch.load({str(tmp_path / 'want.pt')!r})
+        got = p.module()(*args)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        print("OK", sum(1 for n in p.graph.nodes if "rewrite_triton" in str(n.target)))
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("OK") and int(out.stdout.split()[1]) >= 12
+
+
+def test_cpu_without_interpreter_falls_back_with_notice(tmp_path):
+    script = textwrap.dedent("""
+        import torch, codegen.ops as k
+        x = torch.randn(3, 8)
+        y = k.SOFTMAX(x, -1)
+        torch.testing.assert_close(y, torch.softmax(x, -1))
+        from codegen.runtime import backend_note
+        print(backend_note())
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: no fallback here")
+    assert "reference implementation" in out.stderr and out.stderr.count("\n") >= 1
+    assert "TRITON_INTERPRET" in out.stdout
+
+
+def test_two_pass_softmax_op_is_lowered_when_present():
+    if getattr(torch.ops.rewrite, "two_pass_softmax", None) is None:
+        pytest.skip("rewrite::two_pass_softmax not defined")
+    from rewriter.demo_models import demo_model
+    model, args = demo_model("tiny-gpt")
+    try:
+        base = rewrite(model, args, passes="two-pass-softmax")
+    except Exception as e:  # the pass is being written by someone else
+        pytest.skip(f"two-pass-softmax pass unavailable: {e}")
+    r = rewrite(base.program, args, codegen="triton", verify=True)
+    sites = [s for s in r.report.passes[-1].sites if s["kernel"] == "two_pass_softmax"]
+    assert len(sites) == 2
+    torch.testing.assert_close(r.module()(*args), base.module()(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_is_keyed_by_source_and_written_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv("REWRITE_KERNEL_CACHE", str(tmp_path))
+    src = "import triton\nimport triton.language as tl\n\n\n@triton.jit\ndef k(p):\n    tl.store(p, 1.0)\n"
+    m1 = cache.load_source(src)
+    m2 = cache.load_source(src)
+    assert m1 is m2
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [f"k_{cache.kernel_key(src)}.py"] and not any(f.startswith(".tmp") for f in files)
+    assert cache.kernel_key(src) != cache.kernel_key(src + "\n")
+    t = torch.zeros(1)
+    m1.k[(1,)](t)
+    assert t.item() == 1.0
+
+
+def test_dump_dir_gets_every_kernel(tmp_path):
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return (torch.tanh(x) * 2.0 + x).sum(-1)
+    x = torch.randn(3, 10)
+    gm = torch.export.export(M(), (x,)).module()
+    from rewriter.pass_manager import Report
+    res = codegen.lower(gm, [x], Report(), dump_dir=tmp_path)
+    dumped = sorted(p.name for p in tmp_path.iterdir())
+    assert dumped == [f"{res.sites[0]['kernel']}.py"]
+    assert "@triton.jit" in (tmp_path / dumped[0]).read_text()
+    torch.testing.assert_close(gm(x), M()(x), rtol=1e-5, atol=1e-5)
+    assert any(n.target is kops.REGION for n in gm.graph.nodes)
+
+
+def test_bench_kernels_harness_runs_tiny_on_the_interpreter(monkeypatch):
+    """The GPU harness's code paths (correctness checks, tables) on tiny CPU shapes, timing stubbed."""
+    import bench.kernels as bk
+    calls = []
+    monkeypatch.setattr(bk, "_bench", lambda fn: (calls.append(fn()) or 1.0, 0.9, 1.1))
+    rows = bk.bench_lora(True, torch.float16, device="cpu", sizes=((32, 4), [16]))
+    rows += bk.bench_softmax(True, torch.float16, device="cpu", sizes=[(2, 48)])
+    rows += bk.bench_region(True, torch.float16, device="cpu", sizes=[(4, 24)], inductor=False)
+    assert [r["bench"] for r in rows] == ["lora", "softmax", "region", "region"] and calls
+    assert bk.main(["--quick"]) == 2 or torch.cuda.is_available()   # refuses without CUDA
