@@ -132,11 +132,12 @@ def find_linears(gm: fx.GraphModule, targets: str | None = None, exclude: str | 
 
 _PASS_THROUGH = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
                  aten.transpose.int, aten.contiguous.default, aten.slice.Tensor, aten.clone.default,
-                 aten.to.dtype, aten._to_copy.default, aten.squeeze.dim, aten.unsqueeze.default}
+                 aten.to.dtype, aten._to_copy.default, aten.squeeze.dim, aten.unsqueeze.default,
+                 aten.log_softmax.int, aten._log_softmax.default, aten.softmax.int, aten._softmax.default}
 
 
 def feeds_output(node: fx.Node) -> bool:
-    """True when `node`'s value reaches the graph output through layout-only ops."""
+    """True when `node`'s value reaches the graph output through layout-only ops (or a final (log-)softmax)."""
     todo, seen = [node], set()
     while todo:
         n = todo.pop()

@@ -1,0 +1,214 @@
+"""`vq-logits` — LM-head logits through a k-means codebook (VQ-logits, arXiv 2505.10202).
+
+    before   logits = h·Wᵀ (+ b)                       W: (V, d)
+    after    logits = (h·Cᵀ)[..., M]  (+ b)            C: (K, d) codebook, M: (V,) token → code, K < V
+
+C and M come from k-means on W's rows (k-means++ seeding and `iters` Lloyd iterations, deterministic in `seed`;
+rewriter/kmeans.py), or M from `map=FILE` (a .pt tensor/list or a .json list of V ints; C = the mean of each
+code's rows; `codes` is then ignored: K = max(map) + 1). Tokens sharing a code get equal logits; when W has
+exactly K distinct rows the rewrite is exact.
+Weight-tied heads work: the embedding keeps the table (only the head's read of it goes away).
+The head is what rewriter.matchers.linear.is_lm_head finds (tied, or as wide as an embedding table and feeding
+the output, possibly through a final softmax / log_softmax).
+
+Graph, before → after (rule "vq-<matcher rule>"):
+
+    z = aten.linear(h, W, b)                    z = rewrite.vq_logits(h, C, M, b)
+    y = aten.log_softmax.int(z, -1)             y = rewrite.vq_logits(h, C, M, b, True)      (log_softmax=true)
+    y = aten.softmax.int(z, -1)                 y = aten.exp(rewrite.vq_logits(h, C, M, b, True))
+
+With `log_softmax=true` the normaliser is taken over codes with the cluster-size correction,
+log p(v) = l_{M(v)} − logsumexp_c(l_c + log|c|), so no V-wide exp/sum is needed. This replaces a downstream
+log_softmax / softmax over the last dim only when it is the head's ONLY consumer (directly); otherwise plain
+logits are emitted and everything downstream (softmax, cross-entropy, argmax, top-k) runs unchanged on them.
+
+Report per head: params before/after (V·d → K·d + V map entries), top-1 agreement (argmax equal) and top-5
+overlap (|top5 ∩ top5'|/5) with the original logits on the example inputs, and — when the first input is a
+token-id tensor shaped like the logits' leading dims (a causal LM) — next-token perplexity before/after.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from rewriter import kmeans, params
+from rewriter.errors import UserError
+from rewriter.ir import insert_call, replace_node
+from rewriter.matchers.linear import LINEAR_OPS, find_linears, is_lm_head
+from rewriter.pass_base import Contract, Pass
+
+aten = torch.ops.aten
+OP = torch.ops.rewrite.vq_logits.default
+_LOG_SOFTMAX = (aten.log_softmax.int, aten._log_softmax.default)
+_SOFTMAX = (aten.softmax.int, aten._softmax.default)
+
+
+@dataclass(frozen=True)
+class VQLogitsPass(Pass):
+    name = "vq-logits"
+    contract = Contract.APPROXIMATE
+    target_ops = LINEAR_OPS
+    summary = "LM head through a k-means codebook: logits = (h·Cᵀ)[token→code map]"
+
+    codes: int = 1024
+    iters: int = 10
+    seed: int = 0
+    map: str = ""
+    log_softmax: bool = False
+
+    def __post_init__(self):
+        if self.codes < 1:
+            raise ValueError(f"codes must be >= 1, got {self.codes}")
+        if self.iters < 0:
+            raise ValueError(f"iters must be >= 0, got {self.iters}")
+
+    def run(self, ctx) -> None:
+        gm = ctx.gm
+        heads = [s for s in find_linears(gm) if is_lm_head(gm, s)]
+        if not heads:
+            raise UserError("vq-logits: no LM head found (a linear tied to, or as wide as, an embedding table "
+                            "whose output, or its softmax / log_softmax, is a model output)")
+        acts = ctx.activations([n for s in heads for n in (s.x, s.node)])
+        for site in heads:
+            self._rewrite(ctx, site, acts[site.x], acts[site.node])
+
+    def _rewrite(self, ctx, site, h, logits) -> None:
+        gm = ctx.gm
+        w = site.weight_out_in(gm).detach()
+        vocab, dim = w.shape
+        if self.map:
+            code_map = load_map(self.map, vocab)
+            k = int(code_map.max()) + 1
+            if k >= vocab:
+                raise UserError(f"vq-logits: map {self.map} uses {k} codes for a vocabulary of {vocab}; "
+                                f"it must use fewer codes than tokens")
+            codebook = kmeans.update(w.float(), code_map, torch.zeros(k, dim)).to(w.dtype)
+        else:
+            k = self.codes
+            if k >= vocab:
+                raise UserError(f"vq-logits: codes={k} must be smaller than the vocabulary size V={vocab} of "
+                                f"head {site.name}")
+            codebook, code_map = kmeans.kmeans(w, k, self.iters, self.seed)
+        tied = len(params.readers(gm, site.weight_name)) > 1
+        bias_t = site.bias_tensor(gm)
+        c_name = params.add_tensor(gm, _tensor_name(site, "vq_codebook"), codebook.contiguous(),
+                                   trainable=isinstance(site.weight_tensor(gm), torch.nn.Parameter))
+        m_name = params.add_tensor(gm, _tensor_name(site, "vq_code_map"), code_map.to(torch.int32))
+        c_node, m_node = params.get_attr_node(gm, c_name), params.get_attr_node(gm, m_name)
+        rule = f"vq-{site.rule}"
+
+        fused = None
+        users = list(site.node.users)
+        if self.log_softmax:
+            fused = self._fusable(users[0], logits.ndim) if len(users) == 1 else None
+            if fused is None:
+                ctx.message(f"{site.name}: log_softmax=true but the head's only consumer is not a log_softmax/"
+                            f"softmax over the last dim; emitted plain logits")
+        if fused is None:
+            new = insert_call(gm, site.node, OP, (site.x, c_node, m_node, site.bias), pass_name=self.name,
+                              rule=rule, replaces=site.node)
+            replace_node(gm, site.node, new)
+        else:
+            consumer = users[0]
+            new = insert_call(gm, consumer, OP, (site.x, c_node, m_node, site.bias, True), pass_name=self.name,
+                              rule=f"{rule}-log-softmax", replaces=consumer)
+            if consumer.target in _SOFTMAX:
+                new = insert_call(gm, consumer, aten.exp.default, (new,), pass_name=self.name,
+                                  rule=f"{rule}-softmax", replaces=consumer)
+            replace_node(gm, consumer, new)
+            gm.graph.erase_node(site.node)
+        params.remove_if_unused(gm, site.weight_name)
+
+        # ---- figures
+        from rewriter.ops import vq_logits as vq_op
+        with torch.no_grad():
+            approx = vq_op.reference(h, codebook, code_map, bias_t)
+        figures = agreement(logits, approx)
+        ids = ctx.inputs[0] if ctx.inputs else None
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and tuple(ids.shape) == \
+                tuple(logits.shape[:-1]) and ids.ndim >= 1 and ids.shape[-1] > 1:
+            figures["perplexity_before"] = perplexity(logits, ids)
+            figures["perplexity_after"] = perplexity(approx, ids)
+        sizes = torch.bincount(code_map, minlength=k)
+        before = vocab * dim
+        after = k * dim + vocab
+        ctx.site(site.name, codes=k, vocab=vocab, head_params_before=before, head_params_after=after,
+                 head_params_cut=round(1 - after / before, 4), tied=tied, fused_log_softmax=fused is not None,
+                 empty_codes=int((sizes == 0).sum()), largest_code=int(sizes.max()), **figures)
+        if tied:
+            ctx.message(f"{site.name}: weight tied to the embedding; the table stays for the embedding "
+                        f"(head reads {before:,} → {after:,} values)")
+
+    @staticmethod
+    def _fusable(node, ndim: int):
+        """The consumer node when it is log_softmax/softmax over the last dim in the input's dtype, else None."""
+        if node.op != "call_function" or node.target not in _LOG_SOFTMAX + _SOFTMAX:
+            return None
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dim is None or int(dim) % ndim != ndim - 1:
+            return None
+        if node.target in (aten.log_softmax.int, aten.softmax.int):
+            dtype = node.args[2] if len(node.args) > 2 else node.kwargs.get("dtype")
+            if dtype is not None:
+                return None
+        elif len(node.args) > 2 and node.args[2]:   # _softmax(x, dim, half_to_float=True)
+            return None
+        return node
+
+
+def _tensor_name(site, suffix: str) -> str:
+    return f"{site.name}.{suffix}" if "." in site.weight_name else f"{site.weight_name}_{suffix}"
+
+
+def agreement(ref: torch.Tensor, approx: torch.Tensor) -> dict:
+    """top-1 agreement (argmax equal) and top-5 overlap (mean |top5 ∩ top5'| / 5) over rows."""
+    r = ref.reshape(-1, ref.shape[-1]).float()
+    a = approx.reshape(-1, approx.shape[-1]).float()
+    top1 = (r.argmax(-1) == a.argmax(-1)).float().mean().item()
+    k = min(5, r.shape[-1])
+    tr, ta = r.topk(k, -1).indices, a.topk(k, -1).indices
+    overlap = (tr[:, :, None] == ta[:, None, :]).any(-1).float().sum(-1).mean().item() / k
+    return {"top1_agreement": top1, "top5_overlap": overlap}
+
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """exp(mean cross-entropy) of predicting ids[..., t+1] from logits[..., t, :]."""
+    pred = logits[..., :-1, :].reshape(-1, logits.shape[-1]).float()
+    target = ids[..., 1:].reshape(-1).long()
+    return float(torch.nn.functional.cross_entropy(pred, target).exp())
+
+
+def load_map(path: str, vocab: int) -> torch.Tensor:
+    """A token → code map from a .pt (tensor or list) or .json (list) file; int64 (V,). One-line UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"vq-logits: map file {path} not found")
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                data = json.load(f)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"vq-logits: cannot read map file {path}: {str(e).splitlines()[0] if str(e) else e!r}") \
+            from None
+    try:
+        if isinstance(data, torch.Tensor):
+            if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+                raise ValueError("not integers")
+            values = data.long()
+        else:
+            if not isinstance(data, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                              for v in data):
+                raise ValueError("not a flat list of integers")
+            values = torch.tensor(list(data), dtype=torch.long)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"vq-logits: map file {path} must hold a flat list of {vocab} integers ({e})") from None
+    if values.ndim != 1 or values.numel() != vocab:
+        raise UserError(f"vq-logits: map file {path} has shape {list(values.shape)}; expected {vocab} entries "
+                        f"(one code per token)")
+    if int(values.min()) < 0:
+        raise UserError(f"vq-logits: map file {path} has negative codes; codes must be 0..K-1")
+    return values

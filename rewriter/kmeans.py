@@ -1,0 +1,88 @@
+"""Deterministic k-means: k-means++ seeding, then a fixed number of Lloyd iterations.
+
+    seeding   c₀ = a row drawn uniformly; then each next centre is a row drawn with probability ∝ D(x)², the
+              squared distance to its nearest centre so far (Arthur & Vassilvitskii 2007). Distances come from
+              ‖x‖² − 2x·c + ‖c‖², recomputed as Σ(x − c)² where that is near 0, so a row equal to a centre has
+              D = 0 exactly and is never drawn again: with exactly K distinct rows the K seeds are those rows.
+              When every remaining D is 0 (fewer distinct rows than k) the next seed is the first row not yet
+              used as a seed (duplicate centres; Lloyd leaves one of them empty).
+    Lloyd     assign every row to its nearest centre (ties → lowest index), then move each centre to the mean of
+              its rows (in float64, so the mean of identical rows is that row exactly); an empty centre keeps
+              its place. Stops early once the labels no longer change (later iterations would be no-ops).
+Same (x, k, iters, seed) → same result: all randomness comes from one torch.Generator seeded with `seed`.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _sq_dist_to(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
+    """Squared distance (float64) of every row of x (n, d) to one centre c (d,), exactly 0 for rows equal to c.
+
+    ‖x‖² − 2x·c + ‖c‖² (one matrix-vector product); where that is within rounding of 0 the rows are compared
+    with c directly, so duplicates of c get exactly 0 and distinct rows keep a positive distance."""
+    d = (x_sq - 2 * (x @ c).double() + c.double().pow(2).sum()).clamp_min(0)
+    near = (d <= 1e-5 * (x_sq + 1e-30)).nonzero()[:, 0]
+    if near.numel():
+        d[near] = (x[near].double() - c.double()).pow(2).sum(-1)
+    return d
+
+
+def seed_centres(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++: indices (k,) of the rows chosen as initial centres."""
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=generator))
+    chosen = [first]
+    used = torch.zeros(n, dtype=torch.bool)
+    used[first] = True
+    x_sq = x.double().pow(2).sum(-1)
+    d2 = _sq_dist_to(x, x[first], x_sq)
+    for _ in range(1, k):
+        total = d2.sum()
+        if total > 0:
+            nxt = int(torch.multinomial(d2 / total, 1, generator=generator))
+        else:
+            nxt = int((~used).nonzero()[0]) if (~used).any() else 0
+        chosen.append(nxt)
+        used[nxt] = True
+        d2 = torch.minimum(d2, _sq_dist_to(x, x[nxt], x_sq))
+    return torch.tensor(chosen)
+
+
+def assign(x: torch.Tensor, centres: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Index of the nearest centre for every row (ties → lowest index)."""
+    c_sq = centres.pow(2).sum(-1)
+    out = []
+    for i in range(0, x.shape[0], chunk):
+        xs = x[i:i + chunk]
+        d = xs.pow(2).sum(-1, keepdim=True) - 2 * xs @ centres.t() + c_sq
+        out.append(d.argmin(-1))
+    return torch.cat(out)
+
+
+def update(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Centres moved to the mean of their rows (float64 sums); empty ones stay."""
+    k = centres.shape[0]
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, labels, x.double())
+    counts = torch.bincount(labels, minlength=k)
+    means = (sums / counts.clamp(min=1)[:, None]).to(centres.dtype)
+    return torch.where((counts > 0)[:, None], means, centres)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centres (k, d) in x's dtype, labels (n,) int64) for rows x (n, d); deterministic in `seed`."""
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"k must be in 1..{x.shape[0]} (the number of rows), got {k}")
+    xf = x.detach().float()
+    gen = torch.Generator().manual_seed(seed)
+    centres = xf[seed_centres(xf, k, gen)].clone()
+    labels = assign(xf, centres)
+    for _ in range(iters):
+        centres = update(xf, labels, centres)
+        new_labels = assign(xf, centres)
+        if torch.equal(new_labels, labels):   # converged: further iterations change nothing
+            break
+        labels = new_labels
+    else:
+        centres = update(xf, labels, centres)  # centres = means of the final labels
+    return centres.to(x.dtype), labels

@@ -1,0 +1,223 @@
+"""`vq-logits`: k-means (rewriter/kmeans.py), the `rewrite::vq_logits` op, and the pass."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rewriter import kmeans, rewrite
+from rewriter.errors import UserError
+from rewriter.ops import vq_logits as op_mod
+from rewriter.pass_base import parse_pass
+
+OP = torch.ops.rewrite.vq_logits.default
+aten = torch.ops.aten
+
+
+def _ops(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+class _LM(torch.nn.Module):
+    """Embedding → linear → head (optionally tied, with bias) → optional log_softmax / softmax."""
+
+    def __init__(self, vocab=40, dim=8, rows=None, tail="none", bias=False, tied=False, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.mix = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=bias)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(vocab, dim, generator=g))
+            self.head.weight.copy_(rows if rows is not None else torch.randn(vocab, dim, generator=g))
+            if bias:
+                self.head.bias.copy_(torch.randn(vocab, generator=g))
+        if tied:
+            self.head.weight = self.emb.weight
+        self.tail = tail
+
+    def forward(self, ids):
+        z = self.head(torch.tanh(self.mix(self.emb(ids))))
+        if self.tail == "log_softmax":
+            return torch.log_softmax(z, -1)
+        if self.tail == "softmax":
+            return torch.softmax(z, -1)
+        return z
+
+
+def _repeated_rows(k, vocab, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    distinct = torch.randn(k, dim, generator=g)
+    labels = torch.cat([torch.arange(k), torch.randint(0, k, (vocab - k,), generator=g)])
+    return distinct[labels[torch.randperm(vocab, generator=g)]]
+
+
+# ---- k-means -----------------------------------------------------------------------------------------------
+@given(k=st.integers(1, 12), extra=st.integers(1, 30), dim=st.integers(1, 6), seed=st.integers(0, 2**16))
+@settings(max_examples=20)
+def test_kmeans_recovers_exactly_k_distinct_rows(k, extra, dim, seed):
+    x = _repeated_rows(k, k + extra, dim, seed)
+    centres, labels = kmeans.kmeans(x, k, iters=3, seed=seed)
+    assert labels.shape == (k + extra,) and labels.min() >= 0 and labels.max() < k
+    assert torch.equal(centres[labels], x)
+
+
+def test_kmeans_deterministic_and_seeded():
+    x = torch.randn(200, 5, generator=torch.Generator().manual_seed(0))
+    a = kmeans.kmeans(x, 16, iters=5, seed=3)
+    b = kmeans.kmeans(x, 16, iters=5, seed=3)
+    c = kmeans.kmeans(x, 16, iters=5, seed=4)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    # Lloyd never increases the k-means objective
+    obj = [((x - cs[lab]) ** 2).sum() for cs, lab in (kmeans.kmeans(x, 16, iters=i, seed=3) for i in (0, 1, 5))]
+    assert obj[0] >= obj[1] >= obj[2]
+
+
+def test_kmeans_fewer_distinct_rows_than_k():
+    x = torch.tensor([[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 5)
+    centres, labels = kmeans.kmeans(x, 4, iters=2, seed=0)
+    assert torch.equal(centres[labels], x)
+
+
+# ---- the op ------------------------------------------------------------------------------------------------
+@given(k=st.integers(1, 6), vocab=st.integers(7, 20), dim=st.integers(1, 5), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=20)
+def test_op_matches_dense_head_built_from_codebook(k, vocab, dim, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(k, dim, generator=g)
+    code_map = torch.randint(0, k, (vocab,), generator=g)
+    b = torch.randn(vocab, generator=g) if bias else None
+    h = torch.randn(2, 3, dim, generator=g)
+    dense = F.linear(h, codebook[code_map], b)
+    assert torch.allclose(OP(h, codebook, code_map.int(), b), dense, atol=1e-5)
+    # fused log-softmax over codes with the log|cluster| correction == full log_softmax over V
+    assert torch.allclose(OP(h, codebook, code_map, b, True), torch.log_softmax(dense, -1), atol=1e-5)
+
+
+def test_op_autograd():
+    g = torch.Generator().manual_seed(1)
+    codebook = torch.randn(3, 4, generator=g, requires_grad=True)
+    code_map = torch.tensor([0, 2, 2, 1, 0, 2])
+    h = torch.randn(5, 4, generator=g, requires_grad=True)
+    weights = torch.randn(5, 6, generator=g)
+    for log_sm in (False, True):
+        out = OP(h, codebook, code_map, None, log_sm)
+        gh, gc = torch.autograd.grad((out * weights).sum(), (h, codebook))
+        dense = F.linear(h, codebook[code_map])
+        dense = torch.log_softmax(dense, -1) if log_sm else dense
+        eh, ec = torch.autograd.grad((dense * weights).sum(), (h, codebook))
+        assert torch.allclose(gh, eh, atol=1e-5) and torch.allclose(gc, ec, atol=1e-5)
+
+
+# ---- the pass ----------------------------------------------------------------------------------------------
+@given(k=st.integers(2, 10), seed=st.integers(0, 2**10))
+@settings(max_examples=10)
+def test_pass_exact_when_rows_repeat(k, seed):
+    vocab = 24
+    model = _LM(vocab=vocab, rows=_repeated_rows(k, vocab, 8, seed), bias=True, seed=seed).eval()
+    ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(seed))
+    r = rewrite(model, (ids,), passes=f"vq-logits{{codes={k},iters=3,seed={seed}}}", verify=True)
+    assert r.report.passes[0].error_vs_original < 1e-5
+    gm = r.program.graph_module
+    assert OP in _ops(gm) and aten.linear.default in _ops(gm)   # the `mix` linear stays
+    site = r.report.passes[0].sites[0]
+    assert site["top1_agreement"] == 1.0 and site["codes"] == k and site["empty_codes"] == 0
+    code_map = dict(r.program.named_buffers())["head.vq_code_map"]
+    assert code_map.shape == (vocab,) and 0 <= int(code_map.min()) and int(code_map.max()) < k   # total map
+
+
+def test_pass_on_tiny_gpt_tied(tiny_gpt, tmp_path):
+    model, args = tiny_gpt
+    r = rewrite(model, args, passes="vq-logits{codes=128,iters=5}", verify=True)
+    res = r.report.passes[0]
+    gm = r.program.graph_module
+    assert _ops(gm).count(OP) == 1
+    assert aten.embedding.default in _ops(gm)
+    assert "tok_emb.weight" in dict(r.program.named_parameters())     # tied table kept for the embedding
+    s = res.sites[0]
+    assert s["head_params_before"] == 256 * 64 and s["head_params_after"] == 128 * 64 + 256 and s["tied"]
+    assert 0 <= s["top1_agreement"] <= 1 and 0 <= s["top5_overlap"] <= 1
+    assert "perplexity_before" in s and "perplexity_after" in s
+    assert 0 < res.error_vs_original < 1.0
+    assert res.flops_after < res.flops_before
+    torch.export.save(r.program, tmp_path / "vq.pt2")
+    out = r.module()(*args)
+    assert torch.equal(torch.export.load(tmp_path / "vq.pt2").module()(*args), out)
+    assert out.shape == (2, 16, 256)
+    assert torch.equal(out.argmax(-1), out.softmax(-1).argmax(-1))   # consumers of logits keep working
+
+
+@pytest.mark.parametrize("tail", ["log_softmax", "softmax"])
+def test_log_softmax_fusion(tail):
+    model = _LM(vocab=30, tail=tail).eval()
+    ids = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(0))
+    r = rewrite(model, (ids,), passes="vq-logits{codes=6,iters=3,log_softmax=true}", verify=True)
+    gm = r.program.graph_module
+    ops = _ops(gm)
+    assert aten.log_softmax.int not in ops and aten.softmax.int not in ops
+    node = next(n for n in gm.graph.nodes if n.target == OP)
+    assert node.args[-1] is True
+    assert r.report.passes[0].sites[0]["fused_log_softmax"]
+    out = r.module()(ids)
+    probs = out.exp() if tail == "log_softmax" else out
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 6), atol=1e-5)
+    # same numbers as plain vq logits followed by the original consumer
+    plain = rewrite(model, (ids,), passes="vq-logits{codes=6,iters=3}").module()(ids)
+    assert torch.allclose(out, plain, atol=1e-5)
+
+
+def test_log_softmax_not_fused_when_head_has_other_consumers():
+    class Two(_LM):
+        def forward(self, ids):
+            z = self.head(torch.tanh(self.mix(self.emb(ids))))
+            return torch.log_softmax(z, -1), z.argmax(-1)
+
+    model = Two(vocab=30).eval()
+    ids = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(0))
+    r = rewrite(model, (ids,), passes="vq-logits{codes=6,log_softmax=true}")
+    assert aten.log_softmax.int in _ops(r.program.graph_module)
+    assert any("emitted plain logits" in m for m in r.report.passes[0].messages)
+
+
+def test_codes_not_below_vocab_refused(tiny_gpt):
+    model, args = tiny_gpt
+    with pytest.raises(UserError) as e:
+        rewrite(model, args, passes="vq-logits{codes=256}")
+    assert "smaller than the vocabulary" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError):
+        parse_pass("vq-logits{codes=0}")
+
+
+def test_map_files(tmp_path):
+    vocab, k = 24, 4
+    rows = _repeated_rows(k, vocab, 8, 0)
+    model = _LM(vocab=vocab, rows=rows).eval()
+    ids = torch.randint(0, vocab, (2, 5), generator=torch.Generator().manual_seed(0))
+    _, labels = kmeans.kmeans(rows, k, iters=2)
+    good_json = tmp_path / "m.json"
+    good_json.write_text(json.dumps(labels.tolist()))
+    good_pt = tmp_path / "m.pt"
+    torch.save(labels, good_pt)
+    for path in (good_json, good_pt):
+        r = rewrite(model, (ids,), passes=f"vq-logits{{map='{path}'}}", verify=True)
+        assert r.report.passes[0].error_vs_original < 1e-5
+        assert torch.equal(dict(r.program.named_buffers())["head.vq_code_map"].long(), labels)
+    bad = {"short.json": json.dumps([0, 1]), "floats.json": json.dumps([0.5] * vocab),
+           "garbage.json": "{not json", "neg.json": json.dumps([-1] + [0] * (vocab - 1)),
+           "toomany.json": json.dumps(list(range(vocab)))}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+    for name in list(bad) + ["missing.json"]:
+        with pytest.raises(UserError) as e:
+            rewrite(model, (ids,), passes=f"vq-logits{{map='{tmp_path / name}'}}")
+        assert "\n" not in str(e.value) and "map" in str(e.value)
+
+
+def test_reference_equals_op():
+    g = torch.Generator().manual_seed(2)
+    h, c, m = torch.randn(4, 3, generator=g), torch.randn(5, 3, generator=g), torch.randint(0, 5, (11,), generator=g)
+    assert torch.equal(op_mod.reference(h, c, m), OP(h, c, m))
