@@ -101,11 +101,12 @@ def _sites_table(result) -> Table | None:
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold dim")
     table.add_column("layer", overflow="fold")
     table.add_column("status")
-    for k in keys[:5]:
+    keys = ([k for k in keys if k == "reason"] + [k for k in keys if k != "reason"])[:5]  # skip reasons first
+    for k in keys:
         table.add_column(k.replace("_", " "), justify="right", overflow="fold")
     for s in sites[:40]:
         row = [s["site"], Text(s["status"], style="green" if s["status"] == "rewritten" else "yellow")]
-        for k in keys[:5]:
+        for k in keys:
             v = s.get(k, "")
             row.append(f"{v:.3g}" if isinstance(v, float) else str(v))
         table.add_row(*row)

@@ -1,0 +1,216 @@
+"""Forward time of a dense FFN against its monarch / blockdiag / lowrank rewrites, side by side in one run.
+
+    .venv/bin/python -m bench.structured_ffn                # 1024→4096→1024 and 2048→8192→2048, tokens 1/16/512
+    .venv/bin/python -m bench.structured_ffn --quick        # 1024→4096→1024 only, fewer repeats, small projection
+    .venv/bin/python -m bench.structured_ffn --compile      # also torch.compile'd dense vs monarch
+    .venv/bin/python -m bench.structured_ffn --json         # figures as JSON on stdout
+
+FFN: y = fc2(gelu(fc1(x))). Each rewrite replaces both layers by the custom op the pass emits, with the factor
+shapes the pass produces (monarch blocks=4; BlockDense blocks=4 with inner width d/4; low rank r = d/4); factor
+values don't change timings, so they are random. Timings: best of interleaved repeats (every variant runs once
+per round; --median for medians), torch.set_num_threads(2) by default. "speed-up" = dense time / rewrite time; "FLOP ratio" = dense
+FLOPs / rewrite FLOPs. Also: the pre-merge crossover (largest token count at which the dense product beats the
+Monarch factors, per layer shape) and the projection time of a 4096×16384 weight (Monarch blocks=4, BlockDense).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import rewriter  # noqa: F401  (registers the rewrite:: ops)
+from rewriter.projections import blockdense_project, monarch_project, monarch_sizes
+
+OPS = torch.ops.rewrite
+
+
+def _layer_factors(kind: str, m: int, n: int, gen: torch.Generator) -> dict:
+    b = 4
+    if kind == "monarch":
+        p, q, s = monarch_sizes(m, n, b)
+        return {"w1": torch.randn(b, q, p, generator=gen) / p ** 0.5, "w2": torch.randn(b, s, q, generator=gen) / q ** 0.5}
+    r = min(m, n) // 4
+    if kind == "blockdiag":
+        t = r // b
+        return {"blocks": torch.randn(b, t, n // b, generator=gen), "u": torch.randn(m, r, generator=gen) / r ** 0.5}
+    return {"u": torch.randn(m, r, generator=gen) / r ** 0.5, "v": torch.randn(r, n, generator=gen) / n ** 0.5}
+
+
+def _layer_call(kind: str, f: dict, bias: torch.Tensor, m: int, dense=None, threshold=0):
+    if kind == "dense":
+        return lambda x: F.linear(x, f["w"], bias)
+    if kind == "monarch":
+        return lambda x: OPS.monarch_linear(x, f["w1"], f["w2"], bias, m, dense, threshold)
+    if kind == "blockdiag":
+        return lambda x: OPS.blockdiag_linear(x, f["blocks"], f["u"], bias, m, dense, threshold)
+    return lambda x: OPS.lowrank_linear(x, f["u"], f["v"], bias, dense, threshold)
+
+
+def _layer_flops(kind: str, f: dict, m: int, n: int) -> int:
+    if kind == "dense":
+        return 2 * m * n
+    if kind == "monarch":
+        b, q, p = f["w1"].shape
+        return 2 * q * (b * p + b * f["w2"].shape[1])
+    if kind == "blockdiag":
+        b, t, p = f["blocks"].shape
+        return 2 * b * t * p + 2 * m * b * t
+    return 2 * f["u"].shape[1] * (m + n)
+
+
+def build_ffn(kind: str, d: int, hidden: int, gen: torch.Generator):
+    """(callable x -> y, FLOPs per token, parameter count)."""
+    layers = []
+    flops = params = 0
+    for n, m in ((d, hidden), (hidden, d)):
+        f = {"w": torch.randn(m, n, generator=gen) / n ** 0.5} if kind == "dense" else _layer_factors(kind, m, n, gen)
+        bias = torch.zeros(m)
+        layers.append(_layer_call(kind, f, bias, m))
+        flops += _layer_flops(kind, f, m, n)
+        params += sum(v.numel() for v in f.values())
+    fc1, fc2 = layers
+    return (lambda x: fc2(F.gelu(fc1(x)))), flops, params
+
+
+def _time_side_by_side(fns: dict, x: torch.Tensor, repeats: int, stat: str = "min") -> dict:
+    """Seconds per call of each fn (best or median of `repeats` rounds); rounds are interleaved so load changes hit
+    all variants alike. The best round is the default: on a shared machine the OS deschedules OpenMP threads for
+    whole time slices (tens of ms), which the median still catches and the minimum does not."""
+    with torch.no_grad():
+        for fn in fns.values():   # warm up
+            fn(x)
+            fn(x)
+        inner = 1
+        t0 = time.perf_counter()
+        next(iter(fns.values()))(x)
+        one = time.perf_counter() - t0
+        if one < 2e-3:
+            inner = max(1, int(2e-3 / max(one, 1e-6)))
+        samples = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn(x)
+                samples[k].append((time.perf_counter() - t0) / inner)
+    pick = min if stat == "min" else statistics.median
+    return {k: pick(v) for k, v in samples.items()}
+
+
+def ffn_table(shapes, tokens_list, repeats, compile_too: bool, stat: str = "min") -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    kinds = ("dense", "monarch", "blockdiag", "lowrank")
+    for d, hidden in shapes:
+        built = {k: build_ffn(k, d, hidden, gen) for k in kinds}
+        fns = {k: v[0] for k, v in built.items()}
+        if compile_too:
+            fns["dense+compile"] = torch.compile(built["dense"][0])
+            fns["monarch+compile"] = torch.compile(built["monarch"][0])
+        for tokens in tokens_list:
+            x = torch.randn(tokens, d, generator=gen)
+            times = _time_side_by_side(fns, x, repeats, stat)
+            row = {"ffn": f"{d}->{hidden}->{d}", "tokens": tokens, "dense_ms": times["dense"] * 1e3}
+            for k in kinds[1:]:
+                row[f"{k}_ms"] = times[k] * 1e3
+                row[f"{k}_speedup"] = times["dense"] / times[k]
+                row[f"{k}_flop_ratio"] = built["dense"][1] / built[k][1]
+                row[f"{k}_param_ratio"] = built[k][2] / built["dense"][2]
+            if compile_too:
+                row["compiled_speedup"] = times["dense+compile"] / times["monarch+compile"]
+                row["dense_compile_ms"] = times["dense+compile"] * 1e3
+            rows.append(row)
+    return rows
+
+
+def crossover(shapes, tokens_list, repeats, stat: str = "min") -> list[dict]:
+    """Per layer shape: time of the Monarch op on its factors vs the pre-merged dense product, by token count."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for n, m in shapes:
+        f = _layer_factors("monarch", m, n, gen)
+        dense_w = torch.randn(m, n, generator=gen)
+        bias = torch.zeros(m)
+        fns = {"factors": _layer_call("monarch", f, bias, m),
+               "dense": _layer_call("monarch", f, bias, m, dense=dense_w, threshold=1 << 30)}
+        per = {}
+        for tokens in tokens_list:
+            times = _time_side_by_side(fns, torch.randn(tokens, n, generator=gen), repeats, stat)
+            per[tokens] = times["factors"] / times["dense"]
+        best = 0   # largest token count up to which the dense product wins at every measured count
+        for tokens in tokens_list:
+            if per[tokens] <= 1:
+                break
+            best = tokens
+        out.append({"layer": f"{n}->{m}", "dense_wins_up_to_tokens": best,
+                    "factors_over_dense_time": {str(k): round(v, 3) for k, v in per.items()}})
+    return out
+
+
+def projection_time(m: int, n: int) -> dict:
+    w = torch.randn(m, n, generator=torch.Generator().manual_seed(2))
+    t0 = time.perf_counter()
+    monarch_project(w, 4)
+    t_monarch = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    blockdense_project(w, 4, min(m, n) // 4)
+    t_bd = time.perf_counter() - t0
+    return {"weight": f"{n}x{m} (in x out)", "monarch_blocks4_s": t_monarch, "blockdense_blocks4_s": t_bd}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-projection", action="store_true")
+    ap.add_argument("--median", action="store_true", help="median instead of best round")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = [(1024, 4096)] if args.quick else [(1024, 4096), (2048, 8192)]
+    repeats = 5 if args.quick else 11
+    stat = "median" if args.median else "min"
+    rows = ffn_table(shapes, [1, 16, 512], repeats, args.compile, stat)
+    cross = crossover([(1024, 4096), (256, 1024), (64, 256)], [1, 2, 4, 8, 16, 32, 64], repeats, stat)
+    proj = None if args.no_projection else (projection_time(4096, 1024) if args.quick
+                                            else projection_time(16384, 4096))
+    result = {"stat": stat, "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "ffn": rows, "pre_merge": cross, "projection": proj}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"## Structured FFN forward, eager, {result['threads']} threads, torch {torch.__version__}, "
+          f"{'median' if args.median else 'best'} of {repeats} interleaved rounds\n")
+    head = "| FFN | tokens | dense ms | " + " | ".join(
+        f"{k} ms | {k} speed-up (FLOP ratio)" for k in ("monarch", "blockdiag", "lowrank"))
+    if args.compile:
+        head += " | torch.compile: dense / monarch time"
+    print(head + " |")
+    print("|" + "---|" * (head.count("|") ) )
+    for r in rows:
+        cells = [r["ffn"], str(r["tokens"]), f"{r['dense_ms']:.3f}"]
+        for k in ("monarch", "blockdiag", "lowrank"):
+            cells += [f"{r[k + '_ms']:.3f}", f"{r[k + '_speedup']:.2f}x ({r[k + '_flop_ratio']:.2f}x)"]
+        if args.compile:
+            cells.append(f"{r['compiled_speedup']:.2f}x")
+        print("| " + " | ".join(cells) + " |")
+    r0 = rows[0]
+    print(f"\nparams vs dense: monarch {r0['monarch_param_ratio']:.3f}, blockdiag {r0['blockdiag_param_ratio']:.3f}, "
+          f"lowrank {r0['lowrank_param_ratio']:.3f}")
+    print("\n## Pre-merge crossover (Monarch factors time / dense product time; > 1: dense is faster)\n")
+    for c in cross:
+        print(f"- {c['layer']}: dense wins up to {c['dense_wins_up_to_tokens']} tokens; "
+              f"{c['factors_over_dense_time']}")
+    if proj:
+        print(f"\n## Projection time, {proj['weight']}: Monarch blocks=4 {proj['monarch_blocks4_s']:.1f} s, "
+              f"BlockDense blocks=4 {proj['blockdense_blocks4_s']:.1f} s")
+    print("\n```json\n" + json.dumps(result) + "\n```")
+
+
+if __name__ == "__main__":
+    main()

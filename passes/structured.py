@@ -1,0 +1,140 @@
+"""`structured` — per layer, the cheapest structured form whose error stays under one bound, to hit a budget.
+
+Candidates per matched linear W (m × n), each initialised by its optimal projection (rewriter/projections.py):
+
+    monarch     b ∈ {4, 8, 16}                 q·(b·p + b·s) params  (≈ 2mn/b square)
+    blockdense  b = 4, inner width for ≈ 25 % / 50 % of m·n params
+    blockdiag   plain, b ∈ {2, 4}              ≈ m·n/b params
+    lowrank     r for ≈ 12.5 % / 25 % / 50 % of m·n params
+    dense       m·n params, error 0 (always allowed)
+
+Each candidate's error is measured (metric=output: ‖X·(W − W')ᵀ‖/‖X·Wᵀ + b‖ on the example inputs; metric=weight:
+‖W − W'‖/‖W‖). For a bound ε every layer takes its cheapest candidate with error ≤ ε; the total parameter count
+of the matched layers falls as ε grows, so the pass picks the smallest ε (over the measured errors) whose total is
+≤ budget · (dense total). If even the cheapest forms miss the budget, it takes them and says so.
+The per-layer choice table is printed through ctx.message and each layer is reported through ctx.site.
+
+Graph, before → after: each chosen layer as in `monarch` / `blockdiag` / `lowrank`
+(rewrite.monarch_linear, rewrite.blockdiag_linear, rewrite.lowrank_linear); dense layers are untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rewriter.errors import UserError
+from rewriter.matchers.linear import LINEAR_OPS
+from rewriter.pass_base import Contract, Pass
+from rewriter.projections import (PRE_MERGE_TOKENS, apply, blockdense_project, blockdiag_project, default_sites,
+                                  layer_rows, lowrank_project, monarch_project, monarch_skip_reason, output_error,
+                                  weight_error)
+
+_MONARCH_BLOCKS = (4, 8, 16)
+_BLOCKDIAG_BLOCKS = (2, 4)
+_BLOCKDENSE_FRACTIONS = (0.25, 0.5)
+_LOWRANK_FRACTIONS = (0.125, 0.25, 0.5)
+
+
+@dataclass(frozen=True)
+class StructuredPass(Pass):
+    name = "structured"
+    contract = Contract.APPROXIMATE
+    target_ops = LINEAR_OPS
+    summary = "per-layer choice among monarch / blockdiag / lowrank / dense to meet a parameter budget"
+
+    budget: float = 0.5
+    metric: Literal["output", "weight"] = "output"
+    targets: str = ""
+    exclude: str = ""
+    pad: bool = True
+    pre_merge: bool = False
+    pre_merge_tokens: int = PRE_MERGE_TOKENS
+
+    def __post_init__(self):
+        if not 0 < self.budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+
+    def _candidates(self, w):
+        m, n = w.shape
+        out = []
+        for b in _MONARCH_BLOCKS:
+            if monarch_skip_reason(m, n, b, self.pad) is None:
+                out.append((f"monarch{{blocks={b}}}", monarch_project(w, b)))
+        for b in _BLOCKDIAG_BLOCKS:
+            if monarch_skip_reason(m, n, b, self.pad) is None:
+                out.append((f"blockdiag{{form=plain,blocks={b}}}", blockdiag_project(w, b)))
+        b = 4
+        if monarch_skip_reason(m, n, b, self.pad) is None:
+            for frac in _BLOCKDENSE_FRACTIONS:
+                rank = int(frac * m * n / (-(-n // b) + m)) // b * b
+                if rank >= b:
+                    out.append((f"blockdiag{{blocks={b},rank={rank}}}", blockdense_project(w, b, rank)))
+        for frac in _LOWRANK_FRACTIONS:
+            rank = int(frac * m * n / (m + n))
+            if rank >= 1:
+                out.append((f"lowrank{{rank={rank}}}", lowrank_project(w, rank=rank)))
+        return [(spec, fac) for spec, fac in out if fac.params < m * n]
+
+    def run(self, ctx) -> None:
+        gm = ctx.gm
+        sites = default_sites(gm, self.targets, self.exclude)
+        if not sites:
+            raise UserError(f'structured: no linear layer matches targets="{self.targets}"')
+        acts = ctx.activations([s.x for s in sites])
+        table = []   # per site: (site, w, [(spec, fac | None, params, error)])
+        for site in ctx.progress(sites, "projecting candidates"):
+            w = site.weight_out_in(gm).detach()
+            x = acts.get(site.x)
+            bias = site.bias_tensor(gm)
+            bias = bias.detach() if bias is not None else None
+            options = [("dense", None, w.numel(), 0.0)]
+            for spec, fac in self._candidates(w):
+                approx = fac.dense()
+                err = output_error(x, w, approx, bias) if self.metric == "output" and x is not None \
+                    else weight_error(w, approx)
+                options.append((spec, fac, fac.params, err))
+            table.append((site, w, options))
+
+        dense_total = sum(w.numel() for _, w, _ in table)
+        target = self.budget * dense_total
+
+        def choose(bound):
+            picks = []
+            for _, _, options in table:
+                ok = [o for o in options if o[3] <= bound]
+                picks.append(min(ok, key=lambda o: (o[2], o[3])))
+            return picks, sum(p[2] for p in picks)
+
+        bounds = sorted({o[3] for _, _, options in table for o in options})
+        picks, total, bound = None, None, None
+        for bound in bounds:
+            picks, total = choose(bound)
+            if total <= target:
+                break
+        if total > target:
+            ctx.message(f"structured: budget {self.budget:g} not reachable; the cheapest forms give "
+                        f"{total / dense_total:.3f} of the dense parameters")
+        lines = [f"structured: budget {self.budget:g} of {dense_total} params -> {total} "
+                 f"({total / dense_total:.3f}), error bound {bound:.4g} ({self.metric})",
+                 f"{'layer':<32} {'shape':>11} {'choice':<32} {'params':>9} {'error':>8}"]
+        for (site, w, _), (spec, fac, n_params, err) in zip(table, picks):
+            m, n = w.shape
+            lines.append(f"{site.name:<32} {f'{n}->{m}':>11} {spec:<32} {n_params:>9} {err:>8.4f}")
+            if fac is None:
+                ctx.site(site.name, "skipped", choice="dense", params_before=w.numel(), params_after=w.numel(),
+                         weight_error=0.0, output_error=0.0, reason=f"kept dense (bound {bound:.4g})")
+                continue
+            rows = layer_rows(site)
+            x = acts.get(site.x)
+            bias = site.bias_tensor(gm)
+            approx = fac.dense()
+            apply(gm, site, fac, pass_name=self.name,
+                  pre_merge=self.pre_merge_tokens if self.pre_merge else None)
+            dense_path = self.pre_merge and 0 < rows <= self.pre_merge_tokens
+            ctx.site(site.name, choice=spec, params_before=w.numel(), params_after=fac.params,
+                     weight_error=weight_error(w, approx),
+                     output_error=output_error(x, w, approx, bias.detach() if bias is not None else None)
+                     if x is not None else None,
+                     flops_before=2 * rows * w.numel(),
+                     flops_after=2 * rows * w.numel() if dense_path else rows * fac.flops_per_row(), kind=fac.kind)
+        ctx.message("\n".join(lines))
