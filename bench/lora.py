@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import rewriter
-from bench.common import machine, markdown_table, time_call
+from bench.common import machine, markdown_table, time_side_by_side
 
 
 class One(nn.Module):
@@ -48,17 +48,16 @@ def speed(dims, tokens_list, rank=16):
             ours_unmerged = rewriter.rewrite(base, (x,), f"lora{{rank={rank},init=gaussian}}").module()
             ours_merged = rewriter.rewrite(base, (x,), f"lora{{rank={rank},init=gaussian}},lora-merge").module()
             base_program = rewriter.rewrite(base, (x,), "").module()
-            t_base = time_call(lambda: base(x))
-            t_program = time_call(lambda: base_program(x))
-            t_ours = time_call(lambda: ours_unmerged(x))
-            t_merged = time_call(lambda: ours_merged(x))
-            row = [d, tokens, t_base * 1e3, t_program / t_base, t_ours / t_base, t_merged / t_base]
+            fns = {"base": lambda: base(x), "program": lambda: base_program(x), "ours": lambda: ours_unmerged(x),
+                   "merged": lambda: ours_merged(x)}
             try:
                 peft_model = _peft_model(base, rank)
-                row.append(time_call(lambda: peft_model(x)) / t_base)
+                fns["peft"] = lambda: peft_model(x)
             except ImportError:
-                row.append("peft not installed")
-            rows.append(row)
+                pass
+            t = time_side_by_side(fns)
+            rows.append([d, tokens, t["base"] * 1e3] + [t[k] / t["base"] for k in ("program", "ours", "merged")]
+                        + [t["peft"] / t["base"] if "peft" in t else "peft not installed"])
     return markdown_table(["d", "tokens", "base ms", "base exported ×", "ours unmerged ×", "ours merged ×",
                                  "PEFT unmerged ×"], rows)
 

@@ -18,20 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
-
-
-def _time(fn, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` runs after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+from bench.common import time_side_by_side
 
 
 def speed_table(size: int, batches: list[int], bits_list: list[int], group: int, repeats: int) -> list[dict]:
@@ -45,9 +34,11 @@ def speed_table(size: int, batches: list[int], bits_list: list[int], group: int,
         for batch in batches:
             x = torch.randn(batch, size, generator=g)
             with torch.no_grad():
-                t_dense = _time(lambda: x @ w.t(), repeats)
-                t_lut = _time(lambda: bcq.lut_matmul(x, q.signs, q.exponents, size, group), repeats)
-                t_deq = _time(lambda: x @ bcq.dequantize(q.signs, q.exponents, size, group).t(), repeats)
+                times = time_side_by_side({
+                    "dense": lambda: x @ w.t(),
+                    "lut": lambda: bcq.lut_matmul(x, q.signs, q.exponents, size, group),
+                    "dequant": lambda: x @ bcq.dequantize(q.signs, q.exponents, size, group).t()}, repeats)
+                t_dense, t_lut, t_deq = times["dense"], times["lut"], times["dequant"]
                 err = bcq.relative_error(x @ q.dequantize().t(), bcq.lut_matmul(x, q.signs, q.exponents, size, group))
             rows.append({"size": f"{size}x{size}", "bits": bits, "group": group, "batch": batch,
                          "bytes_fp32": dense_bytes, "bytes_bcq": q.nbytes,

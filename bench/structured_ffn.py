@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 import rewriter  # noqa: F401  (registers the rewrite:: ops)
 from rewriter.projections import blockdense_project, monarch_project, monarch_sizes
+from bench.common import time_side_by_side
 
 OPS = torch.ops.rewrite
 
@@ -76,31 +76,6 @@ def build_ffn(kind: str, d: int, hidden: int, gen: torch.Generator):
     return (lambda x: fc2(F.gelu(fc1(x)))), flops, params
 
 
-def _time_side_by_side(fns: dict, x: torch.Tensor, repeats: int, stat: str = "min") -> dict:
-    """Seconds per call of each fn (best or median of `repeats` rounds); rounds are interleaved so load changes hit
-    all variants alike. The best round is the default: on a shared machine the OS deschedules OpenMP threads for
-    whole time slices (tens of ms), which the median still catches and the minimum does not."""
-    with torch.no_grad():
-        for fn in fns.values():   # warm up
-            fn(x)
-            fn(x)
-        inner = 1
-        t0 = time.perf_counter()
-        next(iter(fns.values()))(x)
-        one = time.perf_counter() - t0
-        if one < 2e-3:
-            inner = max(1, int(2e-3 / max(one, 1e-6)))
-        samples = {k: [] for k in fns}
-        for _ in range(repeats):
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    fn(x)
-                samples[k].append((time.perf_counter() - t0) / inner)
-    pick = min if stat == "min" else statistics.median
-    return {k: pick(v) for k, v in samples.items()}
-
-
 def ffn_table(shapes, tokens_list, repeats, compile_too: bool, stat: str = "min") -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -113,7 +88,7 @@ def ffn_table(shapes, tokens_list, repeats, compile_too: bool, stat: str = "min"
             fns["monarch+compile"] = torch.compile(built["monarch"][0])
         for tokens in tokens_list:
             x = torch.randn(tokens, d, generator=gen)
-            times = _time_side_by_side(fns, x, repeats, stat)
+            times = time_side_by_side({k: (lambda f=f: f(x)) for k, f in fns.items()}, repeats, stat)
             row = {"ffn": f"{d}->{hidden}->{d}", "tokens": tokens, "dense_ms": times["dense"] * 1e3}
             for k in kinds[1:]:
                 row[f"{k}_ms"] = times[k] * 1e3
@@ -139,7 +114,8 @@ def crossover(shapes, tokens_list, repeats, stat: str = "min") -> list[dict]:
                "dense": _layer_call("monarch", f, bias, m, dense=dense_w, threshold=1 << 30)}
         per = {}
         for tokens in tokens_list:
-            times = _time_side_by_side(fns, torch.randn(tokens, n, generator=gen), repeats, stat)
+            xt = torch.randn(tokens, n, generator=gen)
+            times = time_side_by_side({k: (lambda f=f: f(xt)) for k, f in fns.items()}, repeats, stat)
             per[tokens] = times["factors"] / times["dense"]
         best = 0   # largest token count up to which the dense product wins at every measured count
         for tokens in tokens_list:

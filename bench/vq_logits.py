@@ -19,24 +19,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
-import time
 
 import torch
 
 import rewriter  # noqa: F401  (registers the custom ops)
+from bench.common import time_side_by_side
 
 OP = torch.ops.rewrite.vq_logits.default
-
-
-def _time(fn, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def speed_table(vocabs, dims, codes, rows_list, repeats) -> list[dict]:
@@ -47,13 +36,15 @@ def speed_table(vocabs, dims, codes, rows_list, repeats) -> list[dict]:
         for rows in rows_list:
             h = torch.randn(rows, dim, generator=g)
             with torch.no_grad():
-                t_dense = _time(lambda: h @ w.t(), repeats)
-                t_dense_ls = _time(lambda: torch.log_softmax(h @ w.t(), -1), repeats)
                 for k in codes:
                     c = torch.randn(k, dim, generator=g) / dim ** 0.5
                     m = torch.randint(0, k, (vocab,), generator=g, dtype=torch.int32)
-                    t_vq = _time(lambda: OP(h, c, m), repeats)
-                    t_vq_ls = _time(lambda: OP(h, c, m, None, True), repeats)
+                    times = time_side_by_side({
+                        "dense": lambda: h @ w.t(),
+                        "dense_ls": lambda: torch.log_softmax(h @ w.t(), -1),
+                        "vq": lambda: OP(h, c, m),
+                        "vq_ls": lambda: OP(h, c, m, None, True)}, repeats)
+                    t_dense, t_dense_ls, t_vq, t_vq_ls = (times[k_] for k_ in ("dense", "dense_ls", "vq", "vq_ls"))
                     out.append({"V": vocab, "d": dim, "K": k, "rows": rows, "dense_ms": 1e3 * t_dense,
                                 "vq_ms": 1e3 * t_vq, "speedup": t_dense / t_vq,
                                 "dense_log_softmax_ms": 1e3 * t_dense_ls, "vq_log_softmax_ms": 1e3 * t_vq_ls,

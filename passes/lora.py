@@ -35,7 +35,7 @@ import torch
 from rewriter import params
 from rewriter.adapters import adapter_names, build_lora_node, shared_readers
 from rewriter.errors import UserError
-from rewriter.ir import get_attr_value, replace_node
+from rewriter.ir import replace_node
 from rewriter.matchers.linear import LINEAR_OPS, find_linears, is_lm_head
 from rewriter.peft_interop import match_layer, read_adapter
 from rewriter.pass_base import Contract, Pass

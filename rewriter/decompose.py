@@ -4,7 +4,6 @@ Each op module's `reference` is traced with make_fx on the node's fake inputs an
 """
 from __future__ import annotations
 
-import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
