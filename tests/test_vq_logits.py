@@ -221,3 +221,11 @@ def test_reference_equals_op():
     g = torch.Generator().manual_seed(2)
     h, c, m = torch.randn(4, 3, generator=g), torch.randn(5, 3, generator=g), torch.randint(0, 5, (11,), generator=g)
     assert torch.equal(op_mod.reference(h, c, m), OP(h, c, m))
+
+
+def test_model_without_lm_head_is_skipped_with_a_reason():
+    from rewriter import rewrite
+    from rewriter.demo_models import demo_model
+    model, args = demo_model("tiny-bert")
+    result = rewrite(model, args, "vq-logits{codes=16}")
+    assert "no LM head" in result.report.passes[0].skipped

@@ -1,0 +1,179 @@
+"""`rewrite eval`: metrics on tiny HF models built in code, a demo model, metric helpers, and errors."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+
+import pytest
+import torch
+from rich.console import Console
+
+pytest.importorskip("transformers")
+
+from rewriter import UserError  # noqa: E402
+from rewriter import evaluate as ev  # noqa: E402
+from test_hf import TEXT, make_bert, make_llama  # noqa: E402
+
+PAIRS = [
+    {"a": "the water of the house", "b": "the water in the house", "score": 4.5},
+    {"a": "a man will go home", "b": "the animal found a letter", "score": 0.5},
+    {"a": "people live in a small house", "b": "people live in a large home", "score": 3.5},
+    {"a": "the boy came back", "b": "the mother said no", "score": 1.0},
+]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return make_llama(tmp_path_factory.mktemp("llama_eval"))
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return make_bert(tmp_path_factory.mktemp("bert_eval"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "text.txt").write_text(TEXT)
+    (folder / "pairs.json").write_text(json.dumps(PAIRS))
+    return str(folder / "text.txt"), str(folder / "pairs.json")
+
+
+def run_eval(*argv, fmt="json"):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    ev.add_arguments(parser)
+    args = parser.parse_args([*argv, "--format", fmt, "--repeat", "1"])
+    out = io.StringIO()
+    code = ev.run(args, Console(file=out, width=200))
+    assert code == 0
+    return json.loads(out.getvalue()) if fmt == "json" else out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_causal_lm_perplexity_exact_pipeline(llama_dir, files):
+    text, _ = files
+    r = run_eval(llama_dir, "--pass", "lora{rank=4},lora-merge", "--text", text, "--window", "16",
+                 "--max-tokens", "40", "--verify")
+    m = r["metrics"]
+    assert r["metric"] == "ppl" and m["windows"] == [2, 16] and m["tokens"] == 32
+    assert r["input_shapes"] == [[2, 16]]                 # exported with exactly the evaluated batch
+    assert math.isfinite(m["ppl_original"]) and m["ppl_original"] > 1
+    assert m["ppl_rewritten"] == pytest.approx(m["ppl_original"], rel=1e-5)
+    assert m["top1_agreement"] == 1.0 and m["top5_agreement"] == 1.0 and abs(m["kl"]) < 1e-8
+    assert m["output_error"] <= 1e-5
+    names = [p["pass"] for p in r["pass_results"]]
+    assert names == ["lora{rank=4}", "lora-merge"]
+    assert r["pass_results"][0]["sites_rewritten"] > 0
+    assert r["params"]["original"] > 0 and r["bytes"]["original"] >= 4 * r["params"]["original"]
+    assert r["forward_s"]["ratio"] > 0
+    assert r["command"].startswith("rewrite eval ") and "--pass 'lora{rank=4},lora-merge'" in r["command"]
+
+
+def test_perplexity_matches_direct_computation(llama_dir, files):
+    """ppl from the eval equals exp(mean NLL) computed by hand with the HF model on the same windows."""
+    import transformers
+    text, _ = files
+    r = run_eval(llama_dir, "--text", text, "--window", "16", "--max-tokens", "40", "--attn", "sdpa")
+    tok = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    ids = torch.tensor(tok(TEXT, add_special_tokens=False)["input_ids"][:32]).view(2, 16)
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    with torch.no_grad():
+        loss = model(ids, labels=ids, use_cache=False).loss
+    assert r["metrics"]["ppl_original"] == pytest.approx(math.exp(float(loss)), rel=1e-4)
+    assert r["pass_results"] == [] and r["metrics"]["output_error"] == 0.0
+
+
+def test_encoder_cosine(bert_dir, files):
+    _, pairs = files
+    r = run_eval(bert_dir, "--pass", "lora{rank=2},lora-merge", "--pairs", pairs)
+    m = r["metrics"]
+    assert r["metric"] == "cosine" and m["sentences"] == 2 * len(PAIRS)
+    assert m["cosine_min"] > 1 - 1e-5 and m["spearman_pairs"] == pytest.approx(1.0)
+    assert m["spearman_human_original"] == pytest.approx(m["spearman_human_rewritten"])
+
+
+def test_table_output(bert_dir, files):
+    _, pairs = files
+    text = run_eval(bert_dir, "--pass", "lora", "--pairs", pairs, fmt="table")
+    for needle in ("cosine(original, rewritten)", "Spearman", "parameters", "forward time", "lora",
+                   "rewrite eval " + bert_dir):
+        assert needle in text
+
+
+def test_demo_model_agree():
+    r = run_eval("demo:tiny-gpt", "--pass", "lora{rank=2},lora-merge")
+    assert r["metric"] == "agree"
+    assert r["metrics"]["top1_agreement"] == 1.0 and r["metrics"]["output_error"] <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_next_token_metrics_see_changes():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 50)
+    same = ev.next_token_metrics(logits, logits.clone(), None)
+    assert same["top1_agreement"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-12)
+    flipped = ev.next_token_metrics(logits, -logits, None)  # argmax becomes argmin everywhere
+    assert flipped["top1_agreement"] == 0.0 and flipped["top5_agreement"] == 0.0 and flipped["kl"] > 1
+    noisy = ev.next_token_metrics(logits, logits + 0.3 * torch.randn_like(logits), None)
+    assert 0 < noisy["kl"] < flipped["kl"]
+
+
+def test_perplexity_of_uniform_logits_is_vocab_size():
+    ids = torch.randint(0, 37, (3, 9))
+    m = ev.next_token_metrics(torch.zeros(3, 9, 37), torch.zeros(3, 9, 37), ids)
+    assert m["ppl_original"] == pytest.approx(37.0) and m["ppl_rewritten"] == pytest.approx(37.0)
+
+
+def test_spearman():
+    assert ev.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert ev.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert ev.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)     # monotone, not linear
+    # ties get average ranks: x ranks (0, 1.5, 1.5, 3) vs y ranks (0, 1, 2, 3)
+    assert ev.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
+
+
+def test_mean_pool_ignores_padding():
+    hidden = torch.tensor([[[1.0, 1.0], [3.0, 3.0], [100.0, 100.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert torch.equal(ev.mean_pool(hidden, mask), torch.tensor([[2.0, 2.0]]))
+
+
+def test_program_bytes_counts_tied_weights_once():
+    from rewriter.demo_models import demo_model
+    model, args = demo_model("tiny-gpt")
+    program = torch.export.export(model, args)
+    distinct = {id(p): p for p in model.parameters()}.values()
+    params = sum(p.numel() for p in distinct)
+    assert ev.program_params(program) == params
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert ev.program_bytes(program) == 4 * params + buffers
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_cli_eval(llama_dir, files, capsys):
+    from rewriter.cli import main
+    code = main(["eval", llama_dir, "--pass", "lora{rank=2},lora-merge", "--text", files[0], "--window", "16",
+                 "--max-tokens", "32", "--format", "json", "--repeat", "1"])
+    assert code == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["metrics"]["top1_agreement"] == 1.0 and r["metrics"]["tokens"] == 32
+
+
+def test_errors_are_one_line(llama_dir, bert_dir, tmp_path, files):
+    cases = [
+        ((bert_dir, "--metric", "ppl"), "causal LM"),
+        ((llama_dir, "--metric", "cosine"), "encoders"),
+        ((llama_dir, "--text", str(tmp_path / "none.txt")), "no such text file"),
+        ((bert_dir, "--pairs", str(tmp_path / "none.json")), "no such sentence-pairs file"),
+        (("demo:tiny-gpt", "--metric", "ppl"), "tokenizer"),
+        ((str(tmp_path / "missing-model"),), "no such"),
+        ((llama_dir, "--pass", "no-such-pass", "--text", files[0]), "no-such-pass"),
+    ]
+    for argv, needle in cases:
+        with pytest.raises(UserError) as e:
+            run_eval(*argv)
+        assert needle in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
