@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-export TRITON_INTERPRET ?= 1
 
 .PHONY: demo test setup bench clean
 
@@ -21,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rewrite demo:tiny-gpt --pass "lora{rank=8,alpha=16,init=pissa},lora-merge,lora-unmerge" --verify --diff -o build/tiny-gpt-lora.pt2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m bench.lora

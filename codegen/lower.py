@@ -4,6 +4,8 @@ GraphModule by `rewrite_triton::` ops that launch Triton kernels.
     rewrite.lora_linear(x, W, b, A, B, s) [-> gelu] [-> add(·, res)]
         -> rewrite_triton.lora_linear(x, W, b, A, B, s, xa, "gelu", res)     (rule "template:lora_linear")
     rewrite.two_pass_softmax(x, dim) -> rewrite_triton.two_pass_softmax(x, dim)   (when that op exists)
+    rewrite.<op>(args) -> rewrite_triton.<op>(args)   same signature, for the ops in SAME_SIGNATURE:
+        monarch_linear, blockdiag_linear, lowrank_linear, vq_logits, shiftadd_linear  (rule "template:<op>")
     pointwise ops … [-> sum/amax/mean(dim=-1)] -> rewrite_triton.region([inputs], spec)   (rule "generated:region")
 
 The report gets one PassResult named "codegen" with a site per lowered node and its kernel. When the report was
@@ -30,8 +32,12 @@ from . import ops as kops
 from .pointwise_table import pointwise_rule
 from .regions import find_regions
 from .runtime import backend_note
+from .templates import blockdiag_linear as blockdiag_t
 from .templates import lora_linear as lora_t
+from .templates import monarch_linear as monarch_t
+from .templates import shiftadd_linear as shiftadd_t
 from .templates import softmax as softmax_t
+from .templates import vq_logits as vq_t
 
 aten = torch.ops.aten
 PASS = "codegen"
@@ -109,6 +115,35 @@ def _lower_softmax(gm, node, result) -> None:
     result.sites.append({"site": node.name, "status": "rewritten", "kernel": "two_pass_softmax"})
 
 
+# rewrite:: op name -> (its rewrite_triton:: twin with the same schema, template module, kernel name for sites)
+SAME_SIGNATURE = {
+    "monarch_linear": (kops.MONARCH, monarch_t, "monarch_linear"),
+    "blockdiag_linear": (kops.BLOCKDIAG, blockdiag_t, "blockdiag_linear"),
+    "lowrank_linear": (kops.LOWRANK, blockdiag_t, "lowrank_linear"),
+    "vq_logits": (kops.VQ_LOGITS, vq_t, "vq_logits"),
+    "shiftadd_linear": (kops.SHIFTADD, shiftadd_t, "shiftadd_lut"),
+}
+
+
+def _same_signature_rules() -> dict:
+    """{rewrite:: OpOverload: (twin, module, kernel)} for the ops of SAME_SIGNATURE defined in this process."""
+    rules = {}
+    for name, rule in SAME_SIGNATURE.items():
+        packet = getattr(torch.ops.rewrite, name, None)
+        if packet is not None:
+            rules[packet.default] = rule
+    return rules
+
+
+def _lower_same(gm, node, twin, kernel: str, result) -> None:
+    new = insert_call(gm, node, twin, tuple(node.args), pass_name=PASS, rule=f"template:{kernel}", replaces=node,
+                      kwargs=dict(node.kwargs))
+    new.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    result.sites.append({"site": node.name, "status": "rewritten", "kernel": kernel})
+
+
 def region_spec(region) -> dict:
     index = {n: j for j, n in enumerate(region.nodes)}
     inputs = {n: i for i, n in enumerate(region.inputs)}
@@ -182,6 +217,7 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
     lora_op = torch.ops.rewrite.lora_linear.default
     softmax_pkt = getattr(torch.ops.rewrite, "two_pass_softmax", None)
     softmax_op = getattr(softmax_pkt, "default", None) if softmax_pkt is not None else None
+    same = _same_signature_rules()
     used = set()
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
@@ -192,13 +228,19 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
         elif softmax_op is not None and node.target is softmax_op:
             _lower_softmax(gm, node, result)
             used.add("softmax")
+        elif node.target in same:
+            twin, module, kernel = same[node.target]
+            _lower_same(gm, node, twin, kernel, result)
+            used.add(module.__name__.rsplit(".", 1)[1])
     for region in (find_regions(gm, min_ops=min_region_ops) if regions else []):
         _lower_region(gm, region, result, dump_dir)
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, inputs)
     if dump_dir is not None:
-        for name, module in (("lora_linear", lora_t), ("softmax", softmax_t)):
+        templates = [("lora_linear", lora_t), ("softmax", softmax_t)] + \
+            [(m.__name__.rsplit(".", 1)[1], m) for m in (monarch_t, blockdiag_t, vq_t, shiftadd_t)]
+        for name, module in templates:
             if name in used:
                 cache.dump(dump_dir, f"template_{name}", inspect.getsource(module))
     nodes_after = set(gm.graph.nodes)

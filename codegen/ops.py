@@ -5,6 +5,10 @@ load — the loading process must `import codegen` — and run under torch.compi
         = act(rewrite::lora_linear(...)) + residual          (templates/lora_linear.py)
     rewrite_triton::two_pass_softmax(x, dim)  = softmax(x, dim)   (templates/softmax.py)
     rewrite_triton::region(inputs, spec)      = the fused region described by the JSON spec   (generate.py)
+    rewrite_triton::monarch_linear / blockdiag_linear / lowrank_linear / vq_logits / shiftadd_linear
+        = the rewrite:: op of the same name and signature   (templates/monarch_linear.py, blockdiag_linear.py
+          (block-diagonal and low-rank), vq_logits.py, shiftadd_linear.py); the pre-merged dense path of the
+          structured ops (rows ≤ threshold) is one F.linear, by design, not a fallback
 
 Each launches its Triton kernel where one can run (CUDA, or CPU under TRITON_INTERPRET=1) and otherwise runs the
 reference implementation after a one-line notice. Kernels use opaque custom ops rather than
@@ -16,8 +20,12 @@ import torch
 
 from . import generate
 from .runtime import can_launch, notice_fallback
+from .templates import blockdiag_linear as blockdiag_t
 from .templates import lora_linear as lora_t
+from .templates import monarch_linear as monarch_t
+from .templates import shiftadd_linear as shiftadd_t
 from .templates import softmax as softmax_t
+from .templates import vq_logits as vq_t
 
 NAMESPACE = "rewrite_triton"
 
@@ -127,6 +135,128 @@ def _region_backward(ctx, grad):
 
 region.register_autograd(_region_backward, setup_context=_region_setup)
 
+def _recompute_autograd(op, reference) -> None:
+    """Gradients of a forward-only kernel op: recompute `reference` (torch ops) under autograd for the floating
+    tensor inputs that need one."""
+    def setup(ctx, inputs, output):
+        ctx.tensor_pos = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*[inputs[i] for i in ctx.tensor_pos])
+        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+
+    def backward(ctx, grad):
+        args, wanted = list(ctx.others), []
+        with torch.enable_grad():
+            for i, t in zip(ctx.tensor_pos, ctx.saved_tensors):
+                need = bool(ctx.needs_input_grad[i]) and t.is_floating_point()
+                args[i] = t.detach().requires_grad_(need)
+                if need:
+                    wanted.append(i)
+            y = reference(*args)
+            grads = torch.autograd.grad(y, [args[i] for i in wanted], grad, allow_unused=True) if wanted else []
+        out = [None] * len(args)
+        for i, g in zip(wanted, grads):
+            out[i] = g
+        return tuple(out)
+
+    op.register_autograd(backward, setup_context=setup)
+
+
+def _dense_path(x, dense, threshold) -> bool:
+    return dense is not None and (x.numel() // x.shape[-1] if x.shape[-1] else 0) <= threshold
+
+
+@torch.library.custom_op("rewrite_triton::monarch_linear", mutates_args=())
+def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None,
+                   out_features: int, dense: torch.Tensor | None = None, threshold: int = 0) -> torch.Tensor:
+    if _dense_path(x, dense, threshold):
+        return monarch_t.reference(x, w1, w2, bias, out_features, dense, threshold).contiguous()
+    reason = monarch_t.supported(x, w1, w2, bias)
+    if reason is None and can_launch(x, w1, w2):
+        return monarch_t.launch(x, w1, w2, bias, out_features)
+    notice_fallback("rewrite_triton.monarch_linear", reason or "no device for Triton kernels")
+    return monarch_t.reference(x, w1, w2, bias, out_features).contiguous()
+
+
+@monarch_linear.register_fake
+def _(x, w1, w2, bias, out_features, dense=None, threshold=0):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("rewrite_triton::blockdiag_linear", mutates_args=())
+def blockdiag_linear(x: torch.Tensor, blocks: torch.Tensor, dense_u: torch.Tensor | None, bias: torch.Tensor | None,
+                     out_features: int, dense: torch.Tensor | None = None, threshold: int = 0) -> torch.Tensor:
+    if _dense_path(x, dense, threshold):
+        return blockdiag_t.reference(x, blocks, dense_u, bias, out_features, dense, threshold).contiguous()
+    reason = blockdiag_t.supported(x, blocks, dense_u, bias)
+    if reason is None and can_launch(x, blocks):
+        return blockdiag_t.launch(x, blocks, dense_u, bias, out_features)
+    notice_fallback("rewrite_triton.blockdiag_linear", reason or "no device for Triton kernels")
+    return blockdiag_t.reference(x, blocks, dense_u, bias, out_features).contiguous()
+
+
+@blockdiag_linear.register_fake
+def _(x, blocks, dense_u, bias, out_features, dense=None, threshold=0):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("rewrite_triton::lowrank_linear", mutates_args=())
+def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                   dense: torch.Tensor | None = None, threshold: int = 0) -> torch.Tensor:
+    if _dense_path(x, dense, threshold):
+        return blockdiag_t.reference_lowrank(x, u, v, bias, dense, threshold).contiguous()
+    reason = blockdiag_t.supported(x, u, v, bias)
+    if reason is None and can_launch(x, u, v):
+        return blockdiag_t.launch_lowrank(x, u, v, bias)
+    notice_fallback("rewrite_triton.lowrank_linear", reason or "no device for Triton kernels")
+    return blockdiag_t.reference_lowrank(x, u, v, bias).contiguous()
+
+
+@lowrank_linear.register_fake
+def _(x, u, v, bias, dense=None, threshold=0):
+    return x.new_empty(*x.shape[:-1], u.shape[0])
+
+
+@torch.library.custom_op("rewrite_triton::vq_logits", mutates_args=())
+def vq_logits(h: torch.Tensor, codebook: torch.Tensor, code_map: torch.Tensor, bias: torch.Tensor | None = None,
+              log_softmax: bool = False) -> torch.Tensor:
+    reason = vq_t.supported(h, codebook, code_map, bias)
+    if reason is None and can_launch(h, codebook, code_map):
+        return vq_t.launch(h, codebook, code_map, bias, log_softmax)
+    notice_fallback("rewrite_triton.vq_logits", reason or "no device for Triton kernels")
+    return vq_t.reference(h, codebook, code_map, bias, log_softmax)
+
+
+@vq_logits.register_fake
+def _(h, codebook, code_map, bias=None, log_softmax=False):
+    return h.new_empty(*h.shape[:-1], code_map.shape[0])
+
+
+@torch.library.custom_op("rewrite_triton::shiftadd_linear", mutates_args=())
+def shiftadd_linear(x: torch.Tensor, signs: torch.Tensor, exponents: torch.Tensor, bias: torch.Tensor | None,
+                    in_features: int, group: int) -> torch.Tensor:
+    reason = shiftadd_t.supported(x, signs, exponents, bias, in_features, group)
+    if reason is None and can_launch(x, signs, exponents):
+        return shiftadd_t.launch(x, signs, exponents, bias, in_features, group)
+    notice_fallback("rewrite_triton.shiftadd_linear", reason or "no device for Triton kernels")
+    return shiftadd_t.reference(x, signs, exponents, bias, in_features, group)
+
+
+@shiftadd_linear.register_fake
+def _(x, signs, exponents, bias, in_features, group):
+    return x.new_empty(*x.shape[:-1], signs.shape[1])
+
+
+_recompute_autograd(monarch_linear, monarch_t.reference)
+_recompute_autograd(blockdiag_linear, blockdiag_t.reference)
+_recompute_autograd(lowrank_linear, blockdiag_t.reference_lowrank)
+_recompute_autograd(vq_logits, vq_t.reference)
+_recompute_autograd(shiftadd_linear, shiftadd_t.reference)
+
 LORA = torch.ops.rewrite_triton.lora_linear.default
 SOFTMAX = torch.ops.rewrite_triton.two_pass_softmax.default
 REGION = torch.ops.rewrite_triton.region.default
+MONARCH = torch.ops.rewrite_triton.monarch_linear.default
+BLOCKDIAG = torch.ops.rewrite_triton.blockdiag_linear.default
+LOWRANK = torch.ops.rewrite_triton.lowrank_linear.default
+VQ_LOGITS = torch.ops.rewrite_triton.vq_logits.default
+SHIFTADD = torch.ops.rewrite_triton.shiftadd_linear.default
