@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import machine, markdown_table, time_call
+from bench.common import machine, markdown_table, time_side_by_side
 
 
 def _variant(name: str, landmarks: int):
@@ -48,7 +48,7 @@ def worker(name: str, t: int, landmarks: int, threads: int) -> dict:
         fn(q, k, v)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
     repeat = 3 if t >= 4096 else 7
-    seconds = time_call(lambda: fn(q, k, v), warmup=1, repeat=repeat)
+    seconds = time_side_by_side({name: lambda: fn(q, k, v)}, repeats=repeat)[name]
     return {"variant": name, "T": t, "seconds": seconds, "peak_mb": peak_kb / 1024}
 
 

@@ -8,6 +8,12 @@
               looped kernel for long rows reads twice).
     region    a generated pointwise+reduction kernel (codegen.lower of an exported function) vs eager and vs
               torch.compile (inductor).
+    monarch   Monarch kernel (permutations folded into addressing) vs the op's torch.bmm reference (two bmm's
+              and permute copies) vs the dense cuBLAS linear of the same size.
+    shiftadd  BCQ LUT GEMV/GEMM kernel (3 bit planes, group 128) vs the fp16 dense GEMV (cuBLAS) and vs the op's
+              reference (dequantise, then matmul), at batch 1 (and 16 in the full run).
+    vq        fused VQ-logits kernel (code logits + gather) vs the dense LM head (V × d) and vs the op's
+              reference (code logits, then index_select).
 
 Timings: triton.testing.do_bench, p50 (p20–p80 in the JSON), after a correctness check of every variant.
 Needs a CUDA GPU: without one it prints one line and exits with status 2.
@@ -112,11 +118,89 @@ def bench_region(quick: bool, dtype, device="cuda", sizes=None, inductor=True) -
     return rows
 
 
+def bench_monarch(quick: bool, dtype, device="cuda", sizes=None) -> list[dict]:
+    from codegen.templates import monarch_linear as mon_t
+    from rewriter.ops import monarch_linear as mon_op
+    d, nb = 4096, 64                       # b = √d: the paper's square Monarch, p = q = s = 64
+    tokens = [1024, 4096] if quick else [16, 1024, 4096, 16384]
+    configs = [(d, nb, m) for m in tokens] + ([] if quick else [(4096, 16, 4096), (1024, 32, 4096)])
+    rows = []
+    for d, nb, m in (sizes or configs):
+        p = d // nb
+        x = torch.randn(m, d, device=device, dtype=dtype)
+        w1 = torch.randn(nb, p, p, device=device, dtype=dtype) / p ** 0.5
+        w2 = torch.randn(nb, p, p, device=device, dtype=dtype) / p ** 0.5
+        b = torch.randn(d, device=device, dtype=dtype)
+        w = torch.randn(d, d, device=device, dtype=dtype) / d ** 0.5
+        ref = lambda: mon_op.reference(x, w1, w2, b, d)  # noqa: E731
+        kern = lambda: mon_t.launch(x, w1, w2, b, d)  # noqa: E731
+        dense = lambda: F.linear(x, w, b)  # noqa: E731
+        torch.testing.assert_close(kern().float(), ref().float(), rtol=2e-2, atol=2e-2)
+        tr, tk, td = _bench(ref), _bench(kern), _bench(dense)
+        rows.append(dict(bench="monarch", shape=f"{m}x{d} b{nb}", dtype=str(dtype).replace("torch.", ""),
+                         dense_ms=td[0], bmm_ms=tr[0], kernel_ms=tk[0], kernel_vs_bmm=tk[0] / tr[0],
+                         kernel_vs_dense=tk[0] / td[0], quantiles=dict(dense=td, bmm=tr, kernel=tk)))
+    return rows
+
+
+def bench_shiftadd(quick: bool, dtype, device="cuda", sizes=None) -> list[dict]:
+    from codegen.templates import shiftadd_linear as sa_t
+    from rewriter.ops import shiftadd_linear as sa_op
+    q, group = 3, 128
+    configs = [(4096, 4096, 1)] if quick else [(4096, 4096, 1), (4096, 11008, 1), (11008, 4096, 1), (4096, 4096, 16)]
+    rows = []
+    for n_in, n_out, m in (sizes or configs):
+        groups = -(-n_in // group)
+        # timing does not depend on the values: random packed planes and exponents (a real quantiser run on
+        # 4096² weights takes minutes and is benchmarked in bench/shiftadd.py)
+        signs = torch.randint(0, 256, (q, n_out, groups * group // 8), dtype=torch.uint8, device=device)
+        exps = torch.randint(-9, -4, (n_out, groups, q, 1), dtype=torch.int8, device=device)
+        x = torch.randn(m, n_in, device=device, dtype=dtype)
+        w = torch.randn(n_out, n_in, device=device, dtype=dtype) / n_in ** 0.5
+        lut = lambda: sa_t.launch(x, signs, exps, None, n_in, group)  # noqa: E731
+        ref = lambda: sa_op.reference(x, signs, exps, None, n_in, group)  # noqa: E731
+        gemv = lambda: F.linear(x, w)  # noqa: E731
+        torch.testing.assert_close(lut().float(), ref().float(), rtol=2e-2, atol=2e-2)
+        tl_, tr, tg = _bench(lut), _bench(ref), _bench(gemv)
+        rows.append(dict(bench="shiftadd", shape=f"{m}x{n_in}->{n_out} q{q} g{group}",
+                         dtype=str(dtype).replace("torch.", ""), fp16_gemv_ms=tg[0], dequant_ms=tr[0], lut_ms=tl_[0],
+                         lut_vs_fp16=tl_[0] / tg[0], lut_vs_dequant=tl_[0] / tr[0],
+                         weight_bytes_ratio=(signs.numel() + exps.numel()) / (w.numel() * w.element_size()),
+                         quantiles=dict(gemv=tg, dequant=tr, lut=tl_)))
+    return rows
+
+
+def bench_vq(quick: bool, dtype, device="cuda", sizes=None) -> list[dict]:
+    from codegen.templates import vq_logits as vq_t
+    from rewriter.ops import vq_logits as vq_op
+    configs = [(1, 768, 50257, 1024), (512, 768, 50257, 1024)] if quick else \
+        [(1, 768, 50257, 1024), (64, 768, 50257, 1024), (512, 768, 50257, 1024), (2048, 4096, 32000, 2048)]
+    rows = []
+    for m, d, vocab, k in (sizes or configs):
+        h = torch.randn(m, d, device=device, dtype=dtype)
+        head = torch.randn(vocab, d, device=device, dtype=dtype) / d ** 0.5
+        codebook = torch.randn(k, d, device=device, dtype=dtype) / d ** 0.5
+        code_map = torch.randint(0, k, (vocab,), device=device, dtype=torch.int32)
+        dense = lambda: F.linear(h, head)  # noqa: E731
+        fused = lambda: vq_t.launch(h, codebook, code_map)  # noqa: E731
+        ref = lambda: vq_op.reference(h, codebook, code_map)  # noqa: E731
+        torch.testing.assert_close(fused().float(), ref().float(), rtol=2e-2, atol=2e-2)
+        td, tf, tr = _bench(dense), _bench(fused), _bench(ref)
+        rows.append(dict(bench="vq", shape=f"{m}x{d} V{vocab} K{k}", dtype=str(dtype).replace("torch.", ""),
+                         dense_ms=td[0], reference_ms=tr[0], fused_ms=tf[0], fused_vs_dense=tf[0] / td[0],
+                         fused_vs_reference=tf[0] / tr[0], quantiles=dict(dense=td, reference=tr, fused=tf)))
+    return rows
+
+
+BENCHES = {"lora": bench_lora, "softmax": bench_softmax, "region": bench_region, "monarch": bench_monarch,
+           "shiftadd": bench_shiftadd, "vq": bench_vq}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--only", choices=["lora", "softmax", "region"], action="append")
+    parser.add_argument("--only", choices=list(BENCHES), action="append")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.kernels: needs a CUDA GPU (Triton kernels are timed on the device); none found", file=sys.stderr)
@@ -124,15 +208,12 @@ def main(argv=None) -> int:
     import triton
 
     from bench.common import machine, markdown_table
-    wanted = args.only or ["lora", "softmax", "region"]
+    wanted = args.only or list(BENCHES)
     results = []
     for dtype in (torch.float16, torch.bfloat16) if not args.quick else (torch.float16,):
-        if "lora" in wanted:
-            results += bench_lora(args.quick, dtype)
-        if "softmax" in wanted:
-            results += bench_softmax(args.quick, dtype)
-        if "region" in wanted:
-            results += bench_region(args.quick, dtype)
+        for name, fn in BENCHES.items():
+            if name in wanted and not (name == "shiftadd" and dtype != torch.float16):   # fp16 GEMV baseline
+                results += fn(args.quick, dtype)
     if args.json:
         print(json.dumps(dict(machine=machine(), triton=triton.__version__, results=results), indent=1))
         return 0
@@ -141,7 +222,13 @@ def main(argv=None) -> int:
                                  "fused_vs_base"]),
                        ("softmax", ["shape", "dtype", "torch_gbps", "twopass_gbps", "twopass_vs_torch", "looped"]),
                        ("region", ["shape", "dtype", "kernels", "eager_ms", "inductor_ms", "generated_ms",
-                                   "generated_vs_inductor"])):
+                                   "generated_vs_inductor"]),
+                       ("monarch", ["shape", "dtype", "dense_ms", "bmm_ms", "kernel_ms", "kernel_vs_bmm",
+                                    "kernel_vs_dense"]),
+                       ("shiftadd", ["shape", "dtype", "fp16_gemv_ms", "dequant_ms", "lut_ms", "lut_vs_fp16",
+                                     "lut_vs_dequant"]),
+                       ("vq", ["shape", "dtype", "dense_ms", "reference_ms", "fused_ms", "fused_vs_dense",
+                               "fused_vs_reference"])):
         sel = [r for r in results if r["bench"] == name]
         if sel:
             print(f"## {name}\n")

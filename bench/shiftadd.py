@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     if ns.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"## shiftadd: memory and matmul time (CPU, {torch.get_num_threads()} threads, median of {repeats})\n")
+    print(f"## shiftadd: memory and matmul time (CPU, {torch.get_num_threads()} threads, best of {repeats} interleaved rounds)\n")
     print(_markdown(speed, [("size", "W"), ("bits", "bits"), ("batch", "batch"), ("bits_per_weight", "bits/weight"),
                             ("memory_cut", "memory cut"), ("dense_ms", "dense ms"), ("lut_ms", "LUT ms"),
                             ("dequant_matmul_ms", "dequant+mm ms"), ("lut_vs_dense", "dense/LUT"),

@@ -21,7 +21,7 @@ import json
 
 import torch
 
-from bench.common import machine, markdown_table, time_call
+from bench.common import machine, markdown_table, time_side_by_side
 from rewriter.ops import two_pass_softmax as tps
 
 
@@ -60,7 +60,7 @@ def main(argv=None):
     for n in lengths:
         x = torch.randn(max(1, total // n), n, generator=gen) * 5
         moved = 2 * x.numel() * x.element_size()
-        times = {name: time_call(lambda f=f: f(x), warmup=2, repeat=repeat) for name, f in VARIANTS.items()}
+        times = time_side_by_side({name: (lambda f=f: f(x)) for name, f in VARIANTS.items()}, repeats=repeat)
         err = float((tps.reference(x, -1).double() - torch.softmax(x.double(), -1)).abs().max())
         gbs = {k: moved / t / 1e9 for k, t in times.items()}
         rows.append([n, x.shape[0], gbs["torch"], gbs["three-pass"], gbs["two-pass"], gbs["two-pass-f32"],

@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     if ns.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"## vq-logits: logits time (CPU, {torch.get_num_threads()} threads, fp32, median of 5)\n")
+    print(f"## vq-logits: logits time (CPU, {torch.get_num_threads()} threads, fp32, best of interleaved rounds)\n")
     print(_markdown(speed, [("V", "V"), ("d", "d"), ("K", "K"), ("rows", "rows"), ("dense_ms", "dense ms"),
                             ("vq_ms", "vq ms"), ("speedup", "speed-up"),
                             ("dense_log_softmax_ms", "dense+log_softmax ms"),
