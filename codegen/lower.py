@@ -5,7 +5,8 @@ GraphModule by `rewrite_triton::` ops that launch Triton kernels.
         -> rewrite_triton.lora_linear(x, W, b, A, B, s, xa, "gelu", res)     (rule "template:lora_linear")
     rewrite.two_pass_softmax(x, dim) -> rewrite_triton.two_pass_softmax(x, dim)   (when that op exists)
     rewrite.<op>(args) -> rewrite_triton.<op>(args)   same signature, for the ops in SAME_SIGNATURE:
-        monarch_linear, blockdiag_linear, lowrank_linear, vq_logits, shiftadd_linear  (rule "template:<op>")
+        monarch_linear, blockdiag_linear, lowrank_linear, vq_logits, shiftadd_linear, softplus_attention
+        (rule "template:<kernel>")
     pointwise ops … [-> sum/amax/mean(dim=-1)] -> rewrite_triton.region([inputs], spec)   (rule "generated:region")
 
 The report gets one PassResult named "codegen" with a site per lowered node and its kernel. When the report was
@@ -37,6 +38,7 @@ from .templates import lora_linear as lora_t
 from .templates import monarch_linear as monarch_t
 from .templates import shiftadd_linear as shiftadd_t
 from .templates import softmax as softmax_t
+from .templates import softplus_attention as softplus_t
 from .templates import vq_logits as vq_t
 
 aten = torch.ops.aten
@@ -122,6 +124,7 @@ SAME_SIGNATURE = {
     "lowrank_linear": (kops.LOWRANK, blockdiag_t, "lowrank_linear"),
     "vq_logits": (kops.VQ_LOGITS, vq_t, "vq_logits"),
     "shiftadd_linear": (kops.SHIFTADD, shiftadd_t, "shiftadd_lut"),
+    "softplus_attention": (kops.SOFTPLUS_ATTENTION, softplus_t, "softplus_attention"),
 }
 
 
@@ -239,7 +242,7 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
     propagate_shapes(gm, inputs)
     if dump_dir is not None:
         templates = [("lora_linear", lora_t), ("softmax", softmax_t)] + \
-            [(m.__name__.rsplit(".", 1)[1], m) for m in (monarch_t, blockdiag_t, vq_t, shiftadd_t)]
+            [(m.__name__.rsplit(".", 1)[1], m) for m in (monarch_t, blockdiag_t, vq_t, shiftadd_t, softplus_t)]
         for name, module in templates:
             if name in used:
                 cache.dump(dump_dir, f"template_{name}", inspect.getsource(module))

@@ -5,9 +5,10 @@ load — the loading process must `import codegen` — and run under torch.compi
         = act(rewrite::lora_linear(...)) + residual          (templates/lora_linear.py)
     rewrite_triton::two_pass_softmax(x, dim)  = softmax(x, dim)   (templates/softmax.py)
     rewrite_triton::region(inputs, spec)      = the fused region described by the JSON spec   (generate.py)
-    rewrite_triton::monarch_linear / blockdiag_linear / lowrank_linear / vq_logits / shiftadd_linear
-        = the rewrite:: op of the same name and signature   (templates/monarch_linear.py, blockdiag_linear.py
-          (block-diagonal and low-rank), vq_logits.py, shiftadd_linear.py); the pre-merged dense path of the
+    rewrite_triton::monarch_linear / blockdiag_linear / lowrank_linear / vq_logits / shiftadd_linear /
+        softplus_attention = the rewrite:: op of the same name and signature   (templates/monarch_linear.py,
+          blockdiag_linear.py (block-diagonal and low-rank), vq_logits.py, shiftadd_linear.py,
+          softplus_attention.py); the pre-merged dense path of the
           structured ops (rows ≤ threshold) is one F.linear, by design, not a fallback
 
 Each launches its Triton kernel where one can run (CUDA, or CPU under TRITON_INTERPRET=1) and otherwise runs the
@@ -25,6 +26,7 @@ from .templates import lora_linear as lora_t
 from .templates import monarch_linear as monarch_t
 from .templates import shiftadd_linear as shiftadd_t
 from .templates import softmax as softmax_t
+from .templates import softplus_attention as softplus_t
 from .templates import vq_logits as vq_t
 
 NAMESPACE = "rewrite_triton"
@@ -246,7 +248,24 @@ def _(x, signs, exponents, bias, in_features, group):
     return x.new_empty(*x.shape[:-1], signs.shape[1])
 
 
+@torch.library.custom_op("rewrite_triton::softplus_attention", mutates_args=())
+def softplus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       is_causal: bool, reweight: bool, p: float, train_len: int, eps: float) -> torch.Tensor:
+    args = (q, k, v, mask, is_causal, reweight, p, train_len, eps)
+    reason = softplus_t.supported(q, k, v, mask)
+    if reason is None and can_launch(q, k, v, mask):
+        return softplus_t.launch(*args)
+    notice_fallback("rewrite_triton.softplus_attention", reason or "no device for Triton kernels")
+    return softplus_t.reference(*args)
+
+
+@softplus_attention.register_fake
+def _(q, k, v, mask, is_causal, reweight, p, train_len, eps):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
 _recompute_autograd(monarch_linear, monarch_t.reference)
+_recompute_autograd(softplus_attention, softplus_t.reference)
 _recompute_autograd(blockdiag_linear, blockdiag_t.reference)
 _recompute_autograd(lowrank_linear, blockdiag_t.reference_lowrank)
 _recompute_autograd(vq_logits, vq_t.reference)
@@ -260,3 +279,4 @@ BLOCKDIAG = torch.ops.rewrite_triton.blockdiag_linear.default
 LOWRANK = torch.ops.rewrite_triton.lowrank_linear.default
 VQ_LOGITS = torch.ops.rewrite_triton.vq_logits.default
 SHIFTADD = torch.ops.rewrite_triton.shiftadd_linear.default
+SOFTPLUS_ATTENTION = torch.ops.rewrite_triton.softplus_attention.default
