@@ -51,6 +51,8 @@ class PassResult:
     params_added: list[ParamChange] = field(default_factory=list)
     params_removed: list[ParamChange] = field(default_factory=list)
     params_changed: list[ParamChange] = field(default_factory=list)
+    params_frozen: list[str] = field(default_factory=list)      # only requires_grad changed: True -> False
+    params_unfrozen: list[str] = field(default_factory=list)    # False -> True
     params_before: dict = field(default_factory=dict)
     params_after: dict = field(default_factory=dict)
     flops_before: Any = 0
@@ -64,7 +66,7 @@ class PassResult:
     @property
     def changed(self) -> bool:
         return bool(self.nodes_added or self.nodes_removed or self.params_added or self.params_removed
-                    or self.params_changed)
+                    or self.params_changed or self.params_frozen or self.params_unfrozen)
 
 
 @dataclass
@@ -208,8 +210,10 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
         for name, (t, trainable) in state_after.items():
             if name not in state_before:
                 result.params_added.append(_param_change(name, t, trainable))
-            elif state_before[name][0] is not t or state_before[name][1] != trainable:
+            elif state_before[name][0] is not t:
                 result.params_changed.append(_param_change(name, t, trainable))
+            elif state_before[name][1] != trainable:
+                (result.params_unfrozen if trainable else result.params_frozen).append(name)
         for name, (t, trainable) in state_before.items():
             if name not in state_after:
                 result.params_removed.append(_param_change(name, t, trainable))

@@ -37,9 +37,8 @@ def _jsonable(value):
 
 def report_to_json(report) -> dict:
     data = _jsonable(dataclasses.asdict(report))
-    for p in data["passes"]:
-        p["changed"] = bool(p["nodes_added"] or p["nodes_removed"] or p["params_added"] or p["params_removed"]
-                            or p["params_changed"])
+    for p, result in zip(data["passes"], report.passes):
+        p["changed"] = result.changed
     return data
 
 
@@ -99,16 +98,17 @@ def _sites_table(result) -> Table | None:
             if k not in ("site", "status") and k not in keys:
                 keys.append(k)
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold dim")
-    table.add_column("layer", overflow="fold")
+    table.add_column("layer", no_wrap=True)
     table.add_column("status")
-    keys = ([k for k in keys if k == "reason"] + [k for k in keys if k != "reason"])[:5]  # skip reasons first
+    keys = ([k for k in keys if k == "reason"] + [k for k in keys if k != "reason"])[:4]  # skip reasons first
     for k in keys:
         table.add_column(k.replace("_", " "), justify="right", overflow="fold")
     for s in sites[:40]:
         row = [s["site"], Text(s["status"], style="green" if s["status"] == "rewritten" else "yellow")]
         for k in keys:
             v = s.get(k, "")
-            row.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+            row.append(f"{v:.3g}" if isinstance(v, float) else format_count(v) if isinstance(v, int)
+                       and not isinstance(v, bool) else str(v))
         table.add_row(*row)
     if len(sites) > 40:
         table.add_row(f"… {len(sites) - 40} more", "")
@@ -134,6 +134,9 @@ def render_report(report, console: Console, *, title: str = "", show_sites: bool
         lines += _group_params(r.params_removed, "−", "red")
         lines += _group_params(r.params_added, "+", "green")
         lines += _group_params(r.params_changed, "~", "yellow")
+        for names, what in ((r.params_frozen, "frozen"), (r.params_unfrozen, "made trainable")):
+            if names:
+                lines.append(Text(f"  {len(names)} parameters {what}", style="dim"))
         summary = Text("  params ")
         summary.append(_delta(r.params_before.get("params", 0), r.params_after.get("params", 0)))
         summary.append("   FLOPs ")
