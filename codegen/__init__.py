@@ -6,6 +6,11 @@ so a saved lowered program loads after `import rewriter, codegen`.
     codegen.lower(gm, inputs, report, dump_dir=None)   the hook used by `rewrite(..., codegen="triton")`
     templates/lora_linear.py    fused LoRA GEMM (+ GELU / residual epilogue)
     templates/softmax.py        two-pass (mantissa, exponent) softmax, row and looped kernels
+    templates/monarch_linear.py     Monarch (P₁/P₂ folded into addressing)
+    templates/blockdiag_linear.py   block-diagonal / BlockDense / low-rank linear
+    templates/vq_logits.py          fused code logits + gather (+ log-softmax)
+    templates/shiftadd_linear.py    BCQ LUT GEMV/GEMM
+    templates/softplus_attention.py flash-style LSSA / LSSAR
     regions.py, pointwise_table.py, generate.py   fused pointwise/reduction regions → generated kernels
     cache.py                    generated source → file (atomic) → import
 """

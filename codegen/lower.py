@@ -139,6 +139,7 @@ def _same_signature_rules() -> dict:
 
 
 def _lower_same(gm, node, twin, kernel: str, result) -> None:
+    """Swap a rewrite:: node for its rewrite_triton:: twin, arguments unchanged (the template needs no folding)."""
     new = insert_call(gm, node, twin, tuple(node.args), pass_name=PASS, rule=f"template:{kernel}", replaces=node,
                       kwargs=dict(node.kwargs))
     new.meta["val"] = node.meta.get("val")

@@ -1,0 +1,135 @@
+"""Block-diagonal linear (+ optional dense U) and low-rank linear, one kernel each call.
+
+rewrite::blockdiag_linear (rewriter/ops/blockdiag_linear.py): blocks (b, t, p), x zero-padded to b·p,
+    h[k·t + j] = Σ_p blocks[k, j, p]·x[k·p + p]
+    plain       y = h[:m] + bias                 grid (row blocks, b·t-blocks): a program stores its h_k tile
+    BlockDense  y = h·Uᵀ + bias   (U: (m, b·t))  grid (row blocks, m-blocks): for k = 0..b−1 the (BM, BT) tile
+                h_k = x_k·blocks[k]ᵀ stays in registers and acc += h_k·U[:, k·t : k·t+t]ᵀ
+rewrite::lowrank_linear: y = (x·Vᵀ)·Uᵀ + b is BlockDense with one block (blocks = V viewed as (1, r, n)), so the
+rank-r intermediate stays in registers as in the LoRA template (r ≤ 128 per tile of BT ≥ r).
+
+The zero padding of x is a load mask; loads upcast to fp32; IEEE dot for fp32; every block ≥ 16 (tl.dot K ≥ 16).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from codegen.runtime import interpreter
+
+
+@triton.jit
+def blockdiag_linear_kernel(x_ptr, v_ptr, u_ptr, b_ptr, y_ptr,
+                            M, N_IN, M_OUT, NB, P, T,
+                            sxm, sxk, svb, svt, svp, sun, suk, sym, syn,
+                            HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                            BM: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_1 = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    m_ok = rm < M
+    if HAS_U:
+        rn = pid_1 * BN + tl.arange(0, BN)
+        n_ok = rn < M_OUT
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        k_lo = 0
+        k_hi = NB
+        t_lo = 0
+        t_hi = T
+    else:
+        t_blocks = tl.cdiv(T, BT)
+        k_lo = pid_1 // t_blocks
+        k_hi = k_lo + 1
+        t_lo = (pid_1 % t_blocks) * BT
+        t_hi = t_lo + 1                     # one BT-wide tile of block k
+    for k in range(k_lo, k_hi):
+        for t0 in range(t_lo, t_hi, BT):
+            rt = t0 + tl.arange(0, BT)
+            t_ok = rt < T
+            h = tl.zeros((BM, BT), dtype=tl.float32)
+            for p0 in range(0, P, BP):
+                rp = p0 + tl.arange(0, BP)
+                col = k * P + rp
+                p_ok = (rp < P) & (col < N_IN)
+                xa = tl.load(x_ptr + rm[:, None] * sxm + col[None, :] * sxk, mask=m_ok[:, None] & p_ok[None, :],
+                             other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + k * svb + rt[None, :] * svt + rp[:, None] * svp,
+                            mask=t_ok[None, :] & (rp < P)[:, None], other=0.0).to(tl.float32)
+                if IEEE:
+                    h = tl.dot(xa, v, h, input_precision="ieee", out_dtype=tl.float32)
+                else:
+                    h = tl.dot(xa, v, h, out_dtype=tl.float32)
+            if HAS_U:
+                u = tl.load(u_ptr + rn[None, :] * sun + (k * T + rt)[:, None] * suk,
+                            mask=t_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                if IEEE:
+                    acc = tl.dot(h, u, acc, input_precision="ieee", out_dtype=tl.float32)
+                else:
+                    acc = tl.dot(h, u, acc, out_dtype=tl.float32)
+            else:
+                o = k * T + rt
+                o_ok = t_ok & (o < M_OUT)
+                if HAS_BIAS:
+                    h = h + tl.load(b_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + rm[:, None] * sym + o[None, :] * syn, h.to(y_ptr.dtype.element_ty),
+                         mask=m_ok[:, None] & o_ok[None, :])
+    if HAS_U:
+        if HAS_BIAS:
+            acc = acc + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
+    v = max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return min(v, hi) if hi is not None else v
+
+
+def pick_blocks(M: int, P: int, T: int, N: int) -> dict:
+    hi_n = 64 if interpreter() else 128
+    return dict(BM=_pow2(M, hi=64), BP=_pow2(P, hi=64), BT=_pow2(T, hi=128), BN=_pow2(N, hi=hi_n))
+
+
+def supported(x, *tensors) -> str | None:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {x.dtype} has no kernel"
+    if any(t is not None and t.dtype != x.dtype for t in tensors):
+        return "mixed dtypes"
+    return None
+
+
+def launch(x, blocks, dense_u, bias, out_features: int, tiles: dict | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """The factored path of rewrite::blockdiag_linear; `out` (rows, out_features), any strides, gets the result."""
+    nb, t, p = blocks.shape
+    n_in = x.shape[-1]
+    x2 = x.reshape(-1, n_in)
+    rows = x2.shape[0]
+    m = dense_u.shape[0] if dense_u is not None else int(out_features)
+    y = torch.empty(rows, m, dtype=x.dtype, device=x.device) if out is None else out
+    b = tiles or pick_blocks(rows, p, t, m)
+    if rows and m:
+        n_tiles = triton.cdiv(m, b["BN"]) if dense_u is not None else nb * triton.cdiv(t, b["BT"])
+        u = dense_u if dense_u is not None else y
+        blockdiag_linear_kernel[(triton.cdiv(rows, b["BM"]), n_tiles)](
+            x2, blocks, u, bias if bias is not None else y, y, rows, n_in, m, nb, p, t,
+            x2.stride(0), x2.stride(1), blocks.stride(0), blocks.stride(1), blocks.stride(2),
+            u.stride(0), u.stride(1), y.stride(0), y.stride(1),
+            HAS_U=dense_u is not None, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, **b)
+    return y.reshape(*x.shape[:-1], m) if out is None else out
+
+
+def launch_lowrank(x, u, v, bias, tiles: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The factored path of rewrite::lowrank_linear: one block of V (no copy: a view with a leading unit dim)."""
+    return launch(x, v.unsqueeze(0), u, bias, u.shape[0], tiles=tiles, out=out)
+
+
+def reference(x, blocks, dense_u, bias, out_features, dense=None, threshold=0):
+    from rewriter.ops import blockdiag_linear as op
+    return op.reference(x, blocks, dense_u, bias, out_features, dense, threshold)
+
+
+def reference_lowrank(x, u, v, bias, dense=None, threshold=0):
+    from rewriter.ops import lowrank_linear as op
+    return op.reference(x, u, v, bias, dense, threshold)

@@ -1,0 +1,197 @@
+"""Flash-style LSSA / LSSAR attention for rewrite::softplus_attention (math: rewriter/ops/softplus_attention.py).
+
+    aᵢⱼ = softplus(log d · log Nᵢ · q̂ᵢ·k̂ⱼ)·keepᵢⱼ,   out = Σⱼ aᵢⱼ vⱼ / (Σⱼ aᵢⱼ + eps)
+
+The weights are never materialised: one program owns BM query rows of one (batch, head) and walks the keys in
+BN blocks, recomputing q̂·k̂ᵀ with tl.dot (rows normalised in registers, F.normalize's max(‖x‖, eps)).
+softplus needs no running max (|q̂·k̂| ≤ 1 bounds the scores), so LSSA is one sweep accumulating Σa·v and Σa.
+Nᵢ is min(i+1, Tk) (causal), Tk, or — with a mask — counted in a first sweep over the mask row.
+LSSAR (reweight) adds a sweep: sweep A gets Sᵢ = Σa and maxⱼ aᵢⱼ (max r = ReLU(max a/(S+eps)·N − O) since the
+map is monotone), sweep B accumulates Σa·v, Σr and Σr·v with r = (ReLU(a/(S+eps)·N − O)/(max r + eps))^p
+(exp2(p·log2 r)); the row takes Σr·v/(Σr + eps) where Σr > 0 (and Nᵢ > train_len when set), else Σa·v/(S + eps).
+No libdevice: softplus(x) = max(x, 0) + log1p(e^(−|x|)) with log1p(e) ≈ e − e²/2 for e < 1e-4. Loads upcast to
+fp32; IEEE dot for fp32 inputs; BN, BD ≥ 16 (tl.dot K ≥ 16 on GPU).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from codegen.runtime import interpreter
+
+
+@triton.jit
+def _softplus(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.maximum(x, 0.0) + tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+
+
+@triton.jit
+def _keep(mask_ptr, moff, rm, rn, TQ, TK, smq, smk, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    keep = (rm[:, None] < TQ) & (rn[None, :] < TK)
+    if CAUSAL:
+        keep = keep & (rn[None, :] <= rm[:, None])
+    if HAS_MASK:
+        mk = tl.load(mask_ptr + moff + rm[:, None] * smq + rn[None, :] * smk, mask=keep, other=0)
+        keep = keep & (mk != 0)
+    return keep
+
+
+@triton.jit
+def _scores(qn, k_ptr, koff, rn, TK, D, skn, skd, eps, IEEE: tl.constexpr, BD: tl.constexpr):
+    rd = tl.arange(0, BD)
+    kt = tl.load(k_ptr + koff + rn[None, :] * skn + rd[:, None] * skd, mask=(rn[None, :] < TK) & (rd[:, None] < D),
+                 other=0.0).to(tl.float32)                                   # (BD, BN)
+    kt = kt / tl.maximum(tl.sqrt(tl.sum(kt * kt, axis=0)), eps)[None, :]
+    if IEEE:
+        return tl.dot(qn, kt, input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(qn, kt, out_dtype=tl.float32)
+
+
+@triton.jit
+def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
+                              H, TQ, TK, D, DV, log_d, p, train_len, eps,
+                              sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+                              smb, smh, smq, smk, sob, soh, sot, sod,
+                              HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr,
+                              IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                              BDV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rm = pid_m * BM + tl.arange(0, BM)
+    rd = tl.arange(0, BD)
+    re = tl.arange(0, BDV)
+    m_ok = rm < TQ
+    qoff = b * sqb + h * sqh
+    koff = b * skb + h * skh
+    voff = b * svb + h * svh
+    moff = b * smb + h * smh
+    q = tl.load(q_ptr + qoff + rm[:, None] * sqt + rd[None, :] * sqd, mask=m_ok[:, None] & (rd < D)[None, :],
+                other=0.0).to(tl.float32)
+    qn = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), eps)[:, None]
+    if HAS_MASK:
+        n = tl.zeros((BM,), dtype=tl.float32)
+        for n0 in range(0, TK, BN):
+            rn = n0 + tl.arange(0, BN)
+            keep = _keep(m_ptr, moff, rm, rn, TQ, TK, smq, smk, HAS_MASK, CAUSAL)
+            n += tl.sum(keep.to(tl.float32), axis=1)
+    elif CAUSAL:
+        n = tl.minimum(rm + 1, TK).to(tl.float32)
+    else:
+        n = tl.zeros((BM,), dtype=tl.float32) + TK
+    scale = log_d * tl.log(tl.maximum(n, 1.0))
+    total = tl.zeros((BM,), dtype=tl.float32)
+    if REWEIGHT:   # sweep A: row sums and row maxima of the LSSA weights
+        a_max = tl.zeros((BM,), dtype=tl.float32)
+        for n0 in range(0, TK, BN):
+            rn = n0 + tl.arange(0, BN)
+            keep = _keep(m_ptr, moff, rm, rn, TQ, TK, smq, smk, HAS_MASK, CAUSAL)
+            s = _scores(qn, k_ptr, koff, rn, TK, D, skt, skd, eps, IEEE, BD)
+            a = tl.where(keep, _softplus(scale[:, None] * s), 0.0)
+            total += tl.sum(a, axis=1)
+            a_max = tl.maximum(a_max, tl.max(a, axis=1))
+        offset = tl.where(n > 1.0, 1.0, 0.0)
+        r_max = tl.maximum(a_max / (total + eps) * n - offset, 0.0)
+        r_sum = tl.zeros((BM,), dtype=tl.float32)
+        acc_r = tl.zeros((BM, BDV), dtype=tl.float32)
+        total_a = total
+    acc = tl.zeros((BM, BDV), dtype=tl.float32)
+    for n0 in range(0, TK, BN):
+        rn = n0 + tl.arange(0, BN)
+        keep = _keep(m_ptr, moff, rm, rn, TQ, TK, smq, smk, HAS_MASK, CAUSAL)
+        s = _scores(qn, k_ptr, koff, rn, TK, D, skt, skd, eps, IEEE, BD)
+        a = tl.where(keep, _softplus(scale[:, None] * s), 0.0)
+        v = tl.load(v_ptr + voff + rn[:, None] * svt + re[None, :] * svd,
+                    mask=(rn < TK)[:, None] & (re < DV)[None, :], other=0.0).to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, v, acc, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            acc = tl.dot(a, v, acc, out_dtype=tl.float32)
+        if REWEIGHT:
+            r = tl.maximum(a / (total_a + eps)[:, None] * n[:, None] - offset[:, None], 0.0)
+            r = r / (r_max + eps)[:, None]
+            r = tl.where(r > 0.0, tl.exp2(p * tl.log2(tl.maximum(r, 1e-30))), 0.0)
+            r_sum += tl.sum(r, axis=1)
+            if IEEE:
+                acc_r = tl.dot(r, v, acc_r, input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc_r = tl.dot(r, v, acc_r, out_dtype=tl.float32)
+        else:
+            total += tl.sum(a, axis=1)
+    out = acc / (total + eps)[:, None]
+    if REWEIGHT:
+        use = r_sum > 0.0
+        if train_len > 0:
+            use = use & (n > train_len)
+        out = tl.where(use[:, None], acc_r / (r_sum + eps)[:, None], out)
+    tl.store(o_ptr + b * sob + h * soh + rm[:, None] * sot + re[None, :] * sod, out.to(o_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & (re < DV)[None, :])
+
+
+def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
+    v = max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return min(v, hi) if hi is not None else v
+
+
+def supported(q, k, v, mask) -> str | None:
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} has no kernel"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return "mixed dtypes"
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        return "needs (B, H, T, d) or (H, T, d) inputs"
+    if q.shape[-1] > 256 or v.shape[-1] > 256:
+        return "head dim > 256"
+    try:
+        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        if mask is not None:
+            torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2]))
+    except RuntimeError:
+        return "shapes do not broadcast"
+    if torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]) != q.shape[:-2]:
+        return "q must carry the batch dims"
+    return None
+
+
+def launch(q, k, v, mask, is_causal: bool, reweight: bool, p: float, train_len: int, eps: float,
+           blocks: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """rewrite::softplus_attention. `out` (q's shape with v's head dim), any strides, gets the result."""
+    squeeze = q.dim() == 3
+    if squeeze:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        out = out.unsqueeze(0) if out is not None else None
+    bsz, heads, tq, d = q.shape
+    tk, dv = k.shape[-2], v.shape[-1]
+    k = k.expand(bsz, heads, tk, d)
+    v = v.expand(bsz, heads, tk, dv)
+    o = torch.empty(bsz, heads, tq, dv, dtype=q.dtype, device=q.device) if out is None else out
+    if mask is not None:
+        mask = mask.to(torch.bool)
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        mask = mask.expand(bsz, heads, tq, tk).view(torch.uint8)
+    if blocks is None:
+        hi = 32 if interpreter() else 64
+        blocks = dict(BM=_pow2(tq, hi=hi), BN=_pow2(tk, hi=hi), BD=_pow2(d), BDV=_pow2(dv))
+    if bsz * heads and tq and dv:
+        ms = mask.stride() if mask is not None else (0, 0, 0, 0)
+        grid = (triton.cdiv(tq, blocks["BM"]), bsz * heads)
+        softplus_attention_kernel[grid](
+            q, k, v, mask if mask is not None else q, o, heads, tq, tk, d, dv,
+            math.log(d), float(p), int(train_len), float(eps),
+            *q.stride(), *k.stride(), *v.stride(), *ms, *o.stride(),
+            HAS_MASK=mask is not None, CAUSAL=bool(is_causal), REWEIGHT=bool(reweight),
+            IEEE=q.dtype == torch.float32, **blocks)
+    if out is not None:
+        return out.squeeze(0) if squeeze else out
+    return o.squeeze(0) if squeeze else o
+
+
+def reference(q, k, v, mask, is_causal, reweight, p, train_len, eps):
+    from rewriter.ops import softplus_attention as op
+    return op.reference(q, k, v, mask, is_causal, reweight, p, train_len, eps)
