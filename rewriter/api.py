@@ -32,16 +32,20 @@ class RewriteResult:
 def rewrite(model, example_args=None, passes="", *, example_kwargs=None, verify: bool = False,
             strict: bool = False, decompose: bool = False, codegen: str | None = None,
             instruments: list[Instrument] = (), progress=None, trust_pickle: bool = False,
-            dump_kernels: str | None = None) -> RewriteResult:
+            dump_kernels: str | None = None, dynamic: bool = False) -> RewriteResult:
     """Capture `model` (nn.Module, ExportedProgram, path or "demo:NAME"), run the pipeline, export once.
 
     passes: a spec string ("lora{rank=4},lora-merge"), Pass objects, or a list of either.
     verify: compare outputs with the input program after every pass (contracts checked, errors reported).
     decompose: lower this package's custom ops to plain aten ops in the result.
     codegen: "triton" to lower custom ops to Triton kernels (see codegen/).
+    dynamic: export with every input dimension dynamic (torch.export.Dim.AUTO), so the result accepts other
+        batch sizes / sequence lengths; dims the model fixes stay static. Programs loaded from .pt2 files
+        keep the dynamism they were saved with.
     """
     pipeline = parse_pipeline(passes) if passes else []
-    captured: Captured = capture(model, example_args, example_kwargs, strict=strict, trust_pickle=trust_pickle)
+    captured: Captured = capture(model, example_args, example_kwargs, strict=strict, trust_pickle=trust_pickle,
+                                 dynamic=dynamic)
     return run_captured(captured, pipeline, verify=verify, decompose=decompose, codegen=codegen,
                         instruments=instruments, progress=progress, dump_kernels=dump_kernels)
 
@@ -57,5 +61,5 @@ def run_captured(captured: Captured, pipeline: list[Pass], *, verify=False, deco
     if codegen:
         from .lowering import lower
         lower(gm, inputs, codegen, report, dump_dir=dump_kernels)
-    program = export_program(gm, captured.args, captured.kwargs)
+    program = export_program(gm, captured.args, captured.kwargs, captured.dynamic)
     return RewriteResult(program, captured.program, report, pipeline, captured.args, captured.kwargs)

@@ -36,6 +36,7 @@ class Captured:
     kwargs: dict = field(default_factory=dict)
     source: str = ""
     program: torch.export.ExportedProgram | None = None  # the program as captured (before any pass)
+    dynamic: bool = False  # export with every input dim dynamic (torch.export.Dim.AUTO)
 
 
 def load_source(source: str, *, trust_pickle: bool = False, input_shapes: str | None = None,
@@ -200,8 +201,21 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict, *, strict: b
                            "make the code traceable (no data-dependent Python control flow) or try --strict")) from e
 
 
+def auto_dynamic_shapes(args: tuple, kwargs: dict):
+    """Dim.AUTO for every dim of every tensor input (export then keeps what can vary, specialises the rest)."""
+    def spec(value):
+        if isinstance(value, torch.Tensor):
+            return {i: torch.export.Dim.AUTO for i in range(value.ndim)}
+        return None
+    return tuple(spec(a) for a in args) + tuple(spec(v) for v in kwargs.values())
+
+
+def has_dynamic_dims(ep: torch.export.ExportedProgram) -> bool:
+    return any(not getattr(sym, "is_number", True) for sym in ep.range_constraints)
+
+
 def capture(source, args=None, kwargs=None, *, trust_pickle=False, strict=False, input_shapes=None,
-            hf_options: dict | None = None) -> Captured:
+            hf_options: dict | None = None, dynamic: bool = False) -> Captured:
     """Anything the user has -> Captured(working GraphModule, example inputs)."""
     name = source if isinstance(source, str) else type(source).__name__
     if isinstance(source, str):
@@ -227,20 +241,23 @@ def capture(source, args=None, kwargs=None, *, trust_pickle=False, strict=False,
         was_training = source.training
         source.eval()
         try:
-            ep = export_model(source, args, kwargs, strict=strict)
+            ep = export_model(source, args, kwargs, strict=strict,
+                              dynamic_shapes=auto_dynamic_shapes(args, kwargs) if dynamic else None)
         finally:
             source.train(was_training)
     else:
         raise UserError(f"cannot capture a {type(source).__name__}; give an nn.Module, an ExportedProgram or a path")
     gm = ep.module()
     check_finite_parameters(gm.named_parameters())
-    return Captured(gm, tuple(args), dict(kwargs), name, ep)
+    return Captured(gm, tuple(args), dict(kwargs), name, ep, dynamic=dynamic or has_dynamic_dims(ep))
 
 
-def export_program(gm: fx.GraphModule, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+def export_program(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool = False
+                   ) -> torch.export.ExportedProgram:
     """Export the rewritten working module once, at the end of the pipeline."""
     try:
-        return torch.export.export(gm, tuple(args), dict(kwargs), strict=False)
+        return torch.export.export(gm, tuple(args), dict(kwargs), strict=False,
+                                   dynamic_shapes=auto_dynamic_shapes(args, kwargs) if dynamic else None)
     except Exception as e:
         raise UserError(f"the rewritten program does not export: {_export_failure(e)} "
                         "(a pass produced something export cannot trace; run with --debug)") from e

@@ -27,6 +27,8 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a pickled nn.Module (.pt); unpickling runs code from the file")
     g.add_argument("--strict", action="store_true", help="export in strict mode (TorchDynamo) instead of non-strict")
+    g.add_argument("--dynamic", action="store_true",
+                   help="export with dynamic input dims (other batch sizes / sequence lengths run too)")
     g.add_argument("--input-shape", metavar="SHAPES",
                    help='example input shapes when the model has none, e.g. "2x16:int64" or "2x3x32x32;2x16:int64"')
     g.add_argument("--gguf", metavar="FILE", help="Hugging Face: load weights from a GGUF file")
@@ -47,7 +49,7 @@ def _hf_options(args) -> dict:
 def _capture(source: str, args):
     from .capture import capture
     return capture(source, trust_pickle=args.trust_pickle, strict=args.strict, input_shapes=args.input_shape,
-                   hf_options=_hf_options(args))
+                   hf_options=_hf_options(args), dynamic=getattr(args, "dynamic", False))
 
 
 def _main_parser() -> argparse.ArgumentParser:
@@ -121,7 +123,7 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
         # --force: export whatever the pipeline produced
         from .api import RewriteResult
         from .capture import export_program
-        program = export_program(captured.gm, captured.args, captured.kwargs)
+        program = export_program(captured.gm, captured.args, captured.kwargs, captured.dynamic)
         result = RewriteResult(program, captured.program, None, pipeline, captured.args, captured.kwargs)
         err.print(f"[bold red]verification failed[/] ({failure}); writing anyway because of --force")
     if result.report is not None:

@@ -57,3 +57,37 @@ def test_decompose_lowers_custom_ops_to_aten():
     assert not any(t.startswith("rewrite.") for t in targets)
     with torch.no_grad():
         torch.testing.assert_close(result.module()(*args), model(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_programs_accept_other_shapes_and_stay_dynamic(tmp_path):
+    model, (ids,) = demo_model("tiny-gpt")
+    result = rewrite(model, (ids,), "lora{rank=4,init=gaussian}", dynamic=True, verify=True)
+    other = torch.randint(0, 256, (3, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(result.module()(other), model(other), atol=1e-5, rtol=1e-5)
+    path = tmp_path / "dyn.pt2"
+    result.save(str(path))
+    merged = rewrite(str(path), None, "lora-merge")   # a dynamic program stays dynamic through later rewrites
+    with torch.no_grad():
+        torch.testing.assert_close(merged.module()(other), model(other), atol=1e-5, rtol=1e-5)
+    static = rewrite(model, (ids,), "lora{rank=4}")
+    with pytest.raises(Exception):
+        static.module()(other)
+
+
+def test_dynamic_with_keyword_inputs():
+    class WithFlag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x, scale=None, use_cache=False):
+            return self.fc(x) * (1.0 if scale is None else scale)
+
+    torch.manual_seed(0)
+    model = WithFlag()
+    result = rewrite(model, (torch.randn(2, 5, 8),), "lora{rank=2}", example_kwargs={"use_cache": False},
+                     dynamic=True)
+    x = torch.randn(4, 7, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(result.module()(x, use_cache=False), model(x), atol=1e-5, rtol=1e-5)

@@ -161,3 +161,10 @@ def test_failed_verification_writes_nothing_unless_forced(tmp_path, monkeypatch,
     assert main(["demo:tiny-gpt", "--pass", "lora", "--verify", "-q", "--force", "-o", str(out)]) == 1
     assert out.exists()
     assert LoraPass.scale is original_scale
+
+
+def test_cli_dynamic_export(tmp_path):
+    out = tmp_path / "dyn.pt2"
+    assert main(["demo:tiny-bert", "--pass", "lora{rank=2}", "--dynamic", "-q", "-o", str(out)]) == 0
+    module = torch.export.load(str(out)).module()
+    assert module(torch.randint(0, 256, (1, 33))).shape == (1, 33, 64)
