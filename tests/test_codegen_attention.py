@@ -1,0 +1,144 @@
+"""Softplus attention template (codegen/templates/softplus_attention.py) and rewrite_triton::softplus_attention
+vs rewrite::softplus_attention's reference run in float64 (interpreter, grids of ≤ 4 programs)."""
+import math
+
+import pytest
+import torch
+import triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import codegen  # noqa: F401  (registers rewrite_triton::)
+from codegen.templates import softplus_attention as sp_t
+from codegen.testing import guard_intact, guarded, guarded_output
+from rewriter.ops import softplus_attention as sp_op
+
+TRITON_OP = torch.ops.rewrite_triton.softplus_attention.default
+SIZES = [1, 2, 3, 5, 7, 13, 16, 17, 31, 47, 61, 64]
+DIMS = [1, 2, 3, 5, 8, 16, 17, 31, 64]
+LEADS = [(1,), (2,), (3,), (4,), (1, 1), (2, 1), (1, 2), (2, 2), (1, 3)]
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float16: dict(rtol=1e-2, atol=2e-3)}
+
+
+def _blocks(bm, bn, d, dv):
+    p2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731
+    return dict(BM=bm, BN=bn, BD=p2(d), BDV=p2(dv))
+
+
+def _mask(kind, lead, tq, tk, g):
+    """A bool "may attend" mask in one of the shapes the softplus-attn pass produces (or None)."""
+    if kind == "none":
+        return None
+    if kind == "padding":               # (B, 1, 1, Tk) or (1, Tk): the last third of the keys switched off
+        shape = (lead[0], 1, 1, tk) if len(lead) == 2 else (1, tk)
+        keep = torch.ones(shape, dtype=torch.bool)
+        if tk > 1:
+            keep[..., tk - tk // 3:] = False
+        return keep
+    keep = torch.rand(tq, tk, generator=g) < 0.6  # "random": any pattern, rows with no visible key included
+    if tq > 1:
+        keep[tq // 2] = False
+    return keep
+
+
+@settings(max_examples=20, deadline=None)
+@given(tq=st.sampled_from(SIZES), tk=st.sampled_from(SIZES), d=st.sampled_from(DIMS), dv=st.sampled_from(DIMS),
+       lead_i=st.integers(0, len(LEADS) - 1), bm=st.sampled_from([16, 32]), bn=st.sampled_from([16, 32]),
+       causal=st.booleans(), mask=st.sampled_from(["none", "none", "padding", "random"]),
+       reweight=st.booleans(), p=st.sampled_from([1.0, 3.0, 15.0]), train_len=st.sampled_from([0, 0, 4]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), kv_bcast=st.booleans(), strided=st.booleans(),
+       zero_rows=st.booleans(), seed=st.integers(0, 2**16))
+def test_kernel_matches_reference_in_float64(tq, tk, d, dv, lead_i, bm, bn, causal, mask, reweight, p, train_len,
+                                             dtype, kv_bcast, strided, zero_rows, seed):
+    fits = [lead for lead in LEADS if math.prod(lead) * triton.cdiv(tq, bm) <= 4]   # ≤ 4 programs
+    lead = fits[lead_i % len(fits)]
+    g = torch.Generator().manual_seed(seed)
+    kv_lead = (lead[0], 1) if kv_bcast and len(lead) == 2 else lead     # k/v shared by all heads (broadcast)
+    q = (torch.randn(*lead, tq, d, generator=g) * 3).to(dtype)
+    k = (torch.randn(*kv_lead, tk, d, generator=g) * 3).to(dtype)
+    v = torch.randn(*kv_lead, tk, dv, generator=g).to(dtype)
+    if zero_rows:                       # all-zero q/k rows: F.normalize's max(‖x‖, eps) keeps them finite
+        q[..., tq // 2, :] = 0
+        k[..., (tk - 1) // 2, :] = 0
+    keep = _mask(mask, lead, tq, tk, g)
+    args = (causal, reweight, p, train_len, 1e-6)
+    assert sp_t.supported(q, k, v, keep) is None
+    out = guarded_output((*lead, tq, dv), dtype, strided=strided)
+    gq, gk, gv = (guarded(t, strided=strided) for t in (q, k, v))
+    got = sp_t.launch(gq, gk, gv, keep, *args, blocks=_blocks(bm, bn, d, dv), out=out)
+    assert got.data_ptr() == out.data_ptr() and got.shape == (*lead, tq, dv)
+    assert not torch.isnan(out).any(), "NaN leaked from a guard region: out-of-bounds read"
+    assert guard_intact(out), "write outside the output"
+    want = sp_op.reference(q.double(), k.double(), v.double(), keep, *args)
+    tol = TOL[dtype] if not (reweight and dtype == torch.float32) else dict(rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(out.double(), want, **tol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("reweight", [False, True])
+def test_op_matches_rewrite_op_with_default_blocks(causal, reweight):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 37, 24, generator=g) for _ in range(3))   # default blocks: 2 query blocks
+    keep = torch.ones(1, 1, 1, 37, dtype=torch.bool)
+    keep[..., 30:] = False
+    args = (keep, causal, reweight, 15.0, 0, 1e-6)
+    got = TRITON_OP(q, k, v, *args)
+    want = sp_op.OP(q, k, v, *args)
+    assert got.shape == want.shape == (1, 2, 37, 24) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-4 if reweight else 2e-5, atol=2e-5 if reweight else 2e-6)
+
+
+def test_masked_rows_and_rows_beyond_train_len():
+    q, k, v = (torch.randn(3, 20, 16, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    keep = torch.ones(20, 20, dtype=torch.bool)
+    keep[4] = False                      # a row that sees nothing: weights 0 (eps guards 0/0), output 0
+    out = sp_t.launch(q, k, v, keep, True, True, 3.0, 8, 1e-6, blocks=_blocks(16, 16, 16, 16))
+    assert torch.equal(out[:, 4], torch.zeros(3, 16))
+    # train_len = 8: rows that see ≤ 8 keys keep their LSSA weights, later rows are re-weighted
+    lssa = sp_op.reference(q.double(), k.double(), v.double(), keep, True, False, 3.0, 0, 1e-6)
+    lssar = sp_op.reference(q.double(), k.double(), v.double(), keep, True, True, 3.0, 0, 1e-6)
+    torch.testing.assert_close(out[:, :8].double(), lssa[:, :8], rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(out[:, 9:].double(), lssar[:, 9:], rtol=2e-4, atol=2e-5)
+    assert (lssa[:, 9:] - lssar[:, 9:]).abs().max() > 1e-2   # the two branches really differ there
+
+
+def test_supported_reasons_and_fallback_for_float64():
+    q = torch.randn(2, 5, 8)
+    assert sp_t.supported(q.double(), q.double(), q.double(), None) is not None
+    assert sp_t.supported(q[0], q[0], q[0], None) is not None          # 2-D: no (H, T, d) layout
+    assert sp_t.supported(q, q.half(), q, None) is not None            # mixed dtypes
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    args = (None, True, True, 3.0, 0, 1e-6)
+    torch.testing.assert_close(TRITON_OP(x, x, x, *args), sp_op.reference(x, x, x, *args), rtol=0, atol=0)
+
+
+def test_gradients_match_the_rewrite_op():
+    g = torch.Generator().manual_seed(7)
+    base = [torch.randn(1, 2, 11, 16, generator=g) for _ in range(3)]
+    keep = torch.rand(11, 11, generator=g) < 0.7
+    grad = torch.randn(1, 2, 11, 16, generator=g)
+    results = []
+    for op in (TRITON_OP, sp_op.OP):
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out = op(q, k, v, keep, True, True, 3.0, 0, 1e-6)
+        results.append((out, *torch.autograd.grad(out, [q, k, v], grad)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
+    assert all(t.abs().sum() > 0 for t in results[0][1:])
+
+
+def test_lowering_puts_the_kernel_in_the_program():
+    from rewriter import rewrite
+
+    class Attn(torch.nn.Module):
+        def forward(self, x):
+            q, k, v = x, x * 0.5, x.flip(-1)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    x = torch.randn(1, 2, 9, 16)
+    r = rewrite(Attn().eval(), (x,), passes="softplus-attn", codegen="triton", verify=True)
+    targets = [str(n.target) for n in r.module().graph.nodes if n.op == "call_function"]
+    assert "rewrite_triton.softplus_attention.default" in targets
+    assert "rewrite.softplus_attention.default" not in targets
+    want = sp_op.reference(x.double(), (x * 0.5).double(), x.flip(-1).double(), None, True, False, 15.0, 0, 1e-6)
+    torch.testing.assert_close(r.module()(x).double(), want, rtol=2e-5, atol=2e-6)
