@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from rewriter import kmeans, params
-from rewriter.errors import UserError
+from rewriter.errors import UserError, first_line
 from rewriter.ir import insert_call, replace_node
 from rewriter.matchers.linear import LINEAR_OPS, find_linears, is_lm_head
 from rewriter.pass_base import Contract, Pass
@@ -196,7 +196,7 @@ def load_map(path: str, vocab: int) -> torch.Tensor:
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"vq-logits: cannot read map file {path}: {str(e).splitlines()[0] if str(e) else e!r}") \
+        raise UserError(f"vq-logits: cannot read map file {path}: {first_line(e)}") \
             from None
     try:
         if isinstance(data, torch.Tensor):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 aten = torch.ops.aten
 # Ops kept whole while passes run (export keeps these at its default level; listed for --decompose).
@@ -78,7 +78,7 @@ def _load_pt2(path: str):
     try:
         ep = torch.export.load(path)
     except Exception as e:  # zip/pickle/serialization errors all mean the same to the user
-        raise UserError(f"{path} is not a readable torch.export program ({_first_line(e)}); "
+        raise UserError(f"{path} is not a readable torch.export program ({first_line(e)}); "
                         "re-create it with torch.export.save") from e
     example = getattr(ep, "example_inputs", None)
     if example is None:
@@ -114,7 +114,7 @@ def _load_pickle(path: str, trust_pickle: bool, input_shapes: str | None):
             if "weights_only" in str(e) or "Unsupported global" in str(e):
                 raise UserError(f"{path} holds a pickled Python object; loading it runs code from the file. "
                                 "If you trust it, pass --trust-pickle") from e
-            raise UserError(f"{path} is not a readable torch file ({_first_line(e)})") from e
+            raise UserError(f"{path} is not a readable torch file ({first_line(e)})") from e
         if isinstance(obj, dict):
             raise UserError(f"{path} is a state dict (weights only, no architecture); save the whole module "
                             "(torch.save(model)) and pass --trust-pickle, export it (torch.export.save), "
@@ -123,7 +123,7 @@ def _load_pickle(path: str, trust_pickle: bool, input_shapes: str | None):
     try:
         obj = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as e:
-        raise UserError(f"{path} could not be unpickled ({_first_line(e)})") from e
+        raise UserError(f"{path} could not be unpickled ({first_line(e)})") from e
     model, args, kwargs = _model_and_inputs(obj, path)
     if args is None:
         if not input_shapes:
@@ -150,7 +150,7 @@ def _load_factory(spec: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise UserError(f"cannot import {module_name} ({_first_line(e)}); is it on PYTHONPATH?") from e
+        raise UserError(f"cannot import {module_name} ({first_line(e)}); is it on PYTHONPATH?") from e
     func = getattr(module, func_name, None)
     if not callable(func):
         raise UserError(f"{module_name} has no function {func_name}")
@@ -263,15 +263,10 @@ def export_program(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool 
                         "(a pass produced something export cannot trace; run with --debug)") from e
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
-
-
 def _export_failure(e: BaseException) -> str:
     """The first line of an export error plus the user's source line that caused it, if we can find one."""
     text = str(e)
-    first = _first_line(e)
+    first = first_line(e)
     location = None
     for match in re.finditer(r'File "([^"]+)", line (\d+)', text):
         if "site-packages" not in match.group(1) and "/torch/" not in match.group(1):

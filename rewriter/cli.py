@@ -17,7 +17,7 @@ import sys
 
 from rich.console import Console
 
-from .errors import RewriteError, UserError
+from .errors import RewriteError, UserError, first_line
 
 SUBCOMMANDS = ("passes", "show", "diff", "eval")
 
@@ -290,8 +290,8 @@ def main(argv=None) -> int:
     except Exception as e:  # a bug in this tool, not the user's fault: still one line, still no traceback
         if debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {first} (run with --debug for the traceback)",
+        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {first_line(e)} "
+                  "(run with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         return 3
 

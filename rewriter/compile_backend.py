@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from . import params
-from .errors import UserError
+from .errors import UserError, first_line
 from .pass_base import parse_pipeline
 from .pass_manager import run_passes
 
@@ -110,7 +110,7 @@ def backend(passes="", *, inner="inductor", verify: bool = False):
         try:
             ep = torch.export.export(gm, tuple(user_inputs), strict=False)
         except Exception as e:
-            raise UserError(f"rewrite backend: the captured graph does not export ({str(e).splitlines()[0]})") from e
+            raise UserError(f"rewrite backend: the captured graph does not export ({first_line(e)})") from e
         working = ep.module()
         compile_fn.report = run_passes(working, user_inputs, pipeline, verify=verify)
         working = _flatten_codegen(working)

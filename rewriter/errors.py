@@ -30,3 +30,9 @@ def did_you_mean(word: str, choices) -> str:
     """' (did you mean "x"?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line user messages."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:limit]

@@ -26,7 +26,7 @@ import tempfile
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 INSTALL_HINT = "pip install 'rewrite[hf]'"
 DEFAULT_SHAPE = (2, 16)
@@ -149,7 +149,7 @@ def _from_gguf(folder: str, gguf_file: str) -> str:
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     except Exception as e:
-        raise UserError(f"cannot read {gguf_file}: {_first_line(e)}") from e
+        raise UserError(f"cannot read {gguf_file}: {first_line(e)}") from e
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
     except Exception:
@@ -206,14 +206,14 @@ def load_model(source: str, *, gguf: str | None = None, attn_implementation: str
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as e:
-        raise UserError(f"cannot read {folder}/config.json: {_first_line(e)}") from e
+        raise UserError(f"cannot read {folder}/config.json: {first_line(e)}") from e
     causal = is_causal(config)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     try:
         model = auto.from_pretrained(folder, dtype=torch.float32, local_files_only=True,
                                      attn_implementation=attn_implementation)
     except Exception as e:
-        raise UserError(f"cannot load the model in {folder}: {_first_line(e)}") from e
+        raise UserError(f"cannot load the model in {folder}: {first_line(e)}") from e
     model.eval()
     wrapped = HFOutput(model, causal).eval()
     return wrapped, load_tokenizer(folder), config, folder
@@ -246,8 +246,3 @@ def example_inputs(model: HFOutput, tokenizer, config, *, text=None, input_shape
     vocab = int(getattr(config, "vocab_size", 100) or 100)
     ids = torch.randint(0, vocab, DEFAULT_SHAPE, generator=torch.Generator().manual_seed(0))
     return (ids,) if model.causal else (ids, torch.ones_like(ids))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

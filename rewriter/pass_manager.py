@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from . import cost
-from .errors import RewriteError, UserError, VerificationError
+from .errors import RewriteError, UserError, VerificationError, first_line
 from .ir import op_name, provenance
 from .params import state_snapshot
 from .pass_base import Contract, Pass
@@ -187,7 +187,7 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
         except RewriteError:
             raise
         except Exception as e:
-            raise UserError(f"{label} failed on this model: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+            raise UserError(f"{label} failed on this model: {type(e).__name__}: {first_line(e)} "
                             "(run with --debug for the traceback)") from e
         gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
         try:

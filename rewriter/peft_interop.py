@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 PREFIX = "base_model.model."
 
@@ -47,7 +47,7 @@ def read_adapter(folder: str) -> dict[str, dict]:
             config = json.load(f)
         tensors = _safetensors().load_file(weights_path)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the PEFT adapter in {folder} ({str(e).splitlines()[0]})") from e
+        raise UserError(f"cannot read the PEFT adapter in {folder} ({first_line(e)})") from e
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA is supported")
     if config.get("use_dora"):
