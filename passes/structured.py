@@ -12,6 +12,9 @@ Each candidate's error is measured (metric=output: ‖X·(W − W')ᵀ‖/‖X·
 ‖W − W'‖/‖W‖). For a bound ε every layer takes its cheapest candidate with error ≤ ε; the total parameter count
 of the matched layers falls as ε grows, so the pass picks the smallest ε (over the measured errors) whose total is
 ≤ budget · (dense total). If even the cheapest forms miss the budget, it takes them and says so.
+The budget left over is then spent greedily: repeatedly upgrade the layer whose next-better candidate removes the
+most error per added parameter, while the total stays within budget (a multiple-choice knapsack heuristic; it
+never raises any layer's error and never exceeds the budget).
 The per-layer choice table is printed through ctx.message and each layer is reported through ctx.site.
 
 Graph, before → after: each chosen layer as in `monarch` / `blockdiag` / `lowrank`
@@ -111,11 +114,14 @@ class StructuredPass(Pass):
             picks, total = choose(bound)
             if total <= target:
                 break
+        if total <= target:
+            picks, total = self._spend_leftover(table, picks, total, target)
         if total > target:
             ctx.message(f"structured: budget {self.budget:g} not reachable; the cheapest forms give "
                         f"{total / dense_total:.3f} of the dense parameters")
+        bound = max(p[3] for p in picks)
         lines = [f"structured: budget {self.budget:g} of {dense_total} params -> {total} "
-                 f"({total / dense_total:.3f}), error bound {bound:.4g} ({self.metric})",
+                 f"({total / dense_total:.3f}), max error {bound:.4g} ({self.metric})",
                  f"{'layer':<32} {'shape':>11} {'choice':<32} {'params':>9} {'error':>8}"]
         for (site, w, _), (spec, fac, n_params, err) in zip(table, picks):
             m, n = w.shape
@@ -138,3 +144,23 @@ class StructuredPass(Pass):
                      flops_before=2 * rows * w.numel(),
                      flops_after=2 * rows * w.numel() if dense_path else rows * fac.flops_per_row(), kind=fac.kind)
         ctx.message("\n".join(lines))
+
+    @staticmethod
+    def _spend_leftover(table, picks, total, target):
+        """Upgrade layers to lower-error candidates, best error drop per added parameter first, within budget."""
+        picks = list(picks)
+        while True:
+            best = None
+            for i, (_, _, options) in enumerate(table):
+                current = picks[i]
+                for option in options:
+                    extra, gain = option[2] - current[2], current[3] - option[3]
+                    if gain > 0 and total + extra <= target:
+                        score = gain / max(extra, 1)
+                        if best is None or score > best[0]:
+                            best = (score, i, option, extra)
+            if best is None:
+                return picks, total
+            _, i, option, extra = best
+            picks[i] = option
+            total += extra
