@@ -336,3 +336,15 @@ def test_pre_merge_option_in_pass(tiny_gpt):
         assert s["flops_after"] == s["flops_before"]
     below = rewrite(model, args, passes="monarch{blocks=4,pre_merge=true,pre_merge_tokens=8}").report.passes[0]
     assert all(s["flops_after"] < s["flops_before"] for s in below.sites)
+
+
+def test_structured_spends_leftover_budget_on_best_error_per_param():
+    from passes.structured import StructuredPass
+    layer = lambda e_half, e_quarter: (None, None, [("dense", None, 100, 0.0), ("half", None, 50, e_half),  # noqa
+                                                     ("quarter", None, 25, e_quarter)])
+    table = [layer(0.2, 0.5), layer(0.1, 0.4), layer(0.35, 0.4)]
+    picks = [options[-1] for _, _, options in table]          # every layer at its cheapest: 75 params
+    new, total = StructuredPass._spend_leftover(table, picks, 75, target=125)
+    assert total <= 125
+    # two upgrades of 25 params fit; the third layer gains least per parameter (0.05 / 25) and stays
+    assert [p[0] for p in new] == ["half", "half", "quarter"] and total == 125
