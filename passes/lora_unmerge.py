@@ -1,6 +1,6 @@
 """`lora-unmerge` — undo `lora-merge`: restore the base weight bit for bit and put the adapter back.
 
-    W = bits⁻¹( bits(round(W' − s·B·A)) + c )         (c: the stored integer correction; rewriter/adapters.py)
+    W = ord⁻¹( ord(round(W' − s·B·A)) + c )          (c: the stored ulp correction; ord: rewriter/adapters.py)
 
 Graph, before → after (rule "unmerge"):
 
