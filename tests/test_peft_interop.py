@@ -67,3 +67,8 @@ def test_cli_save_adapter_and_bad_adapter_folder(tmp_path, capsys):
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     with pytest.raises(UserError, match="adapter_config.json not found"):
         rewrite("demo:tiny-gpt", None, f"lora{{adapter='{tmp_path}'}}")
+
+
+def test_save_adapter_without_adapters_is_a_user_error(tmp_path, capsys):
+    assert main(["demo:tiny-gpt", "--pass", "two-pass-softmax", "-q", "--save-adapter", str(tmp_path / "a")]) == 2
+    assert "no LoRA adapters to save" in capsys.readouterr().err
