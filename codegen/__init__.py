@@ -1,7 +1,8 @@
 """Triton codegen backend: lowers rewrite:: custom ops to Triton kernels (templates and generated regions).
 
 Imports rewriter/ only. Importing this package registers the `rewrite_triton::` ops that lowered programs call,
-so a saved lowered program loads after `import rewriter, codegen`.
+so a saved lowered program loads after `import rewriter, codegen`, and registers each kernel as the CUDA
+implementation of its rewrite:: op, so programs that were never lowered run the kernels on a GPU too.
 
     codegen.lower(gm, inputs, report, dump_dir=None)   the hook used by `rewrite(..., codegen="triton")`
     templates/lora_linear.py    fused LoRA GEMM (+ GELU / residual epilogue)

@@ -280,3 +280,29 @@ LOWRANK = torch.ops.rewrite_triton.lowrank_linear.default
 VQ_LOGITS = torch.ops.rewrite_triton.vq_logits.default
 SHIFTADD = torch.ops.rewrite_triton.shiftadd_linear.default
 SOFTPLUS_ATTENTION = torch.ops.rewrite_triton.softplus_attention.default
+
+
+def register_cuda_kernels() -> list[str]:
+    """Make each Triton kernel the CUDA implementation of the rewrite:: op it lowers, so a program that was never
+    lowered (exported, saved, or under torch.compile) runs the kernels on a GPU once `codegen` is imported.
+
+    Each rewrite:: op gets its rewrite_triton:: twin, which launches the template and falls back to the reference
+    for what the kernel does not handle (e.g. float64). Autograd stays the rewrite:: op's own formula (the
+    Autograd key sits above the CUDA key). Returns the ops registered."""
+    import rewriter.ops  # noqa: F401  (defines the rewrite:: ops)
+
+    def lora_kernel(x, weight, bias, lora_a, lora_b, scale, adapter_input=None):
+        return LORA(x, weight, bias, lora_a, lora_b, scale, adapter_input)
+
+    twins = {"lora_linear": lora_kernel, "two_pass_softmax": SOFTMAX, "monarch_linear": MONARCH,
+             "blockdiag_linear": BLOCKDIAG, "lowrank_linear": LOWRANK, "vq_logits": VQ_LOGITS,
+             "shiftadd_linear": SHIFTADD, "softplus_attention": SOFTPLUS_ATTENTION}
+    registered = []
+    for name, kernel in twins.items():
+        if hasattr(torch.ops.rewrite, name):
+            torch.library.register_kernel(f"rewrite::{name}", "cuda", kernel)
+            registered.append(f"rewrite::{name}")
+    return registered
+
+
+CUDA_KERNELS = register_cuda_kernels()

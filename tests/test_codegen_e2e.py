@@ -192,3 +192,19 @@ def test_bench_kernels_harness_runs_tiny_on_the_interpreter(monkeypatch):
     rows += bk.bench_region(True, torch.float16, device="cpu", sizes=[(4, 24)], inductor=False)
     assert [r["bench"] for r in rows] == ["lora", "softmax", "region", "region"] and calls
     assert bk.main(["--quick"]) == 2 or torch.cuda.is_available()   # refuses without CUDA
+
+
+def test_kernels_are_the_cuda_implementation_of_every_rewrite_op():
+    """Importing codegen registers each template as the CUDA kernel of its rewrite:: op (same argument names as
+    its rewrite_triton:: twin), so unlowered exported/compiled programs use the kernels on a GPU."""
+    import rewriter.ops
+    from codegen.ops import CUDA_KERNELS
+    templated = {"lora_linear", "two_pass_softmax", "monarch_linear", "blockdiag_linear", "lowrank_linear",
+                 "vq_logits", "shiftadd_linear", "softplus_attention"}
+    assert {n.split("::")[1] for n in CUDA_KERNELS} == templated & set(rewriter.ops.op_modules())
+    for name in CUDA_KERNELS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+        short = name.split("::")[1]
+        ours = [a.name for a in getattr(torch.ops.rewrite, short).default._schema.arguments]
+        twin = [a.name for a in getattr(torch.ops.rewrite_triton, short).default._schema.arguments]
+        assert twin[:len(ours)] == ours
