@@ -75,11 +75,14 @@ def _load_pt2(path: str):
         raise UserError(f"no such file: {path}")
     from .lowering import register_backends
     register_backends()  # a lowered program calls kernel ops (rewrite_triton::) that must be registered first
+    from .save import TIES_FILE, tie_weights
+    extra = {TIES_FILE: ""}
     try:
-        ep = torch.export.load(path)
+        ep = torch.export.load(path, extra_files=extra)
     except Exception as e:  # zip/pickle/serialization errors all mean the same to the user
         raise UserError(f"{path} is not a readable torch.export program ({first_line(e)}); "
                         "re-create it with torch.export.save") from e
+    tie_weights(ep, extra[TIES_FILE])
     example = getattr(ep, "example_inputs", None)
     if example is None:
         args, kwargs = _inputs_from_signature(ep)

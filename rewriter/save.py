@@ -1,6 +1,12 @@
-"""Writing programs: atomically (temp file in the same folder, then rename), never over the input."""
+"""Writing programs: atomically (temp file in the same folder, then rename), never over the input.
+
+torch.export.save/load does not keep tied weights tied (a tied LM head loads as a second tensor), so the groups of
+state-dict names that share one tensor are written beside the program (`rewrite_ties.json` in the archive) and
+`tie_weights` restores them when rewriter loads the file.
+"""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -36,4 +42,32 @@ def save_program(program: torch.export.ExportedProgram, path: str, *, source: st
         raise UserError(f"output {path} must end with .pt2 (a torch.export program)")
     if source is not None and not source.startswith("demo:") and same_file(source, path):
         raise UserError(f"refusing to overwrite the input {source}; choose another -o path")
-    atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+    ties = tied_groups(program.state_dict)
+    extra = {TIES_FILE: json.dumps(ties)} if ties else None
+    atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
+
+
+TIES_FILE = "rewrite_ties.json"
+
+
+def tied_groups(state_dict: dict) -> list[list[str]]:
+    """Groups (≥ 2 names) of state-dict entries that are one tensor."""
+    groups: dict[int, list[str]] = {}
+    for name, t in state_dict.items():
+        if isinstance(t, torch.Tensor):
+            groups.setdefault(id(t), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def tie_weights(program: torch.export.ExportedProgram, text: str) -> int:
+    """Make the names of each saved group share one tensor again; returns how many names were re-tied."""
+    count = 0
+    for names in json.loads(text) if text else []:
+        first = program.state_dict.get(names[0])
+        for name in names[1:]:
+            other = program.state_dict.get(name)
+            if isinstance(first, torch.Tensor) and isinstance(other, torch.Tensor) and \
+                    other.shape == first.shape and other.dtype == first.dtype and torch.equal(other, first):
+                program.state_dict[name] = first
+                count += 1
+    return count
