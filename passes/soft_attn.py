@@ -31,7 +31,7 @@ import sympy
 import torch
 
 from rewriter.ir import insert_call, replace_node
-from rewriter.matchers.attention import ATTENTION_OPS, classify_keep, drop_side_nodes, find_attention, keep_mask_value
+from rewriter.matchers.attention import ATTENTION_OPS, classify_keep, drop_side_nodes, keep_mask_value, sites_and_values
 from rewriter.ops import soft_attention as op
 from rewriter.pass_base import Contract, Pass
 
@@ -73,11 +73,7 @@ class SoftAttnPass(Pass):
 
     def run(self, ctx) -> None:
         gm = ctx.gm
-        sites, misses = find_attention(gm)
-        for name, reason in misses:
-            ctx.skip(name, reason)
-        wanted = [n for s in sites for n in (s.q, s.k, s.v, s.node, s.mask) if n is not None]
-        values = ctx.activations(wanted)
+        sites, values = sites_and_values(ctx)
         for site in ctx.progress(sites, "attention"):
             if site.seq_q != site.seq_k:
                 ctx.skip(site.name, f"cross-attention (Tq={site.seq_q}, Tk={site.seq_k}): SOFT shares q and k")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from rewriter.ir import insert_call, replace_node
-from rewriter.matchers.attention import (ATTENTION_OPS, classify_keep, drop_side_nodes, find_attention,
+from rewriter.matchers.attention import (ATTENTION_OPS, classify_keep, drop_side_nodes, sites_and_values,
                                          keep_mask_node, keep_mask_value)
 from rewriter.ops import softplus_attention as op
 from rewriter.pass_base import Contract, Pass
@@ -60,11 +60,7 @@ class SoftplusAttnPass(Pass):
 
     def run(self, ctx) -> None:
         gm = ctx.gm
-        sites, misses = find_attention(gm)
-        for name, reason in misses:
-            ctx.skip(name, reason)
-        wanted = [n for s in sites for n in (s.q, s.k, s.v, s.node, s.mask) if n is not None]
-        values = ctx.activations(wanted)
+        sites, values = sites_and_values(ctx)
         for site in ctx.progress(sites, "attention"):
             mask_value = values.get(site.mask) if site.mask is not None else None
             keep = keep_mask_value(site.mask_kind, mask_value, site.seq_q, site.seq_k)

@@ -330,6 +330,16 @@ def keep_mask_value(kind: MaskKind, mask: torch.Tensor | None, seq_q: int, seq_k
     return mask == 0
 
 
+def sites_and_values(ctx) -> tuple[list[AttentionSite], dict]:
+    """For a pass: the attention sites (unmatched ones recorded with ctx.skip and their reason) and the values of
+    each site's q, k, v, output and mask on the example inputs."""
+    sites, misses = find_attention(ctx.gm)
+    for name, reason in misses:
+        ctx.skip(name, reason)
+    wanted = [n for s in sites for n in (s.q, s.k, s.v, s.node, s.mask) if n is not None]
+    return sites, ctx.activations(wanted)
+
+
 def classify_keep(keep: torch.Tensor | None, seq_q: int, seq_k: int) -> Literal["none", "causal", "general"]:
     """What a "may attend" mask is on the example inputs: all-visible, causal (lower-triangular), or other."""
     if keep is None:
