@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test test-gpu kernels-check setup bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --dist loadfile
+
+# On a machine with a CUDA GPU and a CUDA build of torch in GPU_PYTHON: the kernel tests, compiled, on the GPU.
+GPU_PYTHON ?= python3
+test-gpu:
+	REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 $(GPU_PYTHON) -m pytest -q -p no:xdist tests/test_codegen_*.py
+
+# Here, no GPU needed: compile every kernel a GPU run launches for the H100 (sm_90) and A100 (sm_80).
+kernels-check: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m codegen.compile_check --arch 90 --arch 80
 
 bench: $(STAMP)
 	$(PY) -m bench.lora

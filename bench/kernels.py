@@ -5,13 +5,16 @@
     lora      fused LoRA linear (one Triton kernel) vs the base linear alone and vs the unmerged adapter as PEFT
               runs it (base(x) + lora_B(lora_A(x))·s: three GEMMs and an add). Goal: fused ≤ 1.1× base.
     softmax   two-pass softmax kernel vs torch.softmax, effective GB/s (one read + one write of the tensor; the
-              looped kernel for long rows reads twice).
+              looped kernel for long rows reads twice), and vs a plain copy of the same tensor (the device's
+              read+write bandwidth; goal: two-pass ≥ 90 % of it).
     region    a generated pointwise+reduction kernel (codegen.lower of an exported function) vs eager and vs
               torch.compile (inductor).
     monarch   Monarch kernel (permutations folded into addressing) vs the op's torch.bmm reference (two bmm's
               and permute copies) vs the dense cuBLAS linear of the same size.
     shiftadd  BCQ LUT GEMV/GEMM kernel (3 bit planes, group 128) vs the fp16 dense GEMV (cuBLAS) and vs the op's
               reference (dequantise, then matmul), at batch 1 (and 16 in the full run).
+    attention softplus attention kernel (LSSA, causal, flash-style tiling) vs SDPA (causal, the flash kernel) and vs
+              the op's torch reference (the T × T weights materialised).
     vq        fused VQ-logits kernel (code logits + gather) vs the dense LM head (V × d) and vs the op's
               reference (code logits, then index_select).
 
@@ -69,12 +72,15 @@ def bench_softmax(quick: bool, dtype, device="cuda", sizes=None) -> list[dict]:
         x = torch.randn(rws, n, device=device, dtype=dtype) * 4
         torch.testing.assert_close(softmax_t.launch(x, -1).float(), torch.softmax(x.float(), -1),
                                    rtol=1e-2, atol=1e-4)
+        y = torch.empty_like(x)
+        tc = _bench(lambda: y.copy_(x))
         tt = _bench(lambda: torch.softmax(x, -1))
         tk = _bench(lambda: softmax_t.launch(x, -1))
         gb = 2 * x.numel() * x.element_size() / 1e9
         rows.append(dict(bench="softmax", shape=f"{rws}x{n}", dtype=str(dtype).replace("torch.", ""),
-                         torch_ms=tt[0], twopass_ms=tk[0], torch_gbps=gb / (tt[0] / 1e3),
-                         twopass_gbps=gb / (tk[0] / 1e3), twopass_vs_torch=tk[0] / tt[0],
+                         copy_ms=tc[0], torch_ms=tt[0], twopass_ms=tk[0], copy_gbps=gb / (tc[0] / 1e3),
+                         torch_gbps=gb / (tt[0] / 1e3), twopass_gbps=gb / (tk[0] / 1e3),
+                         twopass_vs_torch=tk[0] / tt[0], twopass_of_copy_bw=tc[0] / tk[0],
                          looped=n > softmax_t.max_row_block()))
     return rows
 
@@ -192,8 +198,27 @@ def bench_vq(quick: bool, dtype, device="cuda", sizes=None) -> list[dict]:
     return rows
 
 
+def bench_attention(quick: bool, dtype, device="cuda", sizes=None) -> list[dict]:
+    from codegen.templates import softplus_attention as sp_t
+    from rewriter.ops import softplus_attention as sp_op
+    configs = [(4, 16, 1024, 64)] if quick else [(4, 16, 1024, 64), (2, 16, 4096, 64), (1, 16, 8192, 128)]
+    rows = []
+    for bsz, heads, t, d in (sizes or configs):
+        q, k, v = (torch.randn(bsz, heads, t, d, device=device, dtype=dtype) for _ in range(3))
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        kern = lambda: sp_t.launch(q, k, v, None, True, False, 15.0, 0, 1e-6)  # noqa: E731
+        ref = lambda: sp_op.reference(q, k, v, None, True, False, 15.0, 0, 1e-6)  # noqa: E731
+        torch.testing.assert_close(kern().float(), ref().float(), rtol=2e-2, atol=2e-2)
+        ts, tk, tr = _bench(sdpa), _bench(kern), _bench(ref)
+        rows.append(dict(bench="attention", shape=f"{bsz}x{heads}x{t}x{d} causal",
+                         dtype=str(dtype).replace("torch.", ""), sdpa_ms=ts[0], reference_ms=tr[0], kernel_ms=tk[0],
+                         kernel_vs_sdpa=tk[0] / ts[0], kernel_vs_reference=tk[0] / tr[0],
+                         quantiles=dict(sdpa=ts, reference=tr, kernel=tk)))
+    return rows
+
+
 BENCHES = {"lora": bench_lora, "softmax": bench_softmax, "region": bench_region, "monarch": bench_monarch,
-           "shiftadd": bench_shiftadd, "vq": bench_vq}
+           "shiftadd": bench_shiftadd, "vq": bench_vq, "attention": bench_attention}
 
 
 def main(argv=None) -> int:
@@ -220,7 +245,8 @@ def main(argv=None) -> int:
     print(f"# bench.kernels — {machine()}, triton {triton.__version__}\n")
     for name, cols in (("lora", ["shape", "dtype", "base_ms", "peft_ms", "fused_ms", "peft_vs_base",
                                  "fused_vs_base"]),
-                       ("softmax", ["shape", "dtype", "torch_gbps", "twopass_gbps", "twopass_vs_torch", "looped"]),
+                       ("softmax", ["shape", "dtype", "copy_gbps", "torch_gbps", "twopass_gbps", "twopass_vs_torch",
+                                    "twopass_of_copy_bw", "looped"]),
                        ("region", ["shape", "dtype", "kernels", "eager_ms", "inductor_ms", "generated_ms",
                                    "generated_vs_inductor"]),
                        ("monarch", ["shape", "dtype", "dense_ms", "bmm_ms", "kernel_ms", "kernel_vs_bmm",
@@ -228,7 +254,9 @@ def main(argv=None) -> int:
                        ("shiftadd", ["shape", "dtype", "fp16_gemv_ms", "dequant_ms", "lut_ms", "lut_vs_fp16",
                                      "lut_vs_dequant"]),
                        ("vq", ["shape", "dtype", "dense_ms", "reference_ms", "fused_ms", "fused_vs_dense",
-                               "fused_vs_reference"])):
+                               "fused_vs_reference"]),
+                       ("attention", ["shape", "dtype", "sdpa_ms", "reference_ms", "kernel_ms", "kernel_vs_sdpa",
+                                      "kernel_vs_reference"])):
         sel = [r for r in results if r["bench"] == name]
         if sel:
             print(f"## {name}\n")

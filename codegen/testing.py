@@ -5,8 +5,15 @@ column stride of 2, so the view is non-contiguous and NaN sits between its eleme
 bounds pulls NaN into its result. `guarded_output(shape, dtype)` does the same for an output with a finite
 sentinel (NaN would hide an out-of-bounds write of NaN); `guard_intact(view)` says whether everything outside the
 view still holds its fill, i.e. nothing was written out of bounds.
+
+Where kernels run: `kernel_device()` is the CPU (Triton interpreter, the default) or whatever
+REWRITE_TEST_DEVICE names — `make test-gpu` runs the kernel tests compiled on CUDA with
+REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0. Tests build inputs and float64 references on the CPU and move
+kernel inputs with `on_device(t)` (guarded buffers are allocated there); results come back with `.cpu()`.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -14,15 +21,26 @@ PAD = 67
 OUT_SENTINEL = -7777.0
 
 
+def kernel_device() -> torch.device:
+    """The device kernel tests run on: REWRITE_TEST_DEVICE (e.g. "cuda"), default the CPU interpreter."""
+    return torch.device(os.environ.get("REWRITE_TEST_DEVICE", "cpu"))
+
+
+def on_device(t):
+    """`t` moved to the test device (None and non-tensors pass through)."""
+    return t.to(kernel_device()) if isinstance(t, torch.Tensor) else t
+
+
 def guarded(t: torch.Tensor, strided: bool = False, fill: float = float("nan")) -> torch.Tensor:
+    """A copy of `t` on the test device, as a view in the middle of a `fill`-ed buffer."""
     shape = list(t.shape) or [1]
     numel = t.numel()
     step = 2 if strided else 1
-    big = torch.full((numel * step + 2 * PAD,), fill, dtype=t.dtype, device=t.device)
+    big = torch.full((numel * step + 2 * PAD,), fill, dtype=t.dtype, device=kernel_device())
     body = big[PAD:PAD + numel * step]
     view = body.view(*shape[:-1], shape[-1] * step)[..., ::step] if numel else body.view(shape)
     view = view.reshape(t.shape) if t.dim() == 0 else view
-    view.copy_(t)
+    view.copy_(t.to(big.device))
     view._guard_base = big  # keep the buffer reachable for guard_intact
     view._guard_fill = fill
     return view
@@ -41,7 +59,7 @@ def guard_intact(view: torch.Tensor) -> bool:
     outside = torch.ones(big.numel(), dtype=torch.bool, device=big.device)
     outside[inside.reshape(-1)] = False
     rest = big[outside].float()
-    fill = torch.full((1,), view._guard_fill, dtype=big.dtype).float()
+    fill = torch.full((1,), view._guard_fill, dtype=big.dtype, device=big.device).float()
     if torch.isnan(fill).all():
         return bool(torch.isnan(rest).all())
     return bool((rest == fill).all())

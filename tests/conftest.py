@@ -1,8 +1,12 @@
-"""Test set-up: Triton runs in interpreter mode on the CPU (must be set before triton is imported), and
-hypothesis runs a bounded number of examples with no deadline (first calls compile/trace)."""
+"""Test set-up: Triton runs in interpreter mode on the CPU (must be set before triton is imported), unless
+REWRITE_TEST_DEVICE names a GPU (`make test-gpu`: kernels compiled on CUDA); hypothesis runs a bounded number of
+examples with no deadline (first calls compile/trace)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("REWRITE_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

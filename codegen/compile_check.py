@@ -1,0 +1,363 @@
+"""Compile every kernel a GPU run would launch, for a GPU that is not here.
+
+    python -m codegen.compile_check [--arch 90] [--arch 80] [--quick] [--json]      (TRITON_INTERPRET unset)
+
+The interpreter tests check what the kernels compute, but the interpreter accepts programs the GPU compiler
+rejects (a tl.dot with a block under 16, a type mismatch the numpy backend casts away) and says nothing of the
+resources a kernel needs. This check closes that gap without a GPU:
+
+1. record: the real launch code runs on CPU tensors of GPU-sized shapes — each template's `launch()` at LLM shapes
+   in fp16 / bf16 / fp32, and whole lowered demo programs (which add the generated region kernels) — with the
+   kernel launch replaced by a recorder. Block sizes are the GPU's (the interpreter is off); an autotuned kernel
+   records every one of its configs. Each record is (kernel, arguments, constexprs, launch options, grid).
+2. compile: each distinct record goes through Triton's own launch-time path (`JITFunction.warmup`: the same
+   argument binding, specialisation and options as a launch), with a stand-in driver that names the target GPU,
+   down to a cubin (LLVM, then ptxas).
+3. check: the cubin's registers and local memory (spills, from cuobjdump), its shared memory against the
+   target's per-block limit, threads per block ≤ 1024, and the grid against CUDA's limits (x < 2³¹, y, z ≤ 65535).
+
+Exit status 0 when everything compiles within the limits (spills are reported, not failed), 1 otherwise,
+2 when it cannot run here (the interpreter is on, or Triton has no NVIDIA backend).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+# Max dynamic shared memory per block (opt-in), bytes: A100 (sm_80), RTX 30/40 (sm_86/89), H100/H200 (sm_90).
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+GRID_LIMIT = (2**31 - 1, 65535, 65535)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: what `kernel[grid](*args, **kwargs)` was called with."""
+    kernel: object            # triton JITFunction
+    args: tuple
+    kwargs: dict              # constexprs and launch options (num_warps, num_stages)
+    grid: tuple
+    case: str                 # which case launched it
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+    def key(self) -> tuple:
+        """Distinct specialisations: the kernel, the arguments' dtypes and constexpr-ish values, the options."""
+        def norm(a):
+            if isinstance(a, torch.Tensor):
+                return (str(a.dtype), a.data_ptr() % 16 == 0)
+            if isinstance(a, int) and not isinstance(a, bool):
+                return ("int", a == 1, a % 16 == 0, abs(a) >= 2**31)
+            return a
+        return (self.name, tuple(norm(a) for a in self.args), tuple(sorted(self.kwargs.items())))
+
+    def describe(self) -> str:
+        dtypes = sorted({str(a.dtype).replace("torch.", "") for a in self.args if isinstance(a, torch.Tensor)})
+        consts = ",".join(f"{k}={v}" for k, v in self.kwargs.items() if k not in ("num_warps", "num_stages"))
+        return f"{'/'.join(dtypes)} {consts}"
+
+
+@dataclass
+class Result:
+    launch: Launch
+    arch: int
+    ok: bool
+    error: str = ""
+    seconds: float = 0.0
+    regs: int | None = None
+    local_bytes: int | None = None
+    shared_bytes: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    problems: list = field(default_factory=list)
+
+    def row(self) -> dict:
+        return dict(kernel=self.launch.name, arch=f"sm_{self.arch}", spec=self.launch.describe(),
+                    case=self.launch.case, num_warps=self.num_warps, num_stages=self.num_stages, regs=self.regs,
+                    spill_bytes=self.local_bytes, shared_bytes=self.shared_bytes, grid=list(self.launch.grid),
+                    ok=self.ok, problems=self.problems + ([self.error] if self.error else []),
+                    compile_s=round(self.seconds, 2))
+
+
+# ----------------------------------------------------------------------------------------------------- recording
+
+@contextlib.contextmanager
+def recording(into: list, case: list, all_configs: bool = True):
+    """Within: every Triton launch is recorded into `into` instead of run (autotuned kernels: one record per
+    config, or only the first without `all_configs`), and the rewrite_triton ops take their kernel path on CPU
+    tensors."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    import codegen.ops as kops
+
+    def bound(fn, args, kwargs):
+        named = dict(zip(fn.arg_names, args))
+        named.update(kwargs)
+        return named
+
+    def resolve(grid, named):
+        grid = grid(named) if callable(grid) else grid
+        return tuple(int(g) for g in grid)
+
+    def record_jit(self, *args, grid, warmup, **kwargs):
+        if warmup:
+            return original_jit(self, *args, grid=grid, warmup=warmup, **kwargs)
+        into.append(Launch(self, args, dict(kwargs), resolve(grid, bound(self, args, kwargs)), case[0]))
+
+    def record_tuned(self, *args, **kwargs):
+        grid = kwargs.pop("grid")
+        kwargs.pop("warmup", None)
+        for config in self.configs if all_configs else self.configs[:1]:
+            kw = {**kwargs, **config.all_kwargs()}
+            kw = {k: v for k, v in kw.items() if k in self.fn.arg_names or k in ("num_warps", "num_stages")}
+            into.append(Launch(self.fn, args, kw, resolve(grid, bound(self.fn, args, kw)), case[0]))
+
+    original_jit, original_tuned, original_can = JITFunction.run, Autotuner.run, kops.can_launch
+    JITFunction.run, Autotuner.run = record_jit, record_tuned
+    kops.can_launch = lambda *tensors: True
+    try:
+        yield
+    finally:
+        JITFunction.run, Autotuner.run, kops.can_launch = original_jit, original_tuned, original_can
+
+
+def template_cases(quick: bool):
+    """(name, thunk) pairs: each template's launch at LLM-sized shapes. Tensors are torch.empty: nothing runs,
+    only shapes, strides, dtypes and alignment matter."""
+    from codegen.templates import blockdiag_linear as bd_t
+    from codegen.templates import lora_linear as lora_t
+    from codegen.templates import monarch_linear as mon_t
+    from codegen.templates import shiftadd_linear as sa_t
+    from codegen.templates import softmax as sm_t
+    from codegen.templates import softplus_attention as sp_t
+    from codegen.templates import vq_logits as vq_t
+    E = torch.empty
+    dtypes = (torch.float16,) if quick else DTYPES
+    cases = []
+    for dt in dtypes:
+        tag = str(dt).replace("torch.", "")
+        d, r = 4096, 16
+        for m in (1, 512) if not quick else (512,):
+            cases.append((f"lora {tag} {m}x{d} r{r} +bias+gelu+residual",
+                          lambda dt=dt, m=m: lora_t.launch(E(m, d, dtype=dt), E(d, d, dtype=dt), E(d, dtype=dt),
+                                                           E(r, d, dtype=dt), E(d, r, dtype=dt), 2.0,
+                                                           activation="gelu", residual=E(m, d, dtype=dt))))
+        if not quick:
+            cases.append((f"lora {tag} dropout input, no bias",
+                          lambda dt=dt: lora_t.launch(E(64, 1024, dtype=dt), E(768, 1024, dtype=dt), None,
+                                                      E(8, 1024, dtype=dt), E(768, 8, dtype=dt), 0.5,
+                                                      adapter_input=E(64, 1024, dtype=dt))))
+        for rows, n in ((4096, 1024), (64, 32768)):
+            cases.append((f"softmax {tag} {rows}x{n}", lambda dt=dt, rows=rows, n=n: sm_t.launch(E(rows, n, dtype=dt),
+                                                                                            -1)))
+        for d, nb in ((4096, 64), (1024, 4)):
+            p = d // nb
+            cases.append((f"monarch {tag} 512x{d} b{nb}",
+                          lambda dt=dt, d=d, nb=nb, p=p: mon_t.launch(E(512, d, dtype=dt), E(nb, p, p, dtype=dt),
+                                                                      E(nb, p, p, dtype=dt), E(d, dtype=dt), d)))
+        cases.append((f"blockdiag {tag} 512x4096 b4",
+                      lambda dt=dt: bd_t.launch(E(512, 4096, dtype=dt), E(4, 1024, 1024, dtype=dt), None,
+                                                E(4096, dtype=dt), 4096)))
+        cases.append((f"blockdense {tag} 512x4096 b4 → 11008",
+                      lambda dt=dt: bd_t.launch(E(512, 4096, dtype=dt), E(4, 256, 1024, dtype=dt),
+                                                E(11008, 1024, dtype=dt), None, 11008)))
+        cases.append((f"lowrank {tag} 512x4096 r256",
+                      lambda dt=dt: bd_t.launch_lowrank(E(512, 4096, dtype=dt), E(4096, 256, dtype=dt),
+                                                        E(256, 4096, dtype=dt), E(4096, dtype=dt))))
+        for m in (1, 16):
+            cases.append((f"shiftadd {tag} {m}x4096→4096 q3 g128",
+                          lambda dt=dt, m=m: sa_t.launch(E(m, 4096, dtype=dt),
+                                                         E(3, 4096, 512, dtype=torch.uint8),
+                                                         E(4096, 32, 3, 1, dtype=torch.int8), None, 4096, 128)))
+        for log_softmax, bias in ((False, False), (True, False), (True, True)):
+            cases.append((f"vq {tag} 512x768 V50257 K1024 log_softmax={log_softmax} bias={bias}",
+                          lambda dt=dt, ls=log_softmax, b=bias: vq_t.launch(
+                              E(512, 768, dtype=dt), E(1024, 768, dtype=dt),
+                              torch.zeros(50257, dtype=torch.int64), E(50257, dtype=dt) if b else None,
+                              log_softmax=ls)))
+        for causal, mask, reweight in ((True, False, False), (False, True, False), (True, False, True)):
+            for d in (64,) if quick else (64, 128):
+                cases.append((f"softplus-attn {tag} 2x8x1024x{d} causal={causal} mask={mask} reweight={reweight}",
+                              lambda dt=dt, c=causal, mk=mask, rw=reweight, d=d: sp_t.launch(
+                                  E(2, 8, 1024, d, dtype=dt), E(2, 8, 1024, d, dtype=dt),
+                                  E(2, 8, 1024, d, dtype=dt), torch.ones(1024, 1024, dtype=torch.bool) if mk else None,
+                                  c, rw, 1.0, 512, 1e-6)))
+    return cases
+
+
+def program_cases(quick: bool):
+    """(name, thunk) pairs: lowered demo programs run end to end (LoRA with fused epilogues, generated regions,
+    two-pass softmax, softplus attention, VQ head, Monarch)."""
+    from rewriter import rewrite
+    from rewriter.demo_models import demo_model
+    specs = ["lora{rank=8,init=gaussian}", "two-pass-softmax"] if quick else \
+        ["lora{rank=8,init=gaussian}", "two-pass-softmax", "softplus-attn", "vq-logits{codes=64}",
+         "monarch{blocks=4}", "lowrank{rank=16}"]
+    cases = []
+    for spec in specs:
+        def run(spec=spec):
+            model, args = demo_model("tiny-gpt")
+            with contextlib.redirect_stderr(open(os.devnull, "w")):
+                program = rewrite(model, args, passes=spec, codegen="triton").module()
+            program(*args)
+        cases.append((f"demo:tiny-gpt {spec} --codegen triton", run))
+    return cases
+
+
+def record_all(quick: bool) -> list[Launch]:
+    launches: list[Launch] = []
+    case = [""]
+    for kind, cases in (("program", program_cases(quick)), ("template", template_cases(quick))):
+        for name, thunk in cases:
+            case[0] = name
+            # --quick: the autotuner's configs are compiled at the templates' LLM shapes, not again per program
+            with recording(launches, case, all_configs=not (quick and kind == "program")):
+                thunk()
+    unique: dict = {}
+    for launch in launches:
+        unique.setdefault(launch.key(), launch)
+    return list(unique.values())
+
+
+# ----------------------------------------------------------------------------------------------------- compiling
+
+class _TargetDriver:
+    """Stands in for the CUDA driver at compile time: names the target GPU; compiles, never launches."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """(registers, local-memory bytes) of the cubin's kernel, from the cuobjdump that ships with Triton."""
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    local = re.search(r"LOCAL:(\d+)", text)
+    return (int(regs.group(1)) if regs else None), (int(local.group(1)) if local else None)
+
+
+def compile_one(launch: Launch, arch: int) -> Result:
+    from triton.runtime.driver import driver
+    result = Result(launch, arch, ok=False)
+    launch.kernel.device_caches.clear()         # the binder caches its target: start fresh for this arch
+    driver.set_active(_TargetDriver(arch))
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
+    except Exception as e:  # a compile error is the finding, whatever its type
+        result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+        return result
+    finally:
+        result.seconds = time.perf_counter() - start
+        driver.set_active(None)                 # back to the machine's own driver, if it has one
+        launch.kernel.device_caches.clear()
+    meta = compiled.metadata
+    result.num_warps, result.num_stages = meta.num_warps, meta.num_stages
+    result.shared_bytes = meta.shared
+    result.regs, result.local_bytes = _resource_usage(compiled.asm["cubin"])
+    limit = SHARED_LIMIT.get(arch)
+    if limit is not None and meta.shared > limit:
+        result.problems.append(f"shared memory {meta.shared} B > {limit} B per block on sm_{arch}")
+    if meta.num_warps * 32 > 1024:
+        result.problems.append(f"{meta.num_warps * 32} threads per block > 1024")
+    for axis, (g, lim) in enumerate(zip(launch.grid + (1, 1), GRID_LIMIT)):
+        if g > lim:
+            result.problems.append(f"grid[{axis}] = {g} > {lim}")
+    result.ok = not result.problems
+    return result
+
+
+def check(archs, quick: bool) -> list[Result]:
+    launches = record_all(quick)
+    return [compile_one(launch, arch) for arch in archs for launch in launches]
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+def _cannot_run() -> str | None:
+    from codegen.runtime import interpreter
+    if interpreter():
+        return "TRITON_INTERPRET is set: this check needs Triton's compiler; run it with TRITON_INTERPRET unset"
+    try:
+        import triton.backends.nvidia.compiler  # noqa: F401
+    except Exception:
+        return "this Triton has no NVIDIA backend to compile for"
+    return None
+
+
+def print_table(results: list[Result]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="kernels compiled for the target GPU (no GPU needed)", show_lines=False)
+    for col in ("kernel", "arch", "specialisation", "warps", "stages", "regs", "spill B", "smem KiB", "grid",
+                "status"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        status = "ok" if r.ok else "; ".join(r.problems + ([r.error] if r.error else []))
+        table.add_row(r.launch.name, f"sm_{r.arch}", r.launch.describe(), str(r.num_warps), str(r.num_stages),
+                      str(r.regs), str(r.local_bytes), f"{r.shared_bytes / 1024:.1f}" if r.shared_bytes is not None
+                      else "-", "×".join(map(str, r.launch.grid)), status)
+    Console(width=200).print(table)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", help="compute capability ×10, e.g. 90 (H100), 80")
+    parser.add_argument("--quick", action="store_true", help="fp16 only, fewer shapes")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = parser.parse_args(argv)
+    reason = _cannot_run()
+    if reason:
+        print(f"compile_check: {reason}", file=sys.stderr)
+        return 2
+    import triton
+    archs = args.arch or [90]
+    results = check(archs, args.quick)
+    failed = [r for r in results if not r.ok]
+    if args.json:
+        print(json.dumps(dict(triton=triton.__version__, torch=torch.__version__, archs=archs,
+                              kernels=[r.row() for r in results], failed=len(failed)), indent=1))
+    else:
+        print_table(results)
+        spills = [r for r in results if r.local_bytes]
+        print(f"{len(results)} specialisations compiled for {', '.join(f'sm_{a}' for a in archs)} with triton "
+              f"{triton.__version__}: {len(failed)} failed, {len(spills)} spill registers")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
