@@ -55,3 +55,17 @@ def notice_fallback(op: str, reason: str) -> None:
 def bf16_ok() -> bool:
     """bf16 arithmetic is broken in the interpreter: kernels upcast right after loads there anyway."""
     return not interpreter()
+
+
+def mma_upcast(dtype: torch.dtype) -> bool:
+    """Whether a kernel upcasts its tl.dot operands to fp32 (the `UPCAST` constexpr of the templates).
+
+    fp16 stays fp16 everywhere (GPU: tensor-core MMA with fp32 accumulation; the interpreter's numpy dot also
+    accumulates fp16 operands in fp32), bf16 stays bf16 on a GPU; fp32 inputs (exact IEEE dot) and bf16 under the
+    interpreter (its bf16 is broken) are upcast. An fp32 intermediate fed to a second dot is then cast to the input
+    dtype when this is False (tl.dot needs both operands in one dtype)."""
+    if dtype == torch.float16:
+        return False
+    if dtype == torch.bfloat16:
+        return interpreter()
+    return True

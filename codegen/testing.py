@@ -31,6 +31,15 @@ def on_device(t):
     return t.to(kernel_device()) if isinstance(t, torch.Tensor) else t
 
 
+def program_on_device(program):
+    """An ExportedProgram moved to the test device (the same object on the CPU): passes run on the CPU, kernels
+    on the device."""
+    if kernel_device().type == "cpu":
+        return program
+    from torch.export.passes import move_to_device_pass
+    return move_to_device_pass(program, str(kernel_device()))
+
+
 def guarded(t: torch.Tensor, strided: bool = False, fill: float = float("nan")) -> torch.Tensor:
     """A copy of `t` on the test device, as a view in the middle of a `fill`-ed buffer."""
     shape = list(t.shape) or [1]

@@ -133,7 +133,9 @@ class LoraPass(Pass):
         else:  # nn.Linear's kaiming_uniform(a=√5): U(−1/√in, 1/√in)
             bound = 1.0 / math.sqrt(in_f)
             a = (torch.rand(rank, in_f, generator=gen) * 2 - 1) * bound
-        return a.to(weight.dtype), torch.zeros(weight.shape[0], rank, dtype=weight.dtype)
+        # drawn on the CPU (a seeded CPU generator: the same adapter on every device), stored beside the weight
+        return (a.to(device=weight.device, dtype=weight.dtype),
+                torch.zeros(weight.shape[0], rank, dtype=weight.dtype, device=weight.device))
 
     def _pissa(self, weight: torch.Tensor, rank: int):
         w = weight.detach().float()

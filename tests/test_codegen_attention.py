@@ -1,5 +1,7 @@
 """Softplus attention template (codegen/templates/softplus_attention.py) and rewrite_triton::softplus_attention
-vs rewrite::softplus_attention's reference run in float64 (interpreter, grids of ≤ 4 programs)."""
+vs rewrite::softplus_attention's reference run in float64 (interpreter, grids of ≤ 4 programs).
+Kernels run on codegen.testing.kernel_device() (the interpreter on CPU by default); inputs and float64 references
+are built on the CPU, results come back with .cpu()."""
 import math
 
 import pytest
@@ -10,7 +12,8 @@ from hypothesis import strategies as st
 
 import codegen  # noqa: F401  (registers rewrite_triton::)
 from codegen.templates import softplus_attention as sp_t
-from codegen.testing import guard_intact, guarded, guarded_output
+from codegen.runtime import mma_upcast
+from codegen.testing import guard_intact, guarded, guarded_output, kernel_device, on_device
 from rewriter.ops import softplus_attention as sp_op
 
 TRITON_OP = torch.ops.rewrite_triton.softplus_attention.default
@@ -18,6 +21,8 @@ SIZES = [1, 2, 3, 5, 7, 13, 16, 17, 31, 47, 61, 64]
 DIMS = [1, 2, 3, 5, 8, 16, 17, 31, 64]
 LEADS = [(1,), (2,), (3,), (4,), (1, 1), (2, 1), (1, 2), (2, 2), (1, 3)]
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float16: dict(rtol=1e-2, atol=2e-3)}
+DEV = kernel_device()
+cpu_only = pytest.mark.skipif(DEV.type != "cpu", reason="runs fallbacks / autograd / lowering on CPU tensors")
 
 
 def _blocks(bm, bn, d, dv):
@@ -65,13 +70,13 @@ def test_kernel_matches_reference_in_float64(tq, tk, d, dv, lead_i, bm, bn, caus
     assert sp_t.supported(q, k, v, keep) is None
     out = guarded_output((*lead, tq, dv), dtype, strided=strided)
     gq, gk, gv = (guarded(t, strided=strided) for t in (q, k, v))
-    got = sp_t.launch(gq, gk, gv, keep, *args, blocks=_blocks(bm, bn, d, dv), out=out)
+    got = sp_t.launch(gq, gk, gv, on_device(keep), *args, blocks=_blocks(bm, bn, d, dv), out=out)
     assert got.data_ptr() == out.data_ptr() and got.shape == (*lead, tq, dv)
     assert not torch.isnan(out).any(), "NaN leaked from a guard region: out-of-bounds read"
     assert guard_intact(out), "write outside the output"
     want = sp_op.reference(q.double(), k.double(), v.double(), keep, *args)
     tol = TOL[dtype] if not (reweight and dtype == torch.float32) else dict(rtol=2e-4, atol=2e-5)
-    torch.testing.assert_close(out.double(), want, **tol)
+    torch.testing.assert_close(out.cpu().double(), want, **tol)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -82,7 +87,7 @@ def test_op_matches_rewrite_op_with_default_blocks(causal, reweight):
     keep = torch.ones(1, 1, 1, 37, dtype=torch.bool)
     keep[..., 30:] = False
     args = (keep, causal, reweight, 15.0, 0, 1e-6)
-    got = TRITON_OP(q, k, v, *args)
+    got = TRITON_OP(*map(on_device, (q, k, v, keep)), *args[1:]).cpu()
     want = sp_op.OP(q, k, v, *args)
     assert got.shape == want.shape == (1, 2, 37, 24) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-4 if reweight else 2e-5, atol=2e-5 if reweight else 2e-6)
@@ -92,7 +97,8 @@ def test_masked_rows_and_rows_beyond_train_len():
     q, k, v = (torch.randn(3, 20, 16, generator=torch.Generator().manual_seed(s)) for s in range(3))
     keep = torch.ones(20, 20, dtype=torch.bool)
     keep[4] = False                      # a row that sees nothing: weights 0 (eps guards 0/0), output 0
-    out = sp_t.launch(q, k, v, keep, True, True, 3.0, 8, 1e-6, blocks=_blocks(16, 16, 16, 16))
+    out = sp_t.launch(*map(on_device, (q, k, v, keep)), True, True, 3.0, 8, 1e-6, blocks=_blocks(16, 16, 16, 16))
+    out = out.cpu()
     assert torch.equal(out[:, 4], torch.zeros(3, 16))
     # train_len = 8: rows that see ≤ 8 keys keep their LSSA weights, later rows are re-weighted
     lssa = sp_op.reference(q.double(), k.double(), v.double(), keep, True, False, 3.0, 0, 1e-6)
@@ -102,6 +108,7 @@ def test_masked_rows_and_rows_beyond_train_len():
     assert (lssa[:, 9:] - lssar[:, 9:]).abs().max() > 1e-2   # the two branches really differ there
 
 
+@cpu_only
 def test_supported_reasons_and_fallback_for_float64():
     q = torch.randn(2, 5, 8)
     assert sp_t.supported(q.double(), q.double(), q.double(), None) is not None
@@ -112,6 +119,7 @@ def test_supported_reasons_and_fallback_for_float64():
     torch.testing.assert_close(TRITON_OP(x, x, x, *args), sp_op.reference(x, x, x, *args), rtol=0, atol=0)
 
 
+@cpu_only
 def test_gradients_match_the_rewrite_op():
     g = torch.Generator().manual_seed(7)
     base = [torch.randn(1, 2, 11, 16, generator=g) for _ in range(3)]
@@ -127,6 +135,7 @@ def test_gradients_match_the_rewrite_op():
     assert all(t.abs().sum() > 0 for t in results[0][1:])
 
 
+@cpu_only
 def test_lowering_puts_the_kernel_in_the_program():
     from rewriter import rewrite
 
@@ -142,3 +151,60 @@ def test_lowering_puts_the_kernel_in_the_program():
     assert "rewrite.softplus_attention.default" not in targets
     want = sp_op.reference(x.double(), (x * 0.5).double(), x.flip(-1).double(), None, True, False, 15.0, 0, 1e-6)
     torch.testing.assert_close(r.module()(x).double(), want, rtol=2e-5, atol=2e-6)
+
+
+class _Spy:
+    """Stands in for softplus_attention_kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
+def _emulated(q, k, v, reweight, p, eps, rnd):
+    """The kernel's arithmetic in float64 (causal): the unnormalised weights a (and r) rounded to `rnd` (None: not
+    rounded) only where they meet v; the row sums, maxima and re-weighting use the unrounded values."""
+    rounded = (lambda t: t) if rnd is None else (lambda t: t.to(rnd).double())  # noqa: E731
+    q, k, v = q.double(), k.double(), v.double()
+    s = torch.nn.functional.normalize(q, dim=-1, eps=eps) @ torch.nn.functional.normalize(k, dim=-1, eps=eps).mT
+    keep = torch.ones(s.shape[-2:], dtype=torch.bool).tril()
+    n = keep.sum(-1, keepdim=True).double()
+    a = torch.nn.functional.softplus(math.log(q.shape[-1]) * torch.log(n) * s) * keep
+    total = a.sum(-1, keepdim=True)
+    out = rounded(a) @ v / (total + eps)
+    if reweight:
+        r = torch.relu(a / (total + eps) * n - (n > 1).double())
+        r = (r / (r.amax(-1, keepdim=True) + eps)) ** p
+        r_sum = r.sum(-1, keepdim=True)
+        out = torch.where(r_sum > 0, rounded(r) @ v / (r_sum + eps), out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reweight", [False, True])
+def test_low_precision_dots_round_only_the_weights(dtype, reweight, monkeypatch):
+    """fp16 (and bf16 on a GPU) q, k, v reach tl.dot unconverted (UPCAST = mma_upcast(dtype) = False); the only
+    rounded intermediate is the weights a (r) cast to the input dtype for ·V — the scores use the raw q·kᵀ, so no
+    normalised row is rounded. bf16 under the interpreter is upcast: nothing rounded. An fp32 output buffer exposes
+    the fp32 accumulators: they must match the float64 emulation that rounds exactly there, far tighter than the
+    other choice (and than rounding q̂, k̂ too, which moves the scores by ~|scale|·2⁻¹¹)."""
+    g = torch.Generator().manual_seed(11)
+    q, k = ((torch.randn(1, 2, 32, 16, generator=g) * 3).to(dtype) for _ in range(2))
+    v = torch.randn(1, 2, 32, 16, generator=g).to(dtype)
+    spy = _Spy(sp_t.softplus_attention_kernel)
+    monkeypatch.setattr(sp_t, "softplus_attention_kernel", spy)
+    out = guarded_output((1, 2, 32, 16), torch.float32)
+    sp_t.launch(guarded(q), guarded(k), guarded(v), None, True, reweight, 3.0, 0, 1e-6, out=out)
+    assert [c["UPCAST"] for c in spy.calls] == [mma_upcast(dtype)]
+    rnd = None if mma_upcast(dtype) else dtype
+    got = out.cpu().double()
+    want = _emulated(q, k, v, reweight, 3.0, 1e-6, rnd)
+    other = _emulated(q, k, v, reweight, 3.0, 1e-6, dtype if rnd is None else None)
+    tight = 4e-6 * want.abs().max().item()
+    assert (got - want).abs().max().item() <= tight
+    assert (other - want).abs().max().item() > 10 * tight

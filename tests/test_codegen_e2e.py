@@ -1,5 +1,9 @@
 """End to end: rewrite(..., codegen="triton") through the interpreter; save/load of the lowered program in a fresh
-process; the kernel cache; the CPU fallback without the interpreter."""
+process; the kernel cache; the CPU fallback without the interpreter.
+
+With REWRITE_TEST_DEVICE naming a GPU (`make test-gpu`), passes still run on the CPU and the rewritten program is
+moved to the device before lowering, so the kernels are compiled and checked there; the tests that only make sense
+on the CPU (the fallback notice without the interpreter, the bench harness's tiny interpreter run) are skipped."""
 import copy
 import os
 import subprocess
@@ -12,9 +16,15 @@ import torch
 import codegen
 import codegen.ops as kops
 from codegen import cache
+from codegen.testing import kernel_device, on_device, program_on_device
 from rewriter import rewrite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ON_CPU = kernel_device().type == "cpu"
+
+
+def _args_on_device(args):
+    return tuple(on_device(a) for a in args)
 
 
 def _randomise_lora_b(program):
@@ -34,11 +44,12 @@ def lowered(tmp_path_factory):
     model, args = demo_model("tiny-gpt")
     base = rewrite(model, args, passes="lora{rank=4,init=gaussian}")
     _randomise_lora_b(base.program)
+    base, args = program_on_device(base.program), _args_on_device(args)     # base: the program before codegen
     dump = tmp_path_factory.mktemp("kernels")
     saved = os.environ.get("REWRITE_KERNEL_CACHE")
     os.environ["REWRITE_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     try:
-        r = rewrite(base.program, args, codegen="triton", verify=True, dump_kernels=str(dump))
+        r = rewrite(base, args, codegen="triton", verify=True, dump_kernels=str(dump))
     finally:
         if saved is None:
             os.environ.pop("REWRITE_KERNEL_CACHE")
@@ -59,13 +70,13 @@ def test_tiny_gpt_lora_codegen_matches_uncodegened(lowered):
     targets = {str(n.target) for n in r.program.graph.nodes if n.op == "call_function"}
     assert "rewrite_triton.lora_linear.default" in targets and "rewrite.lora_linear.default" not in targets
     want = base.module()(*args)
-    truth = copy.deepcopy(base.program.module()).double()(*args)
+    truth = copy.deepcopy(base.module()).double()(*args)
     got = r.module()(*args)
     rel = lambda y: ((y.double() - truth).abs().max() / truth.abs().max()).item()  # noqa: E731
     # fp32 kernels vs fp32 eager differ in summation order: both must be close to the float64 truth
     assert rel(got) <= max(1e-5, 2 * rel(want)), (rel(got), rel(want))
     assert ((got - want).abs().max() / want.abs().max()).item() < 5e-5
-    adapter_off = copy.deepcopy(base.program.module())
+    adapter_off = copy.deepcopy(base.module())
     # the adapter matters at this B: zeroing B changes the output a lot
     for k, v in adapter_off.state_dict().items():
         if k.endswith("lora_B"):
@@ -112,13 +123,16 @@ def test_lowered_program_saves_and_loads_in_fresh_process(lowered, tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         print("OK", sum(1 for n in p.graph.nodes if "rewrite_triton" in str(n.target)))
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    # the program, args and outputs were saved on the test device and load there: interpreter only on the CPU
+    env = dict(os.environ, TRITON_INTERPRET="1" if ON_CPU else "0")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("OK") and int(out.stdout.split()[1]) >= 12
 
 
+@pytest.mark.skipif(not ON_CPU, reason="checks the CPU fallback notice when TRITON_INTERPRET is unset; with a GPU "
+                                       "test device kernels run there and no fallback happens")
 def test_cpu_without_interpreter_falls_back_with_notice(tmp_path):
     script = textwrap.dedent("""
         import torch, codegen.ops as k
@@ -147,10 +161,11 @@ def test_two_pass_softmax_op_is_lowered_when_present():
         base = rewrite(model, args, passes="two-pass-softmax")
     except Exception as e:  # the pass is being written by someone else
         pytest.skip(f"two-pass-softmax pass unavailable: {e}")
-    r = rewrite(base.program, args, codegen="triton", verify=True)
+    program, args = program_on_device(base.program), _args_on_device(args)
+    r = rewrite(program, args, codegen="triton", verify=True)
     sites = [s for s in r.report.passes[-1].sites if s["kernel"] == "two_pass_softmax"]
     assert len(sites) == 2
-    torch.testing.assert_close(r.module()(*args), base.module()(*args), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r.module()(*args), program.module()(*args), rtol=1e-5, atol=1e-5)
 
 
 def test_cache_is_keyed_by_source_and_written_atomically(tmp_path, monkeypatch):
@@ -162,7 +177,7 @@ def test_cache_is_keyed_by_source_and_written_atomically(tmp_path, monkeypatch):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [f"k_{cache.kernel_key(src)}.py"] and not any(f.startswith(".tmp") for f in files)
     assert cache.kernel_key(src) != cache.kernel_key(src + "\n")
-    t = torch.zeros(1)
+    t = on_device(torch.zeros(1))
     m1.k[(1,)](t)
     assert t.item() == 1.0
 
@@ -172,16 +187,20 @@ def test_dump_dir_gets_every_kernel(tmp_path):
         def forward(self, x):
             return (torch.tanh(x) * 2.0 + x).sum(-1)
     x = torch.randn(3, 10)
-    gm = torch.export.export(M(), (x,)).module()
+    dx = on_device(x)
+    gm = torch.export.export(M(), (dx,)).module()
     from rewriter.pass_manager import Report
-    res = codegen.lower(gm, [x], Report(), dump_dir=tmp_path)
+    res = codegen.lower(gm, [dx], Report(), dump_dir=tmp_path)
     dumped = sorted(p.name for p in tmp_path.iterdir())
     assert dumped == [f"{res.sites[0]['kernel']}.py"]
     assert "@triton.jit" in (tmp_path / dumped[0]).read_text()
-    torch.testing.assert_close(gm(x), M()(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gm(dx).cpu(), M()(x), rtol=1e-5, atol=1e-5)
     assert any(n.target is kops.REGION for n in gm.graph.nodes)
 
 
+@pytest.mark.skipif(not ON_CPU, reason="runs the GPU harness on tiny CPU shapes under the interpreter and checks "
+                                       "that it refuses without CUDA; on a GPU `python -m bench.kernels` is the "
+                                       "harness run itself")
 def test_bench_kernels_harness_runs_tiny_on_the_interpreter(monkeypatch):
     """The GPU harness's code paths (correctness checks, tables) on tiny CPU shapes, timing stubbed."""
     import bench.kernels as bk

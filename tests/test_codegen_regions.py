@@ -1,7 +1,8 @@
 """Generated kernels for fused pointwise/reduction regions (codegen/regions.py, generate.py, pointwise_table.py).
 
-Random programs over the op table are exported, lowered with `codegen.lower`, run through the interpreter and
-compared with the original program run in float64.
+Random programs over the op table are exported, lowered with `codegen.lower`, run through the interpreter (or on
+the GPU REWRITE_TEST_DEVICE names: programs are exported and lowered on device copies of the inputs) and compared
+with the original program run in float64 on the CPU.
 """
 import pytest
 import torch
@@ -13,7 +14,7 @@ import codegen
 import codegen.ops as kops
 from codegen import generate
 from codegen.regions import Region, check_acyclic, find_regions
-from codegen.testing import guard_intact, guarded, guarded_output
+from codegen.testing import guard_intact, guarded, guarded_output, on_device
 from rewriter.pass_manager import Report
 
 F = torch.nn.functional
@@ -96,10 +97,10 @@ def test_random_region_matches_float64(steps, reduce, keepdim, rows, cols, y_sha
     y = torch.randn(*shape, generator=g).to(dtype)
     cond = torch.randn(rows, cols, generator=g) > 0
     module = Program(steps, reduce, keepdim)
-    x, y = guarded(x, strided=strided), guarded(y, strided=strided)
-    gm, result = _lower(module, [x, y, cond], min_ops=1)
+    inputs = [guarded(x, strided=strided), guarded(y, strided=strided), on_device(cond)]
+    gm, result = _lower(module, inputs, min_ops=1)
     want = module(x.double(), y.double(), cond)
-    got = gm(x, y, cond)
+    got = gm(*inputs).cpu()
     assert any(n.target is kops.REGION for n in gm.graph.nodes), "nothing was lowered"
     assert result.sites and all(s["kernel"].startswith("region_") for s in result.sites)
     assert got.dtype == dtype and got.shape == want.shape
@@ -116,10 +117,11 @@ def test_each_table_op_alone(name):
     class M(torch.nn.Module):
         def forward(self, a, b):
             return fn(a) if name in UNARY else fn(a, b)
-    gm, result = _lower(M(), [x, y], min_ops=1)
+    dx, dy = on_device(x), on_device(y)
+    gm, result = _lower(M(), [dx, dy], min_ops=1)
     assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target not in (kops.REGION,)
                 and "aten" in str(n.target) and "sym" not in str(n.target)], gm.code
-    got = gm(x, y)
+    got = gm(dx, dy).cpu()
     want = M()(x.double(), y.double())
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
@@ -133,20 +135,21 @@ def test_regions_are_maximal_and_single_output():
             d = torch.relu(c) * c
             return d.sum(-1), b
     x, w = torch.randn(4, 16), torch.randn(16, 16)
-    gm = torch.export.export(M(), (x, w)).module()
+    dx, dw = on_device(x), on_device(w)
+    gm = torch.export.export(M(), (dx, dw)).module()
     from rewriter.verify import propagate_shapes
-    propagate_shapes(gm, [x, w])
+    propagate_shapes(gm, [dx, dw])
     regions = find_regions(gm)
     names = sorted(tuple(n.target.__name__ for n in r.nodes) for r in regions)
     # b is a graph output and feeds the matmul: {mul, tanh, add}; after the matmul {relu, mul, sum}
     assert len(regions) == 2, names
     assert sorted(len(r.nodes) for r in regions) == [3, 3]
     assert sum(r.reduce == "sum" for r in regions) == 1
-    got = codegen.lower(gm, [x, w], Report())
-    out = gm(x, w)
+    got = codegen.lower(gm, [dx, dw], Report())
+    out = gm(dx, dw)
     want = M()(x.double(), w.double())
     for o, e in zip(out, want):
-        torch.testing.assert_close(o.double(), e, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(o.cpu().double(), e, rtol=1e-5, atol=1e-4)
     assert len(got.sites) == 2
 
 
@@ -166,12 +169,13 @@ def test_cycle_check_rejects_a_region_with_an_outside_path():
 def test_generated_kernel_guards_and_broadcast():
     spec = {"ops": [{"rule": "mul", "args": ["i0", "i1"], "kw": {}}, {"rule": "gelu", "args": ["v0"], "kw": {}}],
             "reduce": None, "keepdim": False, "dtype": "float32"}
-    x = guarded(torch.randn(3, 5, 19), strided=True)
-    b = guarded(torch.randn(5, 1))
+    x, b = torch.randn(3, 5, 19), torch.randn(5, 1)
     out = guarded_output((3, 5, 19), torch.float32)
-    generate.launch([x, b], spec, out=out)
-    assert guard_intact(out) and not torch.isnan(out).any()
-    torch.testing.assert_close(out.double(), F.gelu(x.double() * b.double()), rtol=1e-5, atol=1e-6)
+    generate.launch([guarded(x, strided=True), guarded(b)], spec, out=out)
+    assert guard_intact(out)
+    got = out.cpu()
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.double(), F.gelu(x.double() * b.double()), rtol=1e-5, atol=1e-6)
 
 
 def test_guard_helper_detects_out_of_bounds_write():
@@ -192,7 +196,9 @@ def test_region_op_backward_matches_aten():
     w = torch.randn(7, requires_grad=True)
     cond = torch.randn(3, 7) > 0
     g = torch.randn(3)
-    got = torch.autograd.grad(kops.REGION([x, w, cond], json.dumps(spec)), [x, w], g)
+    # the kernel runs on the test device; .to() is differentiable, so the gradients land on the CPU leaves
+    y = kops.REGION([on_device(x), on_device(w), on_device(cond)], json.dumps(spec))
+    got = torch.autograd.grad(y, [x, w], on_device(g))
     want = torch.autograd.grad(torch.where(cond, torch.tanh(x * w), x).sum(-1), [x, w], g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,12 +1,13 @@
 """ShiftAdd LUT GEMV/GEMM template (codegen/templates/shiftadd_linear.py) vs rewrite::shiftadd_linear's reference
-(dequantise + matmul) in float64, under the Triton interpreter; plus the shiftadd pass lowered end to end."""
+(dequantise + matmul) in float64, under the Triton interpreter or on the GPU REWRITE_TEST_DEVICE names (inputs and
+references on the CPU, kernels on device copies); plus the shiftadd pass lowered end to end."""
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import codegen.ops as kops
 from codegen.templates import shiftadd_linear as sa_t
-from codegen.testing import guard_intact, guarded, guarded_output
+from codegen.testing import guard_intact, guarded, guarded_output, on_device, program_on_device
 from rewriter import bcq
 from rewriter.ops import shiftadd_linear as sa_op
 
@@ -36,11 +37,13 @@ def test_lut_kernel_matches_float64(rows, in_f, out_f, q, group, terms, dtype, h
     x = (torch.randn(rows, in_f, generator=g) / in_f ** 0.5).to(dtype)
     bias = torch.randn(out_f, generator=g).to(dtype) if has_bias else None
     out = guarded_output((rows, out_f), dtype, strided=strided)
-    sa_t.launch(guarded(x, strided), signs, exps, guarded(bias) if bias is not None else None, in_f, group, out=out)
+    sa_t.launch(guarded(x, strided), on_device(signs), on_device(exps), guarded(bias) if bias is not None else None,
+                in_f, group, out=out)
     want = sa_op.reference(_d(x), signs, exps, _d(bias), in_f, group)
-    assert not torch.isnan(out).any(), "NaN leaked from a guard region: out-of-bounds read"
     assert guard_intact(out), "write outside the output"
-    torch.testing.assert_close(out.double(), want, **TOL[dtype])
+    got = out.cpu()
+    assert not torch.isnan(got).any(), "NaN leaked from a guard region: out-of-bounds read"
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
 
 
 def test_lut_kernel_on_quantised_weights_and_strided_packing():
@@ -48,12 +51,15 @@ def test_lut_kernel_on_quantised_weights_and_strided_packing():
     torch.manual_seed(0)
     w = torch.randn(24, 50)
     qw = bcq.quantize(w, bits=3, group=16, rounds=1)
-    signs = torch.zeros(qw.signs.shape[0], qw.signs.shape[1], 2 * qw.signs.shape[2], dtype=torch.uint8)[..., ::2]
+    # (the strided views are cut from device buffers: .to() would make them contiguous)
+    signs = on_device(torch.zeros(qw.signs.shape[0], qw.signs.shape[1], 2 * qw.signs.shape[2],
+                                  dtype=torch.uint8))[..., ::2]
     signs.copy_(qw.signs)
-    exps = torch.zeros(2 * qw.exponents.shape[0], *qw.exponents.shape[1:], dtype=torch.int8)[::2]
+    exps = on_device(torch.zeros(2 * qw.exponents.shape[0], *qw.exponents.shape[1:], dtype=torch.int8))[::2]
     exps.copy_(qw.exponents)
+    assert not signs.is_contiguous() and not exps.is_contiguous()
     x = torch.randn(2, 3, 50)
-    y = sa_t.launch(x, signs, exps, None, 50, 16)
+    y = sa_t.launch(on_device(x), signs, exps, None, 50, 16).cpu()
     assert y.shape == (2, 3, 24)
     want = x.double() @ qw.dequantize().double().t()
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
@@ -65,11 +71,11 @@ def test_zero_exponent_means_zero_and_op_gradient():
     signs, exps = _packed(g, 8, 16, 2, 16, 1)
     exps[:, :, 1] = bcq.ZERO_EXP                         # plane 1 contributes nothing
     x = torch.randn(3, 16, requires_grad=True)
-    y = kops.SHIFTADD(x, signs, exps, None, 16, 16)
+    y = kops.SHIFTADD(on_device(x), on_device(signs), on_device(exps), None, 16, 16)
     only0 = sa_op.reference(x.detach(), signs[:1], exps[:, :, :1], None, 16, 16)
-    torch.testing.assert_close(y.detach(), only0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.detach().cpu(), only0, rtol=1e-5, atol=1e-5)
     go = torch.randn(3, 8)
-    (gx,) = torch.autograd.grad(y, [x], go)
+    (gx,) = torch.autograd.grad(y, [x], on_device(go))       # .to() is differentiable: gx is on the CPU leaf
     torch.testing.assert_close(gx, go @ bcq.dequantize(signs, exps, 16, 16), rtol=1e-5, atol=1e-5)
 
 
@@ -77,13 +83,14 @@ def test_shiftadd_pass_lowers_end_to_end():
     from rewriter import rewrite
     from rewriter.demo_models import demo_model
     model, args = demo_model("tiny-gpt")
-    base = rewrite(model, args, passes="shiftadd{bits=3,group=32}")
-    r = rewrite(base.program, args, codegen="triton", verify=True)
+    base = rewrite(model, args, passes="shiftadd{bits=3,group=32}")    # quantisation runs on the CPU
+    program, args = program_on_device(base.program), tuple(on_device(a) for a in args)
+    r = rewrite(program, args, codegen="triton", verify=True)
     res = r.report.passes[-1]
     assert res.name == "codegen" and res.error_vs_previous is not None
     assert [s["kernel"] for s in res.sites].count("shiftadd_lut") == 12
     targets = [str(n.target) for n in r.program.graph.nodes if n.op == "call_function"]
     assert targets.count("rewrite_triton.shiftadd_linear.default") == 12
     assert "rewrite.shiftadd_linear.default" not in targets
-    want = base.module()(*args)
+    want = program.module()(*args)
     torch.testing.assert_close(r.module()(*args), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

@@ -3,7 +3,10 @@ the rewrite:: ops' references run in float64, under the Triton interpreter; plus
 
 Inputs and outputs sit in NaN-guarded buffers (codegen/testing.py): out-of-bounds reads show up as NaN, writes
 outside the output as a changed guard. Shapes are odd/prime/1 so every mask and the zero padding of x matter.
+Kernels run on codegen.testing.kernel_device() (the interpreter on CPU by default); inputs and float64 references
+are built on the CPU, results come back with .cpu().
 """
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +14,8 @@ from hypothesis import strategies as st
 import codegen.ops as kops
 from codegen.templates import blockdiag_linear as bd_t
 from codegen.templates import monarch_linear as mon_t
-from codegen.testing import guard_intact, guarded, guarded_output
+from codegen.runtime import mma_upcast
+from codegen.testing import guard_intact, guarded, guarded_output, kernel_device, on_device
 from rewriter.ops import blockdiag_linear as bd_op
 from rewriter.ops import lowrank_linear as lr_op
 from rewriter.ops import monarch_linear as mon_op
@@ -19,6 +23,8 @@ from rewriter.ops import monarch_linear as mon_op
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=2e-2)}
 SIZES = st.sampled_from([1, 2, 3, 5, 7, 13, 16, 17, 31, 37])
 DTYPES = st.sampled_from([torch.float32, torch.float16])
+ON_CPU = kernel_device().type == "cpu"
+cpu_only = pytest.mark.skipif(not ON_CPU, reason="runs the demo model / bench harness / fallback on CPU tensors")
 
 
 def _d(t):
@@ -32,7 +38,7 @@ def _mk(g, dtype, fan_in):
 def _check(out, want, dtype):
     assert not torch.isnan(out).any(), "NaN leaked from a guard region: out-of-bounds read"
     assert guard_intact(out), "write outside the output"
-    torch.testing.assert_close(out.double(), want, **TOL[dtype])
+    torch.testing.assert_close(out.cpu().double(), want, **TOL[dtype])
 
 
 @settings(max_examples=20, deadline=None)
@@ -90,11 +96,93 @@ def test_monarch_multi_tile_loops_and_3d_input():
     nb, q, p, s = 2, 38, 40, 20
     x = torch.randn(2, 9, 80)
     w1, w2, b = torch.randn(nb, q, p) / p ** 0.5, torch.randn(nb, s, q) / q ** 0.5, torch.randn(37)
-    y = mon_t.launch(x, w1, w2, b, 37, blocks=dict(BM=16, BP=16, BT=16, BS=16))
+    y = mon_t.launch(*map(on_device, (x, w1, w2, b)), 37, blocks=dict(BM=16, BP=16, BT=16, BS=16)).cpu()
     assert y.shape == (2, 9, 37)
     torch.testing.assert_close(y.double(), mon_op.reference(_d(x), _d(w1), _d(w2), _d(b), 37), rtol=1e-5, atol=1e-5)
 
 
+class _Spy:
+    """Stands in for a module's @triton.jit kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
+def _rounded(t, rnd):
+    return t if rnd is None else t.to(rnd).double()
+
+
+def _monarch_emulated(x, w1, w2, bias, m, rnd):
+    """The kernel's arithmetic in float64, with g = P₁(R·x) rounded to `rnd` (None: not rounded) before ·L."""
+    nb, q, p = w1.shape
+    a = torch.nn.functional.pad(x, (0, nb * p - x.shape[1])).view(x.shape[0], nb, p).transpose(0, 1)
+    g = _rounded(mon_op._perm1(torch.bmm(a, w1.transpose(1, 2))), rnd)
+    y = torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0).reshape(x.shape[0], -1)[:, :m]
+    return y if bias is None else y + bias
+
+
+def _blockdense_emulated(x, blocks, u, bias, rnd):
+    nb, t, p = blocks.shape
+    a = torch.nn.functional.pad(x, (0, nb * p - x.shape[1])).view(x.shape[0], nb, p).transpose(0, 1)
+    h = _rounded(torch.bmm(a, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape[0], nb * t), rnd)
+    return torch.nn.functional.linear(h, u, bias)
+
+
+def _lowrank_emulated(x, u, v, bias, rnd):
+    return torch.nn.functional.linear(_rounded(x @ v.t(), rnd), u, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["monarch", "blockdense", "lowrank", "blockdiag"])
+def test_low_precision_dots_round_only_the_intermediate(kind, dtype, monkeypatch):
+    """fp16 (and bf16 on a GPU) operands reach tl.dot unconverted (UPCAST = mma_upcast(dtype) = False) and the
+    fp32 intermediate feeding the second dot (g, h) is rounded to the input dtype; bf16 under the interpreter is
+    upcast and nothing is rounded. An fp32 output buffer exposes the fp32 accumulator: it must match the float64
+    emulation that rounds (or not) exactly there, far tighter than the other choice does."""
+    g = torch.Generator().manual_seed(3)
+    rows, n, m, nb = 16, 64, 64, 4
+    rnd = None if mma_upcast(dtype) else dtype
+    mk = lambda fan_in, *shape: (torch.randn(*shape, generator=g) / fan_in ** 0.5).to(dtype)  # noqa: E731
+    x, bias = mk(1, rows, n), mk(1, m)
+    out = guarded_output((rows, m), torch.float32)
+    if kind == "monarch":
+        w1, w2 = mk(16, nb, 16, 16), mk(16, nb, 16, 16)
+        spy = _Spy(mon_t.monarch_linear_kernel)
+        monkeypatch.setattr(mon_t, "monarch_linear_kernel", spy)
+        mon_t.launch(guarded(x), guarded(w1), guarded(w2), guarded(bias), m, out=out)
+        emulate = lambda r: _monarch_emulated(_d(x), _d(w1), _d(w2), _d(bias), m, r)  # noqa: E731
+    else:
+        spy = _Spy(bd_t.blockdiag_linear_kernel)
+        monkeypatch.setattr(bd_t, "blockdiag_linear_kernel", spy)
+        if kind == "blockdense":
+            blocks, u = mk(16, nb, 8, 16), mk(32, m, nb * 8)
+            bd_t.launch(guarded(x), guarded(blocks), guarded(u), guarded(bias), m, out=out)
+            emulate = lambda r: _blockdense_emulated(_d(x), _d(blocks), _d(u), _d(bias), r)  # noqa: E731
+        elif kind == "lowrank":
+            u, v = mk(24, m, 24), mk(n, 24, n)
+            bd_t.launch_lowrank(guarded(x), guarded(u), guarded(v), guarded(bias), out=out)
+            emulate = lambda r: _lowrank_emulated(_d(x), _d(u), _d(v), _d(bias), r)  # noqa: E731
+        else:   # plain block-diagonal: no second dot, h + bias is never rounded before the store
+            blocks = mk(16, nb, 16, 16)
+            bd_t.launch(guarded(x), guarded(blocks), None, guarded(bias), m, out=out)
+            emulate = lambda r: bd_op.reference(_d(x), _d(blocks), None, None, m).to(r or torch.float64).double() \
+                + _d(bias)  # noqa: E731
+            rnd = None
+    assert [c["UPCAST"] for c in spy.calls] == [mma_upcast(dtype)]
+    got, want = out.cpu().double(), emulate(rnd)
+    other = emulate(dtype if rnd is None else None)
+    tight = 4e-6 * want.abs().max().item()   # fp32 accumulation: measured ≤ 1.3e-7·max on the interpreter
+    assert (got - want).abs().max().item() <= tight
+    assert (other - want).abs().max().item() > 10 * tight     # ≈ 2e-4·max (fp16): the rounding is visible
+
+
+@cpu_only
 def test_ops_dense_path_fallback_and_gradients():
     torch.manual_seed(1)
     x = torch.randn(3, 16, requires_grad=True)
@@ -134,16 +222,19 @@ def _assert_lowered(base, r, args, op_name, kernel, count):
     torch.testing.assert_close(r.module()(*args), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@cpu_only
 def test_monarch_pass_lowers_end_to_end():
     base, r, args = _lowered("monarch{blocks=4}")
     _assert_lowered(base, r, args, "monarch_linear", "monarch_linear", 12)
 
 
+@cpu_only
 def test_blockdiag_pass_lowers_end_to_end():
     base, r, args = _lowered("blockdiag")
     _assert_lowered(base, r, args, "blockdiag_linear", "blockdiag_linear", 12)
 
 
+@cpu_only
 def test_bench_kernels_new_rows_run_tiny_on_the_interpreter(monkeypatch):
     """bench.kernels' monarch / shiftadd / vq code paths (correctness checks, row fields) on tiny CPU shapes."""
     import bench.kernels as bk
@@ -180,17 +271,18 @@ def test_softplus_attention_kernel_matches_float64(heads, tq, tk, d, dv, causal,
         keep = torch.rand(1, heads, tq, tk, generator=g) < 0.7
     out = guarded_output((1, heads, tq, dv), dtype, strided=strided)
     blocks = dict(BM=16, BN=16, BD=max(16, 1 << (d - 1).bit_length()), BDV=16)
-    sp_t.launch(guarded(q, strided), guarded(k, strided), guarded(v, strided), keep, causal, reweight, 15.0,
-                train_len, 1e-6, blocks=blocks, out=out)
+    sp_t.launch(guarded(q, strided), guarded(k, strided), guarded(v, strided), on_device(keep), causal, reweight,
+                15.0, train_len, 1e-6, blocks=blocks, out=out)
     want = sp_op.reference(_d(q), _d(k), _d(v), keep, causal, reweight, 15.0, train_len, 1e-6)
     tol = TOL[dtype]
     if reweight:   # r^15 amplifies the rounding of the inputs and of the L1 sums 15×
         tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
     assert not torch.isnan(out).any(), "NaN leaked from a guard region: out-of-bounds read"
     assert guard_intact(out), "write outside the output"
-    torch.testing.assert_close(out.double(), want, **tol)
+    torch.testing.assert_close(out.cpu().double(), want, **tol)
 
 
+@cpu_only
 def test_softplus_attention_op_3d_gradients_and_lowering():
     torch.manual_seed(4)
     q, k, v = (torch.randn(2, 7, 8, requires_grad=True) for _ in range(3))

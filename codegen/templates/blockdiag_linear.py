@@ -8,7 +8,14 @@ rewrite::blockdiag_linear (rewriter/ops/blockdiag_linear.py): blocks (b, t, p), 
 rewrite::lowrank_linear: y = (x·Vᵀ)·Uᵀ + b is BlockDense with one block (blocks = V viewed as (1, r, n)), so the
 rank-r intermediate stays in registers as in the LoRA template (r ≤ 128 per tile of BT ≥ r).
 
-The zero padding of x is a load mask; loads upcast to fp32; IEEE dot for fp32; every block ≥ 16 (tl.dot K ≥ 16).
+The zero padding of x is a load mask; every block ≥ 16 (tl.dot K ≥ 16).
+
+Precision (UPCAST = codegen.runtime.mma_upcast(dtype)): fp32 inputs are dotted as fp32 (IEEE), bf16 under the
+interpreter is upcast to fp32. fp16 (and bf16 on a GPU) goes to tl.dot as loaded — tensor-core MMA, fp32
+accumulation. BlockDense / low-rank: h_k is accumulated in fp32 over p and cast to the input dtype before ·Uᵀ
+(the reference's bmm / F.linear in fp16 returns h in fp16 too: same rounding, ≤ |h|·2⁻¹¹ per entry). Plain
+block-diagonal: h_k + bias is formed in fp32 and rounded once, at the store (the reference rounds h, then h + b).
+Bias adds and accumulators are fp32.
 """
 from __future__ import annotations
 
@@ -16,14 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from codegen.runtime import interpreter
+from codegen.runtime import interpreter, mma_upcast
 
 
 @triton.jit
 def blockdiag_linear_kernel(x_ptr, v_ptr, u_ptr, b_ptr, y_ptr,
                             M, N_IN, M_OUT, NB, P, T,
                             sxm, sxk, svb, svt, svp, sun, suk, sym, syn,
-                            HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                            HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                             BM: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_1 = tl.program_id(1)
@@ -53,20 +60,28 @@ def blockdiag_linear_kernel(x_ptr, v_ptr, u_ptr, b_ptr, y_ptr,
                 col = k * P + rp
                 p_ok = (rp < P) & (col < N_IN)
                 xa = tl.load(x_ptr + rm[:, None] * sxm + col[None, :] * sxk, mask=m_ok[:, None] & p_ok[None, :],
-                             other=0.0).to(tl.float32)
+                             other=0.0)
                 v = tl.load(v_ptr + k * svb + rt[None, :] * svt + rp[:, None] * svp,
-                            mask=t_ok[None, :] & (rp < P)[:, None], other=0.0).to(tl.float32)
+                            mask=t_ok[None, :] & (rp < P)[:, None], other=0.0)
+                if UPCAST:
+                    xa = xa.to(tl.float32)
+                    v = v.to(tl.float32)
                 if IEEE:
                     h = tl.dot(xa, v, h, input_precision="ieee", out_dtype=tl.float32)
                 else:
                     h = tl.dot(xa, v, h, out_dtype=tl.float32)
             if HAS_U:
                 u = tl.load(u_ptr + rn[None, :] * sun + (k * T + rt)[:, None] * suk,
-                            mask=t_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-                if IEEE:
-                    acc = tl.dot(h, u, acc, input_precision="ieee", out_dtype=tl.float32)
+                            mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    u = u.to(tl.float32)
+                    hd = h
                 else:
-                    acc = tl.dot(h, u, acc, out_dtype=tl.float32)
+                    hd = h.to(u_ptr.dtype.element_ty)    # h rounded to the input dtype (one dtype per tl.dot)
+                if IEEE:
+                    acc = tl.dot(hd, u, acc, input_precision="ieee", out_dtype=tl.float32)
+                else:
+                    acc = tl.dot(hd, u, acc, out_dtype=tl.float32)
             else:
                 o = k * T + rt
                 o_ok = t_ok & (o < M_OUT)
@@ -116,7 +131,8 @@ def launch(x, blocks, dense_u, bias, out_features: int, tiles: dict | None = Non
             x2, blocks, u, bias if bias is not None else y, y, rows, n_in, m, nb, p, t,
             x2.stride(0), x2.stride(1), blocks.stride(0), blocks.stride(1), blocks.stride(2),
             u.stride(0), u.stride(1), y.stride(0), y.stride(1),
-            HAS_U=dense_u is not None, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, **b)
+            HAS_U=dense_u is not None, HAS_BIAS=bias is not None, UPCAST=mma_upcast(x.dtype),
+            IEEE=x.dtype == torch.float32, **b)
     return y.reshape(*x.shape[:-1], m) if out is None else out
 
 

@@ -6,8 +6,13 @@ after the loop acc += s·h·Bᵀ. The rank-r intermediate never reaches global m
 its rows' h (r ≪ N, so that is 2·BM·K·r extra flops per tile, ≈ r/BN of the base work).
 
 Parameters (constexpr): block sizes BM/BN/BK, HAS_BIAS, HAS_XA (separate adapter input, e.g. dropout(x)),
-ACT (0 none, 1 GELU-erf, 2 GELU-tanh) and HAS_RES (residual add) — the fused epilogue — UPCAST (load → fp32;
-always under the interpreter, whose bf16 is broken) and IEEE (exact fp32 tl.dot; the GPU default is TF32).
+ACT (0 none, 1 GELU-erf, 2 GELU-tanh) and HAS_RES (residual add) — the fused epilogue — UPCAST (dot operands →
+fp32: codegen.runtime.mma_upcast, i.e. fp32 inputs and bf16 under the interpreter, whose bf16 is broken) and IEEE
+(exact fp32 tl.dot for fp32 inputs; the GPU default is TF32).
+
+Low precision (fp16; bf16 on a GPU): x, W, A, B go to tl.dot as loaded (tensor-core MMA, fp32 accumulation), so
+the one rounded intermediate is s·h, cast to the input dtype before ·Bᵀ (the torch reference in fp16 rounds h =
+x_a·Aᵀ and h·Bᵀ to fp16 too); bias, activation and residual are applied to the fp32 accumulator.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import triton
 import triton.language as tl
 
 from codegen import tl_math
-from codegen.runtime import interpreter
+from codegen.runtime import interpreter, mma_upcast
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -61,8 +66,11 @@ def lora_linear_kernel(x_ptr, xa_ptr, w_ptr, b_ptr, a_ptr, bb_ptr, res_ptr, y_pt
             acc = tl.dot(x, wt, acc, out_dtype=tl.float32)
             h = tl.dot(xa, at, h, out_dtype=tl.float32)
     bt = tl.load(bb_ptr + rr[:, None] * sBr + rn[None, :] * sBn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-    bt = bt.to(tl.float32)
     h = h * scale
+    if UPCAST:
+        bt = bt.to(tl.float32)
+    else:
+        h = h.to(bb_ptr.dtype.element_ty)   # s·h rounded to the input dtype (one dtype per tl.dot)
     if IEEE:
         acc = tl.dot(h, bt, acc, input_precision="ieee", out_dtype=tl.float32)
     else:
@@ -134,7 +142,7 @@ def launch(x, weight, bias, lora_a, lora_b, scale, adapter_input=None, activatio
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     res2 = residual.broadcast_to(*x.shape[:-1], N).reshape(M, N) if residual is not None else y
     b = blocks or pick_blocks(M, N, K, R)
-    upcast = interpreter() or x.dtype == torch.float32
+    upcast = mma_upcast(x.dtype)
     grid = (triton.cdiv(M, b["BM"]), triton.cdiv(N, b["BN"]))
     args = (x2, xa2, weight, bias if bias is not None else y, lora_a, lora_b, res2, y,
             M, N, K, R, float(scale),

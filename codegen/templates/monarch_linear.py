@@ -15,8 +15,13 @@ and the tile is stored at columns s'·b + c (P₂ as a strided store), truncated
 x with R and of g with L is computed exactly once per s-block (no wasted FLOPs when s ≤ BS); no permuted copy of
 anything is made, and the zero padding of x is a load mask. g_k is built BT ≤ 64 entries at a time (BT ≥ 16:
 tl.dot needs K ≥ 16 on GPU, so when q/b < 16 the second product pads with masked zeros). With s > BS, g is
-recomputed per s-block (cheap when b ≈ √n, the paper's shape, where p = q = s are small). Loads upcast to
-fp32; IEEE dot for fp32 inputs.
+recomputed per s-block (cheap when b ≈ √n, the paper's shape, where p = q = s are small).
+
+Precision (UPCAST = codegen.runtime.mma_upcast(dtype)): fp32 inputs are dotted as fp32 (IEEE), bf16 under the
+interpreter is upcast to fp32. fp16 (and bf16 on a GPU) goes to tl.dot as loaded — tensor-core MMA, fp32
+accumulation — and the one rounded intermediate is g_k: accumulated in fp32 over p, then cast to the input dtype
+before ·w2 (the reference's bmm in fp16 returns h, hence g, in fp16 too: same rounding, ≤ |g|·2⁻¹¹ per entry).
+acc, the bias add and the P₂ store stay fp32 until the final cast to the output dtype.
 """
 from __future__ import annotations
 
@@ -24,14 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from codegen.runtime import interpreter
+from codegen.runtime import interpreter, mma_upcast
 
 
 @triton.jit
 def monarch_linear_kernel(x_ptr, w1_ptr, w2_ptr, b_ptr, y_ptr,
                           M, N_IN, M_OUT, NB, P, Q, S, T,
                           sxm, sxk, s1b, s1q, s1p, s2b, s2s, s2q, sym, syn,
-                          HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                           BM: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_1 = tl.program_id(1)
@@ -56,15 +61,22 @@ def monarch_linear_kernel(x_ptr, w1_ptr, w2_ptr, b_ptr, y_ptr,
                 col = k * P + rp
                 p_ok = (rp < P) & (col < N_IN)           # x's zero padding to b·p is this mask
                 xa = tl.load(x_ptr + rm[:, None] * sxm + col[None, :] * sxk, mask=m_ok[:, None] & p_ok[None, :],
-                             other=0.0).to(tl.float32)
+                             other=0.0)
                 w1 = tl.load(w1_ptr + k * s1b + j[None, :] * s1q + rp[:, None] * s1p,
-                             mask=t_ok[None, :] & (rp < P)[:, None], other=0.0).to(tl.float32)
+                             mask=t_ok[None, :] & (rp < P)[:, None], other=0.0)
+                if UPCAST:
+                    xa = xa.to(tl.float32)
+                    w1 = w1.to(tl.float32)
                 if IEEE:
                     g = tl.dot(xa, w1, g, input_precision="ieee", out_dtype=tl.float32)
                 else:
                     g = tl.dot(xa, w1, g, out_dtype=tl.float32)
             w2 = tl.load(w2_ptr + c * s2b + rs[None, :] * s2s + i[:, None] * s2q,
-                         mask=t_ok[:, None] & s_ok[None, :], other=0.0).to(tl.float32)
+                         mask=t_ok[:, None] & s_ok[None, :], other=0.0)
+            if UPCAST:
+                w2 = w2.to(tl.float32)
+            else:
+                g = g.to(w2_ptr.dtype.element_ty)        # g rounded to the input dtype (one dtype per tl.dot)
             if IEEE:
                 acc = tl.dot(g, w2, acc, input_precision="ieee", out_dtype=tl.float32)
             else:
@@ -116,7 +128,7 @@ def launch(x, w1, w2, bias, out_features: int, blocks: dict | None = None,
             x2, w1, w2, bias if bias is not None else y, y, rows, n_in, m, nb, p, q, s, T,
             x2.stride(0), x2.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
             w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, **b)
+            HAS_BIAS=bias is not None, UPCAST=mma_upcast(x.dtype), IEEE=x.dtype == torch.float32, **b)
     return y.reshape(*x.shape[:-1], m) if out is None else out
 
 

@@ -9,8 +9,16 @@ Nᵢ is min(i+1, Tk) (causal), Tk, or — with a mask — counted in a first swe
 LSSAR (reweight) adds a sweep: sweep A gets Sᵢ = Σa and maxⱼ aᵢⱼ (max r = ReLU(max a/(S+eps)·N − O) since the
 map is monotone), sweep B accumulates Σa·v, Σr and Σr·v with r = (ReLU(a/(S+eps)·N − O)/(max r + eps))^p
 (exp2(p·log2 r)); the row takes Σr·v/(Σr + eps) where Σr > 0 (and Nᵢ > train_len when set), else Σa·v/(S + eps).
-No libdevice: softplus(x) = max(x, 0) + log1p(e^(−|x|)) with log1p(e) ≈ e − e²/2 for e < 1e-4. Loads upcast to
-fp32; IEEE dot for fp32 inputs; BN, BD ≥ 16 (tl.dot K ≥ 16 on GPU).
+No libdevice: softplus(x) = max(x, 0) + log1p(e^(−|x|)) with log1p(e) ≈ e − e²/2 for e < 1e-4. BN, BD ≥ 16
+(tl.dot K ≥ 16 on GPU).
+
+Precision (UPCAST = codegen.runtime.mma_upcast(dtype)): fp32 inputs are dotted as fp32 (IEEE), bf16 under the
+interpreter is upcast to fp32. fp16 (and bf16 on a GPU) q, k, v go to tl.dot as loaded — tensor-core MMA, fp32
+accumulation. The scores are q·kᵀ of the raw rows times 1/max(‖q‖, eps)·1/max(‖k‖, eps) (= q̂·k̂ᵀ; norms in
+fp32), so no normalised row is ever rounded. The one rounded intermediate is the weights fed to ·V: a (and r for
+LSSAR), cast to the input dtype before the dot, as flash attention does with P. The reference computes everything
+in fp32 (its a is never rounded): a weight's relative error ≤ 2⁻¹¹ shifts out = Σ a·v / Σ a by ≤ 2⁻¹¹·max|v|.
+Row sums Σa, Σr, maxima, softplus, re-weighting and the final division use the unrounded fp32 values.
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from codegen.runtime import interpreter
+from codegen.runtime import interpreter, mma_upcast
 
 
 @triton.jit
@@ -41,14 +49,22 @@ def _keep(mask_ptr, moff, rm, rn, TQ, TK, smq, smk, HAS_MASK: tl.constexpr, CAUS
 
 
 @triton.jit
-def _scores(qn, k_ptr, koff, rn, TK, D, skn, skd, eps, IEEE: tl.constexpr, BD: tl.constexpr):
+def _scores(q, rq, k_ptr, koff, rn, TK, D, skn, skd, eps, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+            BD: tl.constexpr):
+    """q̂·k̂ᵀ for a (BM, BN) tile: the raw q·kᵀ (input-dtype operands unless UPCAST) scaled by the fp32
+    reciprocal norms rq (BM,) and those of the keys."""
     rd = tl.arange(0, BD)
     kt = tl.load(k_ptr + koff + rn[None, :] * skn + rd[:, None] * skd, mask=(rn[None, :] < TK) & (rd[:, None] < D),
-                 other=0.0).to(tl.float32)                                   # (BD, BN)
-    kt = kt / tl.maximum(tl.sqrt(tl.sum(kt * kt, axis=0)), eps)[None, :]
+                 other=0.0)                                                  # (BD, BN)
+    kf = kt.to(tl.float32)
+    rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(kf * kf, axis=0)), eps)
+    if UPCAST:
+        kt = kf
     if IEEE:
-        return tl.dot(qn, kt, input_precision="ieee", out_dtype=tl.float32)
-    return tl.dot(qn, kt, out_dtype=tl.float32)
+        s = tl.dot(q, kt, input_precision="ieee", out_dtype=tl.float32)
+    else:
+        s = tl.dot(q, kt, out_dtype=tl.float32)
+    return s * rq[:, None] * rk[None, :]
 
 
 @triton.jit
@@ -57,7 +73,8 @@ def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
                               sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                               smb, smh, smq, smk, sob, soh, sot, sod,
                               HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr,
-                              IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                              UPCAST: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                              BD: tl.constexpr,
                               BDV: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -72,8 +89,11 @@ def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
     voff = b * svb + h * svh
     moff = b * smb + h * smh
     q = tl.load(q_ptr + qoff + rm[:, None] * sqt + rd[None, :] * sqd, mask=m_ok[:, None] & (rd < D)[None, :],
-                other=0.0).to(tl.float32)
-    qn = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), eps)[:, None]
+                other=0.0)
+    qf = q.to(tl.float32)
+    rq = 1.0 / tl.maximum(tl.sqrt(tl.sum(qf * qf, axis=1)), eps)
+    if UPCAST:
+        q = qf
     if HAS_MASK:
         n = tl.zeros((BM,), dtype=tl.float32)
         for n0 in range(0, TK, BN):
@@ -91,7 +111,7 @@ def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
         for n0 in range(0, TK, BN):
             rn = n0 + tl.arange(0, BN)
             keep = _keep(m_ptr, moff, rm, rn, TQ, TK, smq, smk, HAS_MASK, CAUSAL)
-            s = _scores(qn, k_ptr, koff, rn, TK, D, skt, skd, eps, IEEE, BD)
+            s = _scores(q, rq, k_ptr, koff, rn, TK, D, skt, skd, eps, UPCAST, IEEE, BD)
             a = tl.where(keep, _softplus(scale[:, None] * s), 0.0)
             total += tl.sum(a, axis=1)
             a_max = tl.maximum(a_max, tl.max(a, axis=1))
@@ -104,23 +124,32 @@ def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
     for n0 in range(0, TK, BN):
         rn = n0 + tl.arange(0, BN)
         keep = _keep(m_ptr, moff, rm, rn, TQ, TK, smq, smk, HAS_MASK, CAUSAL)
-        s = _scores(qn, k_ptr, koff, rn, TK, D, skt, skd, eps, IEEE, BD)
+        s = _scores(q, rq, k_ptr, koff, rn, TK, D, skt, skd, eps, UPCAST, IEEE, BD)
         a = tl.where(keep, _softplus(scale[:, None] * s), 0.0)
         v = tl.load(v_ptr + voff + rn[:, None] * svt + re[None, :] * svd,
-                    mask=(rn < TK)[:, None] & (re < DV)[None, :], other=0.0).to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, v, acc, input_precision="ieee", out_dtype=tl.float32)
+                    mask=(rn < TK)[:, None] & (re < DV)[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+            ad = a
         else:
-            acc = tl.dot(a, v, acc, out_dtype=tl.float32)
+            ad = a.to(v_ptr.dtype.element_ty)       # the weights rounded to the input dtype (one dtype per tl.dot)
+        if IEEE:
+            acc = tl.dot(ad, v, acc, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            acc = tl.dot(ad, v, acc, out_dtype=tl.float32)
         if REWEIGHT:
             r = tl.maximum(a / (total_a + eps)[:, None] * n[:, None] - offset[:, None], 0.0)
             r = r / (r_max + eps)[:, None]
             r = tl.where(r > 0.0, tl.exp2(p * tl.log2(tl.maximum(r, 1e-30))), 0.0)
             r_sum += tl.sum(r, axis=1)
-            if IEEE:
-                acc_r = tl.dot(r, v, acc_r, input_precision="ieee", out_dtype=tl.float32)
+            if UPCAST:
+                rdot = r
             else:
-                acc_r = tl.dot(r, v, acc_r, out_dtype=tl.float32)
+                rdot = r.to(v_ptr.dtype.element_ty)
+            if IEEE:
+                acc_r = tl.dot(rdot, v, acc_r, input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc_r = tl.dot(rdot, v, acc_r, out_dtype=tl.float32)
         else:
             total += tl.sum(a, axis=1)
     out = acc / (total + eps)[:, None]
@@ -186,7 +215,7 @@ def launch(q, k, v, mask, is_causal: bool, reweight: bool, p: float, train_len: 
             math.log(d), float(p), int(train_len), float(eps),
             *q.stride(), *k.stride(), *v.stride(), *ms, *o.stride(),
             HAS_MASK=mask is not None, CAUSAL=bool(is_causal), REWEIGHT=bool(reweight),
-            IEEE=q.dtype == torch.float32, **blocks)
+            UPCAST=mma_upcast(q.dtype), IEEE=q.dtype == torch.float32, **blocks)
     if out is not None:
         return out.squeeze(0) if squeeze else out
     return o.squeeze(0) if squeeze else o

@@ -9,8 +9,12 @@ One program owns BM rows and a chunk of the vocabulary. Phase 1 computes its row
 log_softmax, folds l + log|c| into an online (max, sum). A barrier, then phase 2 walks its vocabulary chunk in BV
 columns: map[v] is loaded once per tile and addresses the scratch (the gather is pointer arithmetic, no V×K
 one-hot product); bias and −LSE are added in registers and the (BM, BV) tile is stored. The V-sized logits are
-written once and never re-read (the dense head's cost is N·V·d FLOPs; this is N·K·d + a copy). Loads upcast to
-fp32; IEEE dot for fp32 inputs; BC, BD ≥ 16.
+written once and never re-read (the dense head's cost is N·V·d FLOPs; this is N·K·d + a copy). BC, BD ≥ 16.
+
+Precision (UPCAST = codegen.runtime.mma_upcast(dtype)): fp32 inputs are dotted as fp32 (IEEE), bf16 under the
+interpreter is upcast to fp32. fp16 (and bf16 on a GPU) h and C go to tl.dot as loaded — tensor-core MMA, fp32
+accumulation. The code logits l are rounded to the input dtype (as the reference's F.linear returns them) and kept
+in the fp32 scratch; bias, LSE and the log-softmax shift are fp32, rounded once at the store.
 """
 from __future__ import annotations
 
@@ -18,14 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-from codegen.runtime import interpreter
+from codegen.runtime import interpreter, mma_upcast
 
 
 @triton.jit
 def vq_logits_kernel(h_ptr, c_ptr, map_ptr, b_ptr, ls_ptr, scr_ptr, y_ptr,
                      M, D, K, V, KP, V_CHUNK,
                      shm, shd, sck, scd, smap, sb, sym, syv,
-                     HAS_BIAS: tl.constexpr, LSE_CODES: tl.constexpr, LSE_FULL: tl.constexpr, IEEE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, LSE_CODES: tl.constexpr, LSE_FULL: tl.constexpr,
+                     UPCAST: tl.constexpr, IEEE: tl.constexpr,
                      BM: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -43,14 +48,17 @@ def vq_logits_kernel(h_ptr, c_ptr, map_ptr, b_ptr, ls_ptr, scr_ptr, y_ptr,
             rd = d0 + tl.arange(0, BD)
             d_ok = rd < D
             h = tl.load(h_ptr + rm[:, None] * shm + rd[None, :] * shd, mask=m_ok[:, None] & d_ok[None, :],
-                        other=0.0).to(tl.float32)
+                        other=0.0)
             ct = tl.load(c_ptr + rc[None, :] * sck + rd[:, None] * scd, mask=c_ok[None, :] & d_ok[:, None],
-                         other=0.0).to(tl.float32)
+                         other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+                ct = ct.to(tl.float32)
             if IEEE:
                 lg = tl.dot(h, ct, lg, input_precision="ieee", out_dtype=tl.float32)
             else:
                 lg = tl.dot(h, ct, lg, out_dtype=tl.float32)
-        lg = lg.to(y_ptr.dtype.element_ty).to(tl.float32)   # the op's code logits are in the input dtype
+        lg = lg.to(h_ptr.dtype.element_ty).to(tl.float32)   # the op's code logits are in the input dtype
         tl.store(scr + rl[:, None] * KP + rc[None, :], lg)
         if LSE_CODES:
             z = lg + tl.load(ls_ptr + rc, mask=c_ok, other=float("-inf"))[None, :]
@@ -137,7 +145,8 @@ def launch(h, codebook, code_map, bias=None, log_softmax: bool = False, blocks: 
             rows, d, k, vocab, kp, v_chunk,
             h2.stride(0), h2.stride(1), codebook.stride(0), codebook.stride(1), code_map.stride(0),
             bias.stride(0) if bias is not None else 0, y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, LSE_CODES=lse_codes, LSE_FULL=lse_full, IEEE=h.dtype == torch.float32, **b)
+            HAS_BIAS=bias is not None, LSE_CODES=lse_codes, LSE_FULL=lse_full, UPCAST=mma_upcast(h.dtype),
+            IEEE=h.dtype == torch.float32, **b)
     return y.reshape(*h.shape[:-1], vocab) if out is None else out
 
 
