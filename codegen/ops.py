@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import generate
-from .runtime import can_launch, notice_fallback
+from .runtime import can_launch, notice_fallback, offsets_reason
 from .templates import blockdiag_linear as blockdiag_t
 from .templates import lora_linear as lora_t
 from .templates import monarch_linear as monarch_t
@@ -32,16 +32,30 @@ from .templates import vq_logits as vq_t
 NAMESPACE = "rewrite_triton"
 
 
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _kernel_or_reference(name: str, reason: str | None, tensors: list, out_numel: int, launch, reference):
+    """`launch()` where the kernel handles these inputs and can run here; else `reference()` after a one-line
+    notice (the first per op). `reason`: the template's own refusal (dtype, layout), or None."""
+    reason = reason or offsets_reason(*tensors, out_numel=out_numel)
+    if reason is None and can_launch(*tensors):
+        return launch()
+    notice_fallback(f"rewrite_triton.{name}", reason or "no device for Triton kernels")
+    return reference()
+
+
 @torch.library.custom_op("rewrite_triton::lora_linear", mutates_args=())
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, adapter_input: torch.Tensor | None = None,
                 activation: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
     args = (x, weight, bias, lora_a, lora_b, scale, adapter_input, activation, residual)
-    reason = lora_t.supported(x, weight, bias, lora_a, lora_b, adapter_input, residual)
-    if reason is None and can_launch(x, weight, lora_a, lora_b):
-        return lora_t.launch(*args)
-    notice_fallback("rewrite_triton.lora_linear", reason or "no device for Triton kernels")
-    return lora_t.reference(*args)
+    return _kernel_or_reference("lora_linear", lora_t.supported(x, weight, bias, lora_a, lora_b, adapter_input,
+                                                                 residual),
+                                [x, weight, bias, lora_a, lora_b, adapter_input, residual],
+                                _rows(x) * weight.shape[0], lambda: lora_t.launch(*args),
+                                lambda: lora_t.reference(*args))
 
 
 @lora_linear.register_fake
@@ -76,11 +90,8 @@ lora_linear.register_autograd(_lora_backward, setup_context=_lora_setup)
 
 @torch.library.custom_op("rewrite_triton::two_pass_softmax", mutates_args=())
 def two_pass_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    reason = softmax_t.supported(x)
-    if reason is None and can_launch(x):
-        return softmax_t.launch(x, dim)
-    notice_fallback("rewrite_triton.two_pass_softmax", reason or "no device for Triton kernels")
-    return softmax_t.reference(x, dim)
+    return _kernel_or_reference("two_pass_softmax", softmax_t.supported(x), [x], x.numel(),
+                                lambda: softmax_t.launch(x, dim), lambda: softmax_t.reference(x, dim))
 
 
 @two_pass_softmax.register_fake
@@ -105,10 +116,9 @@ two_pass_softmax.register_autograd(_softmax_backward, setup_context=_softmax_set
 def region(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
     s = generate.parse_spec(spec)
     floats_ok = all(t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.bool) for t in inputs)
-    if floats_ok and can_launch(*inputs):
-        return generate.launch(list(inputs), s)
-    notice_fallback("rewrite_triton.region", "unsupported dtype" if not floats_ok else "no device for Triton kernels")
-    return generate.reference(list(inputs), s)
+    return _kernel_or_reference("region", None if floats_ok else "unsupported dtype", list(inputs),
+                                generate.iteration_shape(inputs).numel(), lambda: generate.launch(list(inputs), s),
+                                lambda: generate.reference(list(inputs), s))
 
 
 @region.register_fake
@@ -172,11 +182,9 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
                    out_features: int, dense: torch.Tensor | None = None, threshold: int = 0) -> torch.Tensor:
     if _dense_path(x, dense, threshold):
         return monarch_t.reference(x, w1, w2, bias, out_features, dense, threshold).contiguous()
-    reason = monarch_t.supported(x, w1, w2, bias)
-    if reason is None and can_launch(x, w1, w2):
-        return monarch_t.launch(x, w1, w2, bias, out_features)
-    notice_fallback("rewrite_triton.monarch_linear", reason or "no device for Triton kernels")
-    return monarch_t.reference(x, w1, w2, bias, out_features).contiguous()
+    return _kernel_or_reference("monarch_linear", monarch_t.supported(x, w1, w2, bias), [x, w1, w2, bias],
+                                _rows(x) * out_features, lambda: monarch_t.launch(x, w1, w2, bias, out_features),
+                                lambda: monarch_t.reference(x, w1, w2, bias, out_features).contiguous())
 
 
 @monarch_linear.register_fake
@@ -189,11 +197,10 @@ def blockdiag_linear(x: torch.Tensor, blocks: torch.Tensor, dense_u: torch.Tenso
                      out_features: int, dense: torch.Tensor | None = None, threshold: int = 0) -> torch.Tensor:
     if _dense_path(x, dense, threshold):
         return blockdiag_t.reference(x, blocks, dense_u, bias, out_features, dense, threshold).contiguous()
-    reason = blockdiag_t.supported(x, blocks, dense_u, bias)
-    if reason is None and can_launch(x, blocks):
-        return blockdiag_t.launch(x, blocks, dense_u, bias, out_features)
-    notice_fallback("rewrite_triton.blockdiag_linear", reason or "no device for Triton kernels")
-    return blockdiag_t.reference(x, blocks, dense_u, bias, out_features).contiguous()
+    return _kernel_or_reference("blockdiag_linear", blockdiag_t.supported(x, blocks, dense_u, bias),
+                                [x, blocks, dense_u, bias], _rows(x) * out_features,
+                                lambda: blockdiag_t.launch(x, blocks, dense_u, bias, out_features),
+                                lambda: blockdiag_t.reference(x, blocks, dense_u, bias, out_features).contiguous())
 
 
 @blockdiag_linear.register_fake
@@ -206,11 +213,9 @@ def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torc
                    dense: torch.Tensor | None = None, threshold: int = 0) -> torch.Tensor:
     if _dense_path(x, dense, threshold):
         return blockdiag_t.reference_lowrank(x, u, v, bias, dense, threshold).contiguous()
-    reason = blockdiag_t.supported(x, u, v, bias)
-    if reason is None and can_launch(x, u, v):
-        return blockdiag_t.launch_lowrank(x, u, v, bias)
-    notice_fallback("rewrite_triton.lowrank_linear", reason or "no device for Triton kernels")
-    return blockdiag_t.reference_lowrank(x, u, v, bias).contiguous()
+    return _kernel_or_reference("lowrank_linear", blockdiag_t.supported(x, u, v, bias), [x, u, v, bias],
+                                _rows(x) * u.shape[0], lambda: blockdiag_t.launch_lowrank(x, u, v, bias),
+                                lambda: blockdiag_t.reference_lowrank(x, u, v, bias).contiguous())
 
 
 @lowrank_linear.register_fake
@@ -221,11 +226,10 @@ def _(x, u, v, bias, dense=None, threshold=0):
 @torch.library.custom_op("rewrite_triton::vq_logits", mutates_args=())
 def vq_logits(h: torch.Tensor, codebook: torch.Tensor, code_map: torch.Tensor, bias: torch.Tensor | None = None,
               log_softmax: bool = False) -> torch.Tensor:
-    reason = vq_t.supported(h, codebook, code_map, bias)
-    if reason is None and can_launch(h, codebook, code_map):
-        return vq_t.launch(h, codebook, code_map, bias, log_softmax)
-    notice_fallback("rewrite_triton.vq_logits", reason or "no device for Triton kernels")
-    return vq_t.reference(h, codebook, code_map, bias, log_softmax)
+    return _kernel_or_reference("vq_logits", vq_t.supported(h, codebook, code_map, bias),
+                                [h, codebook, code_map, bias], _rows(h) * code_map.shape[0],
+                                lambda: vq_t.launch(h, codebook, code_map, bias, log_softmax),
+                                lambda: vq_t.reference(h, codebook, code_map, bias, log_softmax))
 
 
 @vq_logits.register_fake
@@ -236,11 +240,12 @@ def _(h, codebook, code_map, bias=None, log_softmax=False):
 @torch.library.custom_op("rewrite_triton::shiftadd_linear", mutates_args=())
 def shiftadd_linear(x: torch.Tensor, signs: torch.Tensor, exponents: torch.Tensor, bias: torch.Tensor | None,
                     in_features: int, group: int) -> torch.Tensor:
-    reason = shiftadd_t.supported(x, signs, exponents, bias, in_features, group)
-    if reason is None and can_launch(x, signs, exponents):
-        return shiftadd_t.launch(x, signs, exponents, bias, in_features, group)
-    notice_fallback("rewrite_triton.shiftadd_linear", reason or "no device for Triton kernels")
-    return shiftadd_t.reference(x, signs, exponents, bias, in_features, group)
+    args = (x, signs, exponents, bias, in_features, group)
+    if not shiftadd_t.lut_pays_off(_rows(x), signs):
+        return shiftadd_t.reference(*args)      # by design, not a fallback: many rows → dequantised GEMM
+    return _kernel_or_reference("shiftadd_linear", shiftadd_t.supported(*args), [x, signs, exponents, bias],
+                                _rows(x) * signs.shape[1], lambda: shiftadd_t.launch(*args),
+                                lambda: shiftadd_t.reference(*args))
 
 
 @shiftadd_linear.register_fake
@@ -252,11 +257,9 @@ def _(x, signs, exponents, bias, in_features, group):
 def softplus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        is_causal: bool, reweight: bool, p: float, train_len: int, eps: float) -> torch.Tensor:
     args = (q, k, v, mask, is_causal, reweight, p, train_len, eps)
-    reason = softplus_t.supported(q, k, v, mask)
-    if reason is None and can_launch(q, k, v, mask):
-        return softplus_t.launch(*args)
-    notice_fallback("rewrite_triton.softplus_attention", reason or "no device for Triton kernels")
-    return softplus_t.reference(*args)
+    return _kernel_or_reference("softplus_attention", softplus_t.supported(q, k, v, mask), [q, k, v, mask],
+                                q.numel() // max(q.shape[-1], 1) * v.shape[-1], lambda: softplus_t.launch(*args),
+                                lambda: softplus_t.reference(*args))
 
 
 @softplus_attention.register_fake

@@ -46,6 +46,22 @@ def backend_note() -> str | None:
     return None
 
 
+OFFSET_LIMIT = 2**31
+
+
+def offsets_reason(*tensors, out_numel: int = 0) -> str | None:
+    """Why 32-bit offsets cannot address these tensors (None when they can). Kernels index with int32 program ids
+    times strides, so every element's offset — Σ (size−1)·|stride| — and the output's size must stay < 2³¹."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            span = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+            if span >= OFFSET_LIMIT:
+                return f"a {tuple(t.shape)} input spans ≥ 2³¹ elements (kernels use 32-bit offsets)"
+    if out_numel >= OFFSET_LIMIT:
+        return f"the output has {out_numel} ≥ 2³¹ elements (kernels use 32-bit offsets)"
+    return None
+
+
 def notice_fallback(op: str, reason: str) -> None:
     if op not in _NOTICED:
         _NOTICED.add(op)

@@ -108,3 +108,20 @@ def test_refuses_to_run_under_the_interpreter(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "TRITON_INTERPRET" in proc.stderr
+
+
+def test_an_autotune_config_over_a_limit_is_skipped_not_failed_unless_all_are():
+    from codegen.compile_check import Launch, Result, prune_autotune_configs
+
+    def result(group, problems=(), error=""):
+        launch = Launch(kernel=None, args=(), kwargs={}, grid=(1,), case="c", tuned_group=group)
+        return Result(launch, 80, ok=not problems and not error, error=error, problems=list(problems))
+
+    over = ["shared memory 204800 B > 166912 B per block on sm_80"]
+    fits, big, broken = result(0), result(0, over), result(0, error="CompilationError: K >= 16")
+    alone_big, plain_big = result(7, over), result(None, over)
+    prune_autotune_configs([fits, big, broken, alone_big, plain_big])
+    assert big.ok and big.pruned                     # another config of its call fits: the autotuner skips it
+    assert not broken.ok                             # a compile error is never skipped
+    assert not alone_big.ok and not alone_big.pruned     # every config of its call is over: a real failure
+    assert not plain_big.ok                          # a plain launch has no alternative

@@ -227,3 +227,16 @@ def test_kernels_are_the_cuda_implementation_of_every_rewrite_op():
         ours = [a.name for a in getattr(torch.ops.rewrite, short).default._schema.arguments]
         twin = [a.name for a in getattr(torch.ops.rewrite_triton, short).default._schema.arguments]
         assert twin[:len(ours)] == ours
+
+
+def test_tensors_past_32_bit_offsets_are_refused_with_a_reason():
+    """Kernels address with int32 offsets: an input spanning ≥ 2³¹ elements, or an output that large, is not
+    launched (the op says why and runs its reference). Meta tensors: shapes and strides, no memory."""
+    from codegen.runtime import offsets_reason
+    small = torch.empty(4, 64, device="meta")
+    assert offsets_reason(small, None, out_numel=2**31 - 1) is None
+    assert "output" in offsets_reason(small, out_numel=2**31)
+    wide = torch.empty_strided((2, 64), (2**31, 1), device="meta")
+    assert "32-bit offsets" in offsets_reason(small, wide)
+    broadcast = torch.empty(1, 64, device="meta").expand(2**26, 64)     # stride 0: every offset < 64
+    assert offsets_reason(broadcast) is None

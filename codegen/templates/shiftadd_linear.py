@@ -15,6 +15,10 @@ Two kernels per call:
                        they are scaled by exp2 of the int8 exponents (exact powers of two) and accumulated in
                        fp32. No weight is ever dequantised.
 Loads upcast to fp32; the output is cast to x's dtype.
+
+The tables take rows · in_pad/8 · 256 · 4 bytes (512 KiB per row at 4096 inputs): they pay off for GEMV-sized
+inputs (decoding, ShiftAddLLM's setting). Past LUT_BYTES_MAX (a prefill of many tokens), rewrite_triton's op
+dequantises and runs one dense GEMM instead (`lut_pays_off`), by design rather than as a fallback.
 """
 from __future__ import annotations
 
@@ -25,6 +29,12 @@ import triton.language as tl
 from codegen.runtime import interpreter
 
 ZERO_EXP = -128
+LUT_BYTES_MAX = 32 << 20
+
+
+def lut_pays_off(rows: int, signs: torch.Tensor) -> bool:
+    """True when the rows' tables fit in LUT_BYTES_MAX (else: dequantise + one GEMM)."""
+    return rows * signs.shape[2] * 256 * 4 <= LUT_BYTES_MAX
 
 
 @triton.jit

@@ -187,6 +187,23 @@ def supported(q, k, v, mask) -> str | None:
     return None
 
 
+SHARED_BUDGET = 96 * 1024
+
+
+def pick_blocks(tq: int, tk: int, d: int, dv: int, operand_bytes: int) -> dict:
+    """Tiles: small under the interpreter; on a GPU BM = 64 and the largest BN ≤ 64 whose pipelined K/V tiles
+    (≈ 3 stages · BN · (BD + BDV) · operand bytes) fit SHARED_BUDGET, so every head dim ≤ 256 launches on an A100
+    (163 KiB per block) and an H100 (227 KiB) — fp32 with d = 128 at BN = 64 would need 176 KiB
+    (`python -m codegen.compile_check` measures them)."""
+    bd, bdv = _pow2(d), _pow2(dv)
+    if interpreter():
+        return dict(BM=_pow2(tq, hi=32), BN=_pow2(tk, hi=32), BD=bd, BDV=bdv)
+    bn = 64
+    while bn > 16 and 3 * bn * (bd + bdv) * operand_bytes > SHARED_BUDGET:
+        bn //= 2
+    return dict(BM=_pow2(tq, hi=64), BN=_pow2(tk, hi=bn), BD=bd, BDV=bdv)
+
+
 def launch(q, k, v, mask, is_causal: bool, reweight: bool, p: float, train_len: int, eps: float,
            blocks: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """rewrite::softplus_attention. `out` (q's shape with v's head dim), any strides, gets the result."""
@@ -205,8 +222,7 @@ def launch(q, k, v, mask, is_causal: bool, reweight: bool, p: float, train_len: 
             mask = mask.unsqueeze(0)
         mask = mask.expand(bsz, heads, tq, tk).view(torch.uint8)
     if blocks is None:
-        hi = 32 if interpreter() else 64
-        blocks = dict(BM=_pow2(tq, hi=hi), BN=_pow2(tk, hi=hi), BD=_pow2(d), BDV=_pow2(dv))
+        blocks = pick_blocks(tq, tk, d, dv, 4 if mma_upcast(q.dtype) else 2)
     if bsz * heads and tq and dv:
         ms = mask.stride() if mask is not None else (0, 0, 0, 0)
         grid = (triton.cdiv(tq, blocks["BM"]), bsz * heads)
