@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
@@ -85,3 +86,23 @@ def mma_upcast(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16:
         return interpreter()
     return True
+
+
+def interpreter_bench(kernel_call, quantiles=None) -> list[float]:
+    """The autotuner's benchmark where CUDA events do not exist (the interpreter): wall-clock ms of one call
+    after a warm-up call, as the (p50, p20, p80) the autotuner asks for."""
+    kernel_call()
+    start = time.perf_counter()
+    kernel_call()
+    ms = (time.perf_counter() - start) * 1e3
+    return [ms, ms, ms]
+
+
+def autotune(kernel, key: list[str], gpu_configs: list, interpreter_configs: list):
+    """`kernel` autotuned over `gpu_configs` (triton's CUDA-event benchmark) on a GPU, or over the small
+    `interpreter_configs` with interpreter_bench under the interpreter — so the autotuned launch path (config
+    choice, grid from the chosen meta-parameters, per-key cache) runs in the CPU tests too."""
+    import triton
+    if interpreter():
+        return triton.autotune(configs=interpreter_configs, key=key, do_bench=interpreter_bench)(kernel)
+    return triton.autotune(configs=gpu_configs, key=key)(kernel)

@@ -120,7 +120,10 @@ def test_lowered_program_saves_and_loads_in_fresh_process(lowered, tmp_path):
         args = torch.load({str(tmp_path / 'args.pt')!r})
         want = torch.load({str(tmp_path / 'want.pt')!r})
         got = p.module()(*args)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        # the autotuner times its configs afresh in this process and may pick other tiles (another fp32
+        # summation order): the same function to fp32 accuracy, not necessarily the same bits
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < 5e-5, err
         print("OK", sum(1 for n in p.graph.nodes if "rewrite_triton" in str(n.target)))
     """)
     # the program, args and outputs were saved on the test device and load there: interpreter only on the CPU

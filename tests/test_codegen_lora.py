@@ -145,3 +145,26 @@ def test_lora_low_precision_rounds_only_the_scaled_adapter_activation(dtype, mon
     tight = 4e-6 * want.abs().max().item()
     assert (out.cpu().double() - want).abs().max().item() <= tight
     assert (other - want).abs().max().item() > 10 * tight
+
+
+def test_autotuned_launch_picks_a_config_per_key_and_every_config_is_right(monkeypatch):
+    """Without explicit blocks, launch() goes through the autotuner (two small configs timed on the CPU under the
+    interpreter; the GPU's list on a GPU): it benchmarks once per key, caches the winner, and whichever config
+    it picks gives the reference's result."""
+    tuned = lora_t.autotuned()
+    tuned.cache.clear()
+    benched = []
+    real_bench = tuned._bench
+    monkeypatch.setattr(tuned, "_bench", lambda *a, **k: benched.append(k["config"]) or real_bench(*a, **k))
+    g = torch.Generator().manual_seed(4)
+    x, w, a, bb = (torch.randn(*s, generator=g) for s in ((40, 72), (56, 72), (4, 72), (56, 4)))
+    want = x.double() @ w.double().t() + 0.5 * (x.double() @ a.double().t()) @ bb.double().t()
+    for _ in range(2):
+        y = lora_t.launch(*map(on_device, (x, w, None, a, bb)), 0.5).cpu()
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert benched == tuned.configs and len(tuned.cache) == 1        # each config timed once, then cached
+    assert tuned.best_config in tuned.configs
+    for config in tuned.configs:          # every candidate, not just the winner, computes the same thing
+        blocks = dict(config.kwargs, BR=lora_t.rank_block(4))
+        y = lora_t.launch(*map(on_device, (x, w, None, a, bb)), 0.5, blocks=blocks).cpu()
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)

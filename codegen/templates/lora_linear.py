@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from codegen import tl_math
-from codegen.runtime import interpreter, mma_upcast
+from codegen import runtime
+from codegen.runtime import mma_upcast
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -93,28 +94,26 @@ def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
-def pick_blocks(M: int, N: int, K: int, R: int) -> dict:
-    """Block sizes: small tiles under the interpreter (cost ∝ programs × loop trips), GPU tiles otherwise.
-    Every block is ≥ 16 (tl.dot needs K ≥ 16 on GPU)."""
-    br = _pow2_at_least(R, 16)
-    if interpreter():
-        return dict(BM=min(_pow2_at_least(M, 16), 64), BN=min(_pow2_at_least(N, 16), 64),
-                    BK=min(_pow2_at_least(K, 16), 64), BR=br)
-    return dict(BM=min(_pow2_at_least(M, 16), 64), BN=min(_pow2_at_least(N, 16), 128), BK=32, BR=br)
+def rank_block(R: int) -> int:
+    """BR: the rank padded to a power of two ≥ 16 (tl.dot needs K ≥ 16 on GPU)."""
+    return _pow2_at_least(R, 16)
 
 
 _TUNED = None
+GPU_CONFIGS = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+               (128, 128, 64, 8, 3), (32, 64, 64, 4, 4), (16, 64, 64, 4, 4), (16, 128, 64, 4, 3)]
+INTERPRETER_CONFIGS = [(32, 32, 32, 4, 1), (64, 64, 64, 4, 1)]      # (BM, BN, BK, warps, stages)
 
 
-def _autotuned():
-    """GPU only: a few tile shapes, tuned per (M, N, K, R) (the interpreter uses one config: pick_blocks)."""
+def autotuned():
+    """The kernel autotuned per (M, N, K, R, epilogue) over a few tile shapes (GPU), or two small ones timed on
+    the CPU under the interpreter; launch() uses it whenever no explicit blocks are given."""
     global _TUNED
     if _TUNED is None:
-        configs = [triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=st)
-                   for bm, bn, bk, w, st in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                                             (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (32, 64, 64, 4, 4),
-                                             (16, 64, 64, 4, 4), (16, 128, 64, 4, 3)]]
-        _TUNED = triton.autotune(configs=configs, key=["M", "N", "K", "R", "HAS_RES", "ACT"])(lora_linear_kernel)
+        def configs(table):
+            return [triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=st) for bm, bn, bk, w, st in table]
+        _TUNED = runtime.autotune(lora_linear_kernel, ["M", "N", "K", "R", "HAS_RES", "ACT"],
+                                  configs(GPU_CONFIGS), configs(INTERPRETER_CONFIGS))
     return _TUNED
 
 
@@ -141,9 +140,7 @@ def launch(x, weight, bias, lora_a, lora_b, scale, adapter_input=None, activatio
     xa2 = adapter_input.reshape(-1, K) if adapter_input is not None else x2
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     res2 = residual.broadcast_to(*x.shape[:-1], N).reshape(M, N) if residual is not None else y
-    b = blocks or pick_blocks(M, N, K, R)
     upcast = mma_upcast(x.dtype)
-    grid = (triton.cdiv(M, b["BM"]), triton.cdiv(N, b["BN"]))
     args = (x2, xa2, weight, bias if bias is not None else y, lora_a, lora_b, res2, y,
             M, N, K, R, float(scale),
             x2.stride(0), x2.stride(1), xa2.stride(0), xa2.stride(1), weight.stride(0), weight.stride(1),
@@ -152,12 +149,11 @@ def launch(x, weight, bias, lora_a, lora_b, scale, adapter_input=None, activatio
     flags = dict(HAS_BIAS=bias is not None, HAS_XA=adapter_input is not None, ACT=ACTIVATIONS[activation],
                  HAS_RES=residual is not None, UPCAST=upcast, IEEE=x.dtype == torch.float32)
     if M > 0 and N > 0:
-        if blocks is None and not interpreter():
-            tuned = _autotuned()
+        if blocks is None:
             grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))  # noqa: E731
-            tuned[grid](*args, **flags, BR=b["BR"])
+            autotuned()[grid](*args, **flags, BR=rank_block(R))
         else:
-            lora_linear_kernel[grid](*args, **flags, **b)
+            lora_linear_kernel[(triton.cdiv(M, blocks["BM"]), triton.cdiv(N, blocks["BN"]))](*args, **flags, **blocks)
     return y.reshape(*x.shape[:-1], N) if out is None else out
 
 
