@@ -183,6 +183,9 @@ def parse_input_shapes(text: str) -> tuple:
 
 def check_finite_parameters(named_params) -> None:
     for name, p in named_params:
+        if p.is_meta:
+            raise UserError(f"parameter {name} is on the meta device (shapes only, no values): load the weights "
+                            f"first, e.g. model.to_empty(device='cpu') then load_state_dict(...)")
         if p.is_floating_point() and p.numel() and not torch.isfinite(p).all():
             bad = int((~torch.isfinite(p)).sum())
             raise UserError(f"parameter {name} has {bad} NaN/inf value(s); fix the weights before rewriting")

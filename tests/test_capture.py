@@ -50,6 +50,13 @@ def test_nan_weights_rejected_in_python_api():
         rewrite(model, args, "lora")
 
 
+def test_meta_device_weights_rejected_with_what_to_do():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    with pytest.raises(UserError, match=r"0\.weight is on the meta device .* load the weights first"):
+        rewrite(model, (torch.randn(2, 16),), "lora")
+
+
 def test_decompose_lowers_custom_ops_to_aten():
     model, args = demo_model("tiny-gpt")
     result = rewrite(model, args, "lora{rank=4,init=pissa}", decompose=True, verify=True)
