@@ -172,15 +172,32 @@ def template_cases(quick: bool):
             cases.append((f"monarch {tag} 512x{d} b{nb}",
                           lambda dt=dt, d=d, nb=nb, p=p: mon_t.launch(E(512, d, dtype=dt), E(nb, p, p, dtype=dt),
                                                                       E(nb, p, p, dtype=dt), E(d, dtype=dt), d)))
+        # a structured FFN: up-projection + GELU folded in, down-projection + the residual add folded in
+        cases.append((f"monarch {tag} 512x4096 b64 +bias+gelu+residual",
+                      lambda dt=dt: mon_t.launch(E(512, 4096, dtype=dt), E(64, 64, 64, dtype=dt),
+                                                 E(64, 64, 64, dtype=dt), E(4096, dtype=dt), 4096,
+                                                 activation="gelu", residual=E(512, 4096, dtype=dt))))
         cases.append((f"blockdiag {tag} 512x4096 b4",
                       lambda dt=dt: bd_t.launch(E(512, 4096, dtype=dt), E(4, 1024, 1024, dtype=dt), None,
                                                 E(4096, dtype=dt), 4096)))
+        cases.append((f"blockdiag {tag} 512x4096 b4 +bias+gelu+residual",
+                      lambda dt=dt: bd_t.launch(E(512, 4096, dtype=dt), E(4, 1024, 1024, dtype=dt), None,
+                                                E(4096, dtype=dt), 4096, activation="gelu",
+                                                residual=E(512, 4096, dtype=dt))))
         cases.append((f"blockdense {tag} 512x4096 b4 → 11008",
                       lambda dt=dt: bd_t.launch(E(512, 4096, dtype=dt), E(4, 256, 1024, dtype=dt),
                                                 E(11008, 1024, dtype=dt), None, 11008)))
+        cases.append((f"blockdense {tag} 512x4096 b4 → 11008 +gelu+residual",
+                      lambda dt=dt: bd_t.launch(E(512, 4096, dtype=dt), E(4, 256, 1024, dtype=dt),
+                                                E(11008, 1024, dtype=dt), None, 11008, activation="gelu",
+                                                residual=E(512, 11008, dtype=dt))))
         cases.append((f"lowrank {tag} 512x4096 r256",
                       lambda dt=dt: bd_t.launch_lowrank(E(512, 4096, dtype=dt), E(4096, 256, dtype=dt),
                                                         E(256, 4096, dtype=dt), E(4096, dtype=dt))))
+        cases.append((f"lowrank {tag} 512x4096 r256 +bias+gelu+residual",
+                      lambda dt=dt: bd_t.launch_lowrank(E(512, 4096, dtype=dt), E(4096, 256, dtype=dt),
+                                                        E(256, 4096, dtype=dt), E(4096, dtype=dt),
+                                                        activation="gelu", residual=E(512, 4096, dtype=dt))))
         for m in (1, 16):
             cases.append((f"shiftadd {tag} {m}x4096→4096 q3 g128",
                           lambda dt=dt, m=m: sa_t.launch(E(m, 4096, dtype=dt),

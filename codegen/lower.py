@@ -4,8 +4,11 @@ GraphModule by `rewrite_triton::` ops that launch Triton kernels.
     rewrite.lora_linear(x, W, b, A, B, s) [-> gelu] [-> add(·, res)]
         -> rewrite_triton.lora_linear(x, W, b, A, B, s, xa, "gelu", res)     (rule "template:lora_linear")
     rewrite.two_pass_softmax(x, dim) -> rewrite_triton.two_pass_softmax(x, dim)   (when that op exists)
-    rewrite.<op>(args) -> rewrite_triton.<op>(args)   same signature, for the ops in SAME_SIGNATURE:
-        monarch_linear, blockdiag_linear, lowrank_linear, vq_logits, shiftadd_linear, softplus_attention
+    rewrite.<op>(args) [-> gelu] [-> add(·, res)] -> rewrite_triton.<op>(args, "gelu", res)
+        for the structured linears monarch_linear, blockdiag_linear, lowrank_linear (EPILOGUE_OPS; site kernel
+        e.g. "monarch_linear[gelu,+residual]")
+    rewrite.<op>(args) -> rewrite_triton.<op>(args)   same signature, for the other ops in SAME_SIGNATURE:
+        vq_logits, shiftadd_linear, softplus_attention
         (rule "template:<kernel>")
     pointwise ops … [-> sum/amax/mean(dim=-1)] -> rewrite_triton.region([inputs], spec)   (rule "generated:region")
 
@@ -68,8 +71,10 @@ def _only_user(n: fx.Node):
     return next(iter(n.users)) if len(n.users) == 1 else None
 
 
-def _lora_epilogue(node: fx.Node):
-    """(activation, residual node, nodes folded in, tail) for the pointwise epilogue following a lora node."""
+def _epilogue(node: fx.Node):
+    """(activation, residual node, nodes folded in, tail) for the pointwise epilogue following a linear-like node
+    (lora and the structured linears): its only user a gelu (approximate none or tanh), then that value's only
+    user an add (alpha 1) of a tensor with the same shape and dtype — either, both or neither."""
     activation, residual, folded, tail = "none", None, [], node
     u = _only_user(tail)
     if u is not None and u.op == "call_function" and u.target is aten.gelu.default and u.args[0] is tail:
@@ -91,20 +96,30 @@ def _lora_epilogue(node: fx.Node):
     return activation, residual, folded, tail
 
 
-def _lower_lora(gm, node, result, fuse_epilogue: bool = True) -> None:
-    b = _bound(node)
-    activation, residual, folded, tail = _lora_epilogue(node) if fuse_epilogue else ("none", None, [], node)
-    args = (b["x"], b["weight"], b["bias"], b["lora_a"], b["lora_b"], b["scale"], b["adapter_input"],
-            activation, residual)
-    new = insert_call(gm, tail, kops.LORA, args, pass_name=PASS, rule="template:lora_linear", replaces=node)
+def _lower_with_epilogue(gm, node, twin, args: tuple, kernel: str, result, fuse_epilogue: bool) -> None:
+    """Replace `node` (and the epilogue nodes after it, when fuse_epilogue) by twin(*args, activation, residual)."""
+    activation, residual, folded, tail = _epilogue(node) if fuse_epilogue else ("none", None, [], node)
+    new = insert_call(gm, tail, twin, tuple(args) + (activation, residual), pass_name=PASS,
+                      rule=f"template:{kernel}", replaces=node)
     new.meta["val"] = tail.meta.get("val")
     tail.replace_all_uses_with(new)
     for n in reversed([node] + folded):
         gm.graph.erase_node(n)
     epi = ",".join(x for x in (activation if activation != "none" else "", "+residual" if residual else "") if x)
-    kernel = "lora_linear" + (f"[{epi}]" if epi else "")
-    result.sites.append({"site": node.name, "status": "rewritten", "kernel": kernel,
+    result.sites.append({"site": node.name, "status": "rewritten", "kernel": kernel + (f"[{epi}]" if epi else ""),
                          "folded": [n.name for n in folded]})
+
+
+def _lower_lora(gm, node, result, fuse_epilogue: bool = True) -> None:
+    b = _bound(node)
+    args = (b["x"], b["weight"], b["bias"], b["lora_a"], b["lora_b"], b["scale"], b["adapter_input"])
+    _lower_with_epilogue(gm, node, kops.LORA, args, "lora_linear", result, fuse_epilogue)
+
+
+def _lower_structured(gm, node, twin, kernel: str, result, fuse_epilogue: bool = True) -> None:
+    """A structured linear: its arguments in schema order (defaults filled in), then the folded epilogue."""
+    args = tuple(_bound(node).values())
+    _lower_with_epilogue(gm, node, twin, args, kernel, result, fuse_epilogue)
 
 
 def _lower_softmax(gm, node, result) -> None:
@@ -126,6 +141,10 @@ SAME_SIGNATURE = {
     "shiftadd_linear": (kops.SHIFTADD, shiftadd_t, "shiftadd_lut"),
     "softplus_attention": (kops.SOFTPLUS_ATTENTION, softplus_t, "softplus_attention"),
 }
+
+
+# the SAME_SIGNATURE ops whose twins take the trailing (activation, residual) epilogue arguments
+EPILOGUE_OPS = ("monarch_linear", "blockdiag_linear", "lowrank_linear")
 
 
 def _same_signature_rules() -> dict:
@@ -205,7 +224,7 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
     """Lower `gm` in place; append (and return) the "codegen" PassResult on `report`.
 
     min_region_ops: smallest generated region worth a kernel; fuse_epilogue: fold GELU / residual add into the
-    LoRA template; regions: generate kernels for pointwise regions at all."""
+    LoRA and structured-linear templates; regions: generate kernels for pointwise regions at all."""
     result = PassResult(name=PASS, spec="codegen{backend=triton}", contract="exact")
     start = time.perf_counter()
     verify = getattr(report, "verified", False)
@@ -234,7 +253,10 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
             used.add("softmax")
         elif node.target in same:
             twin, module, kernel = same[node.target]
-            _lower_same(gm, node, twin, kernel, result)
+            if node.target._schema.name.split("::")[-1] in EPILOGUE_OPS:
+                _lower_structured(gm, node, twin, kernel, result, fuse_epilogue)
+            else:
+                _lower_same(gm, node, twin, kernel, result)
             used.add(module.__name__.rsplit(".", 1)[1])
     for region in (find_regions(gm, min_ops=min_region_ops) if regions else []):
         _lower_region(gm, region, result, dump_dir)

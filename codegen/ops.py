@@ -5,11 +5,15 @@ load — the loading process must `import codegen` — and run under torch.compi
         = act(rewrite::lora_linear(...)) + residual          (templates/lora_linear.py)
     rewrite_triton::two_pass_softmax(x, dim)  = softmax(x, dim)   (templates/softmax.py)
     rewrite_triton::region(inputs, spec)      = the fused region described by the JSON spec   (generate.py)
-    rewrite_triton::monarch_linear / blockdiag_linear / lowrank_linear / vq_logits / shiftadd_linear /
-        softplus_attention = the rewrite:: op of the same name and signature   (templates/monarch_linear.py,
-          blockdiag_linear.py (block-diagonal and low-rank), vq_logits.py, shiftadd_linear.py,
-          softplus_attention.py); the pre-merged dense path of the
-          structured ops (rows ≤ threshold) is one F.linear, by design, not a fallback
+    rewrite_triton::monarch_linear / blockdiag_linear / lowrank_linear(<the rewrite:: op's arguments>,
+        activation="none", residual=None) = act(rewrite::<op>(...)) + residual   (templates/monarch_linear.py,
+          blockdiag_linear.py (block-diagonal and low-rank)); the pre-merged dense path (rows ≤ threshold) is one
+          F.linear (then the same epilogue), by design, not a fallback
+    rewrite_triton::vq_logits / shiftadd_linear / softplus_attention = the rewrite:: op of the same name and
+        signature   (templates/vq_logits.py, shiftadd_linear.py, softplus_attention.py)
+
+The epilogue act(·) + residual is one torch helper, templates/lora_linear.epilogue, in every reference, fallback
+and dense path; the kernels apply it to their fp32 accumulators before the store.
 
 Each launches its Triton kernel where one can run (CUDA, or CPU under TRITON_INTERPRET=1) and otherwise runs the
 reference implementation after a one-line notice. Kernels use opaque custom ops rather than
@@ -149,7 +153,8 @@ region.register_autograd(_region_backward, setup_context=_region_setup)
 
 def _recompute_autograd(op, reference) -> None:
     """Gradients of a forward-only kernel op: recompute `reference` (torch ops) under autograd for the floating
-    tensor inputs that need one."""
+    tensor inputs that need one. `reference` takes the op's arguments in order (the structured ops' references
+    take activation and residual too, so the epilogue — and residual's gradient — is differentiated as well)."""
     def setup(ctx, inputs, output):
         ctx.tensor_pos = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
         ctx.save_for_backward(*[inputs[i] for i in ctx.tensor_pos])
@@ -179,47 +184,56 @@ def _dense_path(x, dense, threshold) -> bool:
 
 @torch.library.custom_op("rewrite_triton::monarch_linear", mutates_args=())
 def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None,
-                   out_features: int, dense: torch.Tensor | None = None, threshold: int = 0) -> torch.Tensor:
+                   out_features: int, dense: torch.Tensor | None = None, threshold: int = 0,
+                   activation: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
+    epi = (activation, residual)
     if _dense_path(x, dense, threshold):
-        return monarch_t.reference(x, w1, w2, bias, out_features, dense, threshold).contiguous()
-    return _kernel_or_reference("monarch_linear", monarch_t.supported(x, w1, w2, bias), [x, w1, w2, bias],
-                                _rows(x) * out_features, lambda: monarch_t.launch(x, w1, w2, bias, out_features),
-                                lambda: monarch_t.reference(x, w1, w2, bias, out_features).contiguous())
+        return monarch_t.reference(x, w1, w2, bias, out_features, dense, threshold, *epi).contiguous()
+    return _kernel_or_reference("monarch_linear", monarch_t.supported(x, w1, w2, bias, residual),
+                                [x, w1, w2, bias, residual], _rows(x) * out_features,
+                                lambda: monarch_t.launch(x, w1, w2, bias, out_features, *epi),
+                                lambda: monarch_t.reference(x, w1, w2, bias, out_features, None, 0, *epi).contiguous())
 
 
 @monarch_linear.register_fake
-def _(x, w1, w2, bias, out_features, dense=None, threshold=0):
+def _(x, w1, w2, bias, out_features, dense=None, threshold=0, activation="none", residual=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 @torch.library.custom_op("rewrite_triton::blockdiag_linear", mutates_args=())
 def blockdiag_linear(x: torch.Tensor, blocks: torch.Tensor, dense_u: torch.Tensor | None, bias: torch.Tensor | None,
-                     out_features: int, dense: torch.Tensor | None = None, threshold: int = 0) -> torch.Tensor:
+                     out_features: int, dense: torch.Tensor | None = None, threshold: int = 0,
+                     activation: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
+    epi = (activation, residual)
     if _dense_path(x, dense, threshold):
-        return blockdiag_t.reference(x, blocks, dense_u, bias, out_features, dense, threshold).contiguous()
-    return _kernel_or_reference("blockdiag_linear", blockdiag_t.supported(x, blocks, dense_u, bias),
-                                [x, blocks, dense_u, bias], _rows(x) * out_features,
-                                lambda: blockdiag_t.launch(x, blocks, dense_u, bias, out_features),
-                                lambda: blockdiag_t.reference(x, blocks, dense_u, bias, out_features).contiguous())
+        return blockdiag_t.reference(x, blocks, dense_u, bias, out_features, dense, threshold, *epi).contiguous()
+    return _kernel_or_reference("blockdiag_linear", blockdiag_t.supported(x, blocks, dense_u, bias, residual),
+                                [x, blocks, dense_u, bias, residual], _rows(x) * out_features,
+                                lambda: blockdiag_t.launch(x, blocks, dense_u, bias, out_features, *epi),
+                                lambda: blockdiag_t.reference(x, blocks, dense_u, bias, out_features, None, 0,
+                                                              *epi).contiguous())
 
 
 @blockdiag_linear.register_fake
-def _(x, blocks, dense_u, bias, out_features, dense=None, threshold=0):
+def _(x, blocks, dense_u, bias, out_features, dense=None, threshold=0, activation="none", residual=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 @torch.library.custom_op("rewrite_triton::lowrank_linear", mutates_args=())
 def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                   dense: torch.Tensor | None = None, threshold: int = 0) -> torch.Tensor:
+                   dense: torch.Tensor | None = None, threshold: int = 0,
+                   activation: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
+    epi = (activation, residual)
     if _dense_path(x, dense, threshold):
-        return blockdiag_t.reference_lowrank(x, u, v, bias, dense, threshold).contiguous()
-    return _kernel_or_reference("lowrank_linear", blockdiag_t.supported(x, u, v, bias), [x, u, v, bias],
-                                _rows(x) * u.shape[0], lambda: blockdiag_t.launch_lowrank(x, u, v, bias),
-                                lambda: blockdiag_t.reference_lowrank(x, u, v, bias).contiguous())
+        return blockdiag_t.reference_lowrank(x, u, v, bias, dense, threshold, *epi).contiguous()
+    return _kernel_or_reference("lowrank_linear", blockdiag_t.supported(x, u, v, bias, residual),
+                                [x, u, v, bias, residual], _rows(x) * u.shape[0],
+                                lambda: blockdiag_t.launch_lowrank(x, u, v, bias, *epi),
+                                lambda: blockdiag_t.reference_lowrank(x, u, v, bias, None, 0, *epi).contiguous())
 
 
 @lowrank_linear.register_fake
-def _(x, u, v, bias, dense=None, threshold=0):
+def _(x, u, v, bias, dense=None, threshold=0, activation="none", residual=None):
     return x.new_empty(*x.shape[:-1], u.shape[0])
 
 

@@ -1,5 +1,7 @@
 """Monarch, block-diagonal and low-rank templates (codegen/templates/monarch_linear.py, blockdiag_linear.py) vs
-the rewrite:: ops' references run in float64, under the Triton interpreter; plus their lowering end to end.
+the rewrite:: ops' references run in float64, under the Triton interpreter — with and without the fused epilogue
+act(·) + residual — plus the ops' kernel / dense / fallback paths and gradients, and their lowering end to end (a
+structured FFN's GELU and residual adds folded into the kernels).
 
 Inputs and outputs sit in NaN-guarded buffers (codegen/testing.py): out-of-bounds reads show up as NaN, writes
 outside the output as a changed guard. Shapes are odd/prime/1 so every mask and the zero padding of x matter.
@@ -88,6 +90,177 @@ def test_lowrank_kernel_matches_float64(rows, n, m, r, dtype, has_bias, strided,
     bd_t.launch_lowrank(guarded(x, strided), guarded(u, strided), guarded(v, strided),
                         guarded(bias) if bias is not None else None, out=out)
     _check(out, lr_op.reference(_d(x), _d(u), _d(v), _d(bias)), dtype)
+
+
+# ---- fused epilogue: act(linear(x) + b) + residual on the fp32 tile before the store -----------------------------
+ACTS = st.sampled_from(["none", "gelu", "gelu_tanh"])
+
+
+def _epi64(y, act, res):
+    """The epilogue in float64, written out here (independent of templates.lora_linear.epilogue)."""
+    if act == "gelu":
+        y = 0.5 * y * (1 + torch.erf(y / 2 ** 0.5))
+    elif act == "gelu_tanh":
+        y = 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y ** 3)))
+    return y if res is None else y + res
+
+
+def _res(g, has_res, rows, m, dtype, strided):
+    """(residual for the kernel — guarded, on the test device — and its float64 copy), or (None, None)."""
+    if not has_res:
+        return None, None
+    r = torch.randn(rows, m, generator=g).to(dtype)
+    return guarded(r, strided), r.double()
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=SIZES, n=SIZES, m=SIZES, nb=st.sampled_from([1, 2, 3, 4]), q=st.sampled_from([1, 3, 8, 17]), act=ACTS,
+       has_res=st.booleans(), dtype=DTYPES, has_bias=st.booleans(), strided=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_monarch_epilogue_matches_float64(rows, n, m, nb, q, act, has_res, dtype, has_bias, strided, seed):
+    # rows, s ≤ 37 → one row block and one s-block per output block: grid 1 × nb ≤ 4 programs
+    g = torch.Generator().manual_seed(seed)
+    p, s = -(-n // nb), -(-m // nb)
+    x = torch.randn(rows, n, generator=g).to(dtype)
+    w1, w2 = _mk(g, dtype, p)(nb, q, p), _mk(g, dtype, q)(nb, s, q)
+    bias = torch.randn(m, generator=g).to(dtype) if has_bias else None
+    res, res64 = _res(g, has_res, rows, m, dtype, strided)
+    out = guarded_output((rows, m), dtype, strided=strided)
+    mon_t.launch(guarded(x, strided), guarded(w1, strided), guarded(w2, strided),
+                 guarded(bias) if bias is not None else None, m, act, res, out=out)
+    _check(out, _epi64(mon_op.reference(_d(x), _d(w1), _d(w2), _d(bias), m), act, res64), dtype)
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=SIZES, n=SIZES, m=SIZES, nb=st.sampled_from([1, 2, 3, 4]), t=st.sampled_from([1, 3, 5, 16, 20]),
+       has_u=st.booleans(), act=ACTS, has_res=st.booleans(), dtype=DTYPES, has_bias=st.booleans(),
+       strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_blockdiag_epilogue_matches_float64(rows, n, m, nb, t, has_u, act, has_res, dtype, has_bias, strided,
+                                            seed):
+    # plain: grid 1 × nb (BT ≥ t); BlockDense: grid 1 × 1 (BN ≥ m)
+    g = torch.Generator().manual_seed(seed)
+    p = -(-n // nb)
+    m = m if has_u else min(m, nb * t)
+    x = torch.randn(rows, n, generator=g).to(dtype)
+    blocks = _mk(g, dtype, p)(nb, t, p)
+    u = _mk(g, dtype, nb * t)(m, nb * t) if has_u else None
+    bias = torch.randn(m, generator=g).to(dtype) if has_bias else None
+    res, res64 = _res(g, has_res, rows, m, dtype, strided)
+    out = guarded_output((rows, m), dtype, strided=strided)
+    bd_t.launch(guarded(x, strided), guarded(blocks, strided), guarded(u, strided) if u is not None else None,
+                guarded(bias) if bias is not None else None, m, act, res, out=out)
+    _check(out, _epi64(bd_op.reference(_d(x), _d(blocks), _d(u), _d(bias), m), act, res64), dtype)
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=SIZES, n=SIZES, m=SIZES, r=st.sampled_from([1, 5, 16, 40]), act=ACTS, has_res=st.booleans(),
+       dtype=DTYPES, has_bias=st.booleans(), strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_lowrank_epilogue_matches_float64(rows, n, m, r, act, has_res, dtype, has_bias, strided, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g).to(dtype)
+    u, v = _mk(g, dtype, r)(m, r), _mk(g, dtype, n)(r, n)
+    bias = torch.randn(m, generator=g).to(dtype) if has_bias else None
+    res, res64 = _res(g, has_res, rows, m, dtype, strided)
+    out = guarded_output((rows, m), dtype, strided=strided)
+    bd_t.launch_lowrank(guarded(x, strided), guarded(u, strided), guarded(v, strided),
+                        guarded(bias) if bias is not None else None, act, res, out=out)
+    _check(out, _epi64(lr_op.reference(_d(x), _d(u), _d(v), _d(bias)), act, res64), dtype)
+
+
+def test_epilogue_3d_input_with_broadcast_residual():
+    """A (batch, seq, n) input and a residual broadcast over rows (stride 0): the kernel reads it with its own
+    strides, every path (kernel, reference) agrees with the float64 formula."""
+    torch.manual_seed(2)
+    x, u, v, b, res = torch.randn(2, 5, 24), torch.randn(20, 6) / 6 ** 0.5, torch.randn(6, 24) / 24 ** 0.5, \
+        torch.randn(20), torch.randn(20)
+    y = bd_t.launch_lowrank(*map(on_device, (x, u, v, b)), "gelu_tanh", on_device(res)).cpu()
+    want = _epi64(lr_op.reference(_d(x), _d(u), _d(v), _d(b)), "gelu_tanh", _d(res))
+    assert y.shape == (2, 5, 20)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _structured_calls(dtype, dense_rows=0):
+    """(name, op call(x, residual, activation), float64 formula) for the three structured rewrite_triton ops, on
+    tensors of `dtype` (parameters requires_grad), with a pre-merged dense matrix taken when rows ≤ dense_rows."""
+    g = torch.Generator().manual_seed(5)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_()  # noqa: E731
+    n, m = 12, 10
+    w1, w2, b = mk(3, 4, 4), mk(3, 4, 4), mk(m)
+    blocks, dense_u = mk(3, 4, 4), mk(m, 12)
+    u, v = mk(m, 3), mk(3, n)
+    F = torch.nn.functional
+    d_mon = mon_op.reference(torch.eye(n, dtype=dtype), w1, w2, None, m).t().detach()   # (m, n) dense matrix
+    d_bd = bd_op.reference(torch.eye(n, dtype=dtype), blocks, dense_u, None, m).t().detach()
+    d_lr = (u @ v).detach()
+    dense = lambda d: (d, dense_rows) if dense_rows else (None, 0)  # noqa: E731
+    return [
+        ("monarch", lambda x, r, a: kops.MONARCH(x, w1, w2, b, m, *dense(d_mon), a, r), (w1, w2, b),
+         lambda x: F.linear(x, d_mon, b) if dense_rows else mon_op.reference(x, w1, w2, b, m)),
+        ("blockdense", lambda x, r, a: kops.BLOCKDIAG(x, blocks, dense_u, b, m, *dense(d_bd), a, r),
+         (blocks, dense_u, b), lambda x: F.linear(x, d_bd, b) if dense_rows else bd_op.reference(x, blocks, dense_u,
+                                                                                                b, m)),
+        ("lowrank", lambda x, r, a: kops.LOWRANK(x, u, v, b, *dense(d_lr), a, r), (u, v, b),
+         lambda x: F.linear(x, d_lr, b) if dense_rows else lr_op.reference(x, u, v, b)),
+    ]
+
+
+@cpu_only
+@pytest.mark.parametrize("dense_rows", [0, 8])
+def test_ops_apply_epilogue_on_kernel_and_dense_paths(dense_rows):
+    """fp32: the kernel path (dense_rows 0) and the pre-merged dense path (rows 3 ≤ 8: one F.linear) both apply
+    act + residual; gradients (recomputed reference) match autograd through the plain torch formula."""
+    torch.manual_seed(6)
+    for name, call, params, formula in _structured_calls(torch.float32, dense_rows):
+        for act in ("none", "gelu", "gelu_tanh"):
+            x = torch.randn(3, 12, requires_grad=True)
+            res = torch.randn(3, 10, requires_grad=True)
+            y = call(x, res, act)
+            want = _epi64(formula(x), act, res)
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5, msg=f"{name} {act}")
+            go = torch.randn(3, 10)
+            wrt = [x, res, *(params[-1:] if dense_rows else params)]    # dense path: the factors are unused
+            for got, exp in zip(torch.autograd.grad(y, wrt, go), torch.autograd.grad(want, wrt, go)):
+                torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5, msg=f"{name} {act}")
+
+
+@cpu_only
+def test_ops_epilogue_gradcheck_float64_reference_path():
+    """float64 has no kernel: the ops run their reference (epilogue included) and backward recomputes it; gradcheck
+    checks every gradient, the residual's among them, against finite differences."""
+    for name, call, params, _ in _structured_calls(torch.float64):
+        x = torch.randn(2, 12, dtype=torch.float64, requires_grad=True)
+        res = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
+        # `call` closes over the same parameter tensors gradcheck perturbs in place
+        assert torch.autograd.gradcheck(lambda x, r, *ps: call(x, r, "gelu"), (x, res, *params)), name
+        grad_res, = torch.autograd.grad(call(x, res, "gelu_tanh").sum(), [res])
+        torch.testing.assert_close(grad_res, torch.ones_like(res))     # d(y + r)/dr = 1
+
+
+@cpu_only
+def test_lowering_folds_gelu_tanh_and_leaves_shared_outputs_alone():
+    """The matching rules on a hand-written FFN: gelu(approximate="tanh") folds as gelu_tanh and the residual add
+    after the down-projection folds; an up-projection output that has a second reader keeps its GELU outside."""
+    from rewriter import rewrite
+
+    class FFN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+            self.up2, self.down2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            x = x + self.down(torch.nn.functional.gelu(self.up(x), approximate="tanh"))
+            h = self.up2(x)
+            return self.down2(torch.nn.functional.gelu(h)) + h.sum(-1, keepdim=True)
+
+    torch.manual_seed(7)
+    model, args = FFN(), (torch.randn(2, 5, 32),)
+    base = rewrite(model, args, passes="lowrank{rank=8}")
+    r = rewrite(base.program, args, codegen="triton", verify=True)
+    kernels = sorted(s["kernel"] for s in r.report.passes[-1].sites if s["kernel"].startswith("lowrank"))
+    assert kernels == ["lowrank_linear", "lowrank_linear", "lowrank_linear[+residual]", "lowrank_linear[gelu_tanh]"]
+    want = base.module()(*args)
+    torch.testing.assert_close(r.module()(*args), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_monarch_multi_tile_loops_and_3d_input():
@@ -212,9 +385,10 @@ def _lowered(spec):
 
 
 def _assert_lowered(base, r, args, op_name, kernel, count):
+    """`count` sites of `kernel` (any folded epilogue: "kernel[gelu,+residual]"), no rewrite:: op left."""
     res = r.report.passes[-1]
     assert res.name == "codegen" and res.error_vs_previous is not None
-    assert sum(s["kernel"] == kernel for s in res.sites) == count
+    assert sum(s["kernel"].split("[")[0] == kernel for s in res.sites) == count
     targets = [str(n.target) for n in r.program.graph.nodes if n.op == "call_function"]
     assert targets.count(f"rewrite_triton.{op_name}.default") == count
     assert f"rewrite.{op_name}.default" not in targets
@@ -222,16 +396,51 @@ def _assert_lowered(base, r, args, op_name, kernel, count):
     torch.testing.assert_close(r.module()(*args), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+def _assert_ffn_epilogues_folded(r, op_name):
+    """tiny-gpt (2 blocks): each block's up-projection is followed by GELU only (its result feeds the
+    down-projection), the attention output projection and the FFN down-projection by the residual add: 2 sites
+    fold the GELU, 4 the residual, the other 6 (q, k, v per block) nothing. No GELU and no add reading the op's
+    output remain in the lowered graph."""
+    kernels = [s["kernel"] for s in r.report.passes[-1].sites if s["kernel"].startswith(op_name)]
+    assert kernels.count(f"{op_name}[gelu]") == 2, kernels
+    assert kernels.count(f"{op_name}[+residual]") == 4, kernels
+    assert kernels.count(op_name) == 6, kernels
+    graph = r.program.graph
+    twin = f"rewrite_triton.{op_name}.default"
+    for n in graph.nodes:
+        assert n.target is not torch.ops.aten.gelu.default, "a GELU was left in the graph"
+        if n.op == "call_function" and str(n.target) == twin:
+            for u in n.users:
+                assert u.target is not torch.ops.aten.add.Tensor, f"{n.name}'s residual add was not folded"
+    calls = []
+    for n in graph.nodes:
+        if str(n.target) == twin:
+            names = [a.name for a in n.target._schema.arguments]
+            calls.append({**dict(zip(names, n.args)), **n.kwargs})
+    assert len(calls) == 12
+    assert sum(c.get("activation") == "gelu" for c in calls) == 2
+    assert sum(isinstance(c.get("residual"), torch.fx.Node) for c in calls) == 4
+
+
 @cpu_only
-def test_monarch_pass_lowers_end_to_end():
+def test_monarch_pass_lowers_end_to_end_with_ffn_epilogues_folded():
     base, r, args = _lowered("monarch{blocks=4}")
     _assert_lowered(base, r, args, "monarch_linear", "monarch_linear", 12)
+    _assert_ffn_epilogues_folded(r, "monarch_linear")
+
+
+@cpu_only
+def test_lowrank_pass_lowers_end_to_end_with_ffn_epilogues_folded():
+    base, r, args = _lowered("lowrank{rank=8}")
+    _assert_lowered(base, r, args, "lowrank_linear", "lowrank_linear", 12)
+    _assert_ffn_epilogues_folded(r, "lowrank_linear")
 
 
 @cpu_only
 def test_blockdiag_pass_lowers_end_to_end():
     base, r, args = _lowered("blockdiag")
     _assert_lowered(base, r, args, "blockdiag_linear", "blockdiag_linear", 12)
+    _assert_ffn_epilogues_folded(r, "blockdiag_linear")
 
 
 @cpu_only

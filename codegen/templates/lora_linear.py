@@ -22,9 +22,9 @@ import triton.language as tl
 
 from codegen import tl_math
 from codegen import runtime
+from codegen.epilogue import ACTIVATIONS, epilogue
 from codegen.runtime import mma_upcast
 
-ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 
 
 @triton.jit
@@ -162,10 +162,4 @@ def reference(x, weight, bias, lora_a, lora_b, scale, adapter_input=None, activa
     import torch.nn.functional as F
     xa = x if adapter_input is None else adapter_input
     y = F.linear(x, weight, bias) + scale * F.linear(F.linear(xa, lora_a), lora_b)
-    if activation == "gelu":
-        y = F.gelu(y)
-    elif activation == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
-    if residual is not None:
-        y = y + residual
-    return y
+    return epilogue(y, activation, residual)
