@@ -212,7 +212,9 @@ def test_bench_kernels_harness_runs_tiny_on_the_interpreter(monkeypatch):
     rows = bk.bench_lora(True, torch.float16, device="cpu", sizes=((32, 4), [16]))
     rows += bk.bench_softmax(True, torch.float16, device="cpu", sizes=[(2, 48)])
     rows += bk.bench_region(True, torch.float16, device="cpu", sizes=[(4, 24)], inductor=False)
-    assert [r["bench"] for r in rows] == ["lora", "softmax", "region", "region"] and calls
+    rows += bk.bench_attention(True, torch.float16, device="cpu", sizes=[(1, 2, 24, 16)])
+    assert [r["bench"] for r in rows] == ["lora", "softmax", "region", "region", "attention"] and calls
+    assert {"copy_gbps", "twopass_of_copy_bw"} <= set(rows[1]) and rows[-1]["kernel_vs_sdpa"] == 1.0
     assert bk.main(["--quick"]) == 2 or torch.cuda.is_available()   # refuses without CUDA
 
 
