@@ -274,6 +274,8 @@ def main(argv=None) -> int:
         torch._logging.set_logs(all=logging.ERROR)
         import warnings
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+        # torch's own deprecations, raised from inside torch (e.g. pytree's LeafSpec while copying a graph)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(LeafSpec|TreeSpec)")
     command = COMMANDS.get(argv[0], cmd_rewrite) if argv else cmd_rewrite
     if argv and argv[0] in COMMANDS:
         argv = argv[1:]
