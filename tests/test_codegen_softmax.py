@@ -71,3 +71,12 @@ def test_lowered_softmax_op_backward_matches_torch():
     (got,) = torch.autograd.grad(kops.SOFTMAX(on_device(x), 0), [x], on_device(g))   # grad lands on the CPU leaf
     (want,) = torch.autograd.grad(torch.softmax(x, 0), [x], g)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_out_whose_rows_are_not_one_2d_view_still_receives_the_result():
+    """softmax over a middle dim of a contiguous (2, 2, 2) output: its rows along dim 1 cannot be viewed as 2-D."""
+    x = torch.randn(2, 2, 2)
+    out = guarded_output((2, 2, 2), torch.float32)
+    softmax_t.launch(guarded(x), 1, out=out)
+    assert guard_intact(out)
+    torch.testing.assert_close(out.cpu().double(), torch.softmax(x.double(), 1), rtol=1e-5, atol=1e-6)

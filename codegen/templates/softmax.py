@@ -92,7 +92,7 @@ def supported(x: torch.Tensor) -> str | None:
 def launch(x: torch.Tensor, dim: int, block: int | None = None, looped: bool | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(x, dim). `block`/`looped` override the choice (tests use them to force the looped kernel);
-    `out` (x's shape, rows along `dim` viewable as 2-D, any row/column strides) receives the result."""
+    `out` (x's shape, any strides) receives the result."""
     if x.dim() == 0:
         return torch.ones_like(x)
     dim = dim % x.dim()
@@ -100,7 +100,12 @@ def launch(x: torch.Tensor, dim: int, block: int | None = None, looped: bool | N
     N = xm.shape[-1]
     x2 = xm.reshape(-1, N)
     rows = x2.shape[0]
-    y2 = torch.empty(rows, N, dtype=x.dtype, device=x.device) if out is None else out.movedim(dim, -1).view(rows, N)
+    om = out.movedim(dim, -1) if out is not None else None
+    copy_back = False
+    try:
+        y2 = om.view(rows, N) if om is not None else torch.empty(rows, N, dtype=x.dtype, device=x.device)
+    except RuntimeError:            # `out`'s rows are not one 2-D view: compute into a buffer, copy at the end
+        y2, copy_back = torch.empty(rows, N, dtype=x.dtype, device=x.device), True
     if rows and N:
         if looped is None:
             looped = N > max_row_block()
@@ -109,7 +114,11 @@ def launch(x: torch.Tensor, dim: int, block: int | None = None, looped: bool | N
         kernel = softmax_looped_kernel if looped else softmax_row_kernel
         extra = {} if interpreter() else {"num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16}
         kernel[(rows,)](x2, y2, N, x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1), BLOCK=block, **extra)
-    return y2.reshape(xm.shape).movedim(-1, dim) if out is None else out
+    if out is None:
+        return y2.reshape(xm.shape).movedim(-1, dim)
+    if copy_back:
+        om.copy_(y2.view(om.shape))
+    return out
 
 
 def reference(x: torch.Tensor, dim: int) -> torch.Tensor:
