@@ -179,7 +179,7 @@ def _recompute_autograd(op, reference) -> None:
 
 
 def _dense_path(x, dense, threshold) -> bool:
-    return dense is not None and (x.numel() // x.shape[-1] if x.shape[-1] else 0) <= threshold
+    return dense is not None and _rows(x) <= threshold
 
 
 @torch.library.custom_op("rewrite_triton::monarch_linear", mutates_args=())

@@ -31,6 +31,20 @@ def on_device(t):
     return t.to(kernel_device()) if isinstance(t, torch.Tensor) else t
 
 
+class LaunchSpy:
+    """Stands in for a @triton.jit kernel (monkeypatch it over the module's name): records each launch's keyword
+    arguments in `calls` (constexprs such as UPCAST), then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
 def program_on_device(program):
     """An ExportedProgram moved to the test device (the same object on the CPU): passes run on the CPU, kernels
     on the device."""

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import codegen  # noqa: F401  (registers rewrite_triton::)
 from codegen.templates import softplus_attention as sp_t
 from codegen.runtime import mma_upcast
-from codegen.testing import guard_intact, guarded, guarded_output, kernel_device, on_device
+from codegen.testing import LaunchSpy, guard_intact, guarded, guarded_output, kernel_device, on_device
 from rewriter.ops import softplus_attention as sp_op
 
 TRITON_OP = torch.ops.rewrite_triton.softplus_attention.default
@@ -153,18 +153,6 @@ def test_lowering_puts_the_kernel_in_the_program():
     torch.testing.assert_close(r.module()(x).double(), want, rtol=2e-5, atol=2e-6)
 
 
-class _Spy:
-    """Stands in for softplus_attention_kernel: records each launch's keyword arguments, then launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.calls.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return run
-
 
 def _emulated(q, k, v, reweight, p, eps, rnd):
     """The kernel's arithmetic in float64 (causal): the unnormalised weights a (and r) rounded to `rnd` (None: not
@@ -196,7 +184,7 @@ def test_low_precision_dots_round_only_the_weights(dtype, reweight, monkeypatch)
     g = torch.Generator().manual_seed(11)
     q, k = ((torch.randn(1, 2, 32, 16, generator=g) * 3).to(dtype) for _ in range(2))
     v = torch.randn(1, 2, 32, 16, generator=g).to(dtype)
-    spy = _Spy(sp_t.softplus_attention_kernel)
+    spy = LaunchSpy(sp_t.softplus_attention_kernel)
     monkeypatch.setattr(sp_t, "softplus_attention_kernel", spy)
     out = guarded_output((1, 2, 32, 16), torch.float32)
     sp_t.launch(guarded(q), guarded(k), guarded(v), None, True, reweight, 3.0, 0, 1e-6, out=out)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from codegen.runtime import mma_upcast
 from codegen.templates import lora_linear as lora_t
-from codegen.testing import guard_intact, guarded, guarded_output, on_device
+from codegen.testing import LaunchSpy, guard_intact, guarded, guarded_output, on_device
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=2e-2),
        torch.bfloat16: dict(rtol=5e-2, atol=1e-1)}
@@ -119,21 +119,15 @@ def test_lora_low_precision_rounds_only_the_scaled_adapter_activation(dtype, mon
     """UPCAST = mma_upcast(dtype); without it s·(x_a·Aᵀ) is rounded to the input dtype before ·Bᵀ and nothing
     else is: an fp32 output buffer (the fp32 accumulator) matches that float64 emulation far tighter than the
     unrounded one."""
-    calls = []
-    kernel = lora_t.lora_linear_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            return lambda *a, **k: (calls.append(k), kernel[grid](*a, **k))
-
-    monkeypatch.setattr(lora_t, "lora_linear_kernel", Spy())
+    spy = LaunchSpy(lora_t.lora_linear_kernel)
+    monkeypatch.setattr(lora_t, "lora_linear_kernel", spy)
     g = torch.Generator().manual_seed(9)
     mk = lambda fan_in, *s: (torch.randn(*s, generator=g) / fan_in ** 0.5).to(dtype)  # noqa: E731
     x, w, b, a, bb = mk(1, 16, 64), mk(64, 48, 64), mk(1, 48), mk(64, 8, 64), mk(1, 48, 8)
     out = guarded_output((16, 48), torch.float32)
     lora_t.launch(guarded(x), guarded(w), guarded(b), guarded(a), guarded(bb), 1.5,
                   blocks=dict(BM=16, BN=16, BK=16, BR=16), out=out)   # explicit blocks: no autotuner on GPU
-    assert [c["UPCAST"] for c in calls] == [mma_upcast(dtype)]
+    assert [c["UPCAST"] for c in spy.calls] == [mma_upcast(dtype)]
     rnd = None if mma_upcast(dtype) else dtype
 
     def emulate(r):

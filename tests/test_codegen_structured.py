@@ -17,7 +17,7 @@ import codegen.ops as kops
 from codegen.templates import blockdiag_linear as bd_t
 from codegen.templates import monarch_linear as mon_t
 from codegen.runtime import mma_upcast
-from codegen.testing import guard_intact, guarded, guarded_output, kernel_device, on_device
+from codegen.testing import LaunchSpy, guard_intact, guarded, guarded_output, kernel_device, on_device
 from rewriter.ops import blockdiag_linear as bd_op
 from rewriter.ops import lowrank_linear as lr_op
 from rewriter.ops import monarch_linear as mon_op
@@ -274,18 +274,6 @@ def test_monarch_multi_tile_loops_and_3d_input():
     torch.testing.assert_close(y.double(), mon_op.reference(_d(x), _d(w1), _d(w2), _d(b), 37), rtol=1e-5, atol=1e-5)
 
 
-class _Spy:
-    """Stands in for a module's @triton.jit kernel: records each launch's keyword arguments, then launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.calls.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return run
-
 
 def _rounded(t, rnd):
     return t if rnd is None else t.to(rnd).double()
@@ -326,12 +314,12 @@ def test_low_precision_dots_round_only_the_intermediate(kind, dtype, monkeypatch
     out = guarded_output((rows, m), torch.float32)
     if kind == "monarch":
         w1, w2 = mk(16, nb, 16, 16), mk(16, nb, 16, 16)
-        spy = _Spy(mon_t.monarch_linear_kernel)
+        spy = LaunchSpy(mon_t.monarch_linear_kernel)
         monkeypatch.setattr(mon_t, "monarch_linear_kernel", spy)
         mon_t.launch(guarded(x), guarded(w1), guarded(w2), guarded(bias), m, out=out)
         emulate = lambda r: _monarch_emulated(_d(x), _d(w1), _d(w2), _d(bias), m, r)  # noqa: E731
     else:
-        spy = _Spy(bd_t.blockdiag_linear_kernel)
+        spy = LaunchSpy(bd_t.blockdiag_linear_kernel)
         monkeypatch.setattr(bd_t, "blockdiag_linear_kernel", spy)
         if kind == "blockdense":
             blocks, u = mk(16, nb, 8, 16), mk(32, m, nb * 8)
@@ -423,24 +411,12 @@ def _assert_ffn_epilogues_folded(r, op_name):
 
 
 @cpu_only
-def test_monarch_pass_lowers_end_to_end_with_ffn_epilogues_folded():
-    base, r, args = _lowered("monarch{blocks=4}")
-    _assert_lowered(base, r, args, "monarch_linear", "monarch_linear", 12)
-    _assert_ffn_epilogues_folded(r, "monarch_linear")
-
-
-@cpu_only
-def test_lowrank_pass_lowers_end_to_end_with_ffn_epilogues_folded():
-    base, r, args = _lowered("lowrank{rank=8}")
-    _assert_lowered(base, r, args, "lowrank_linear", "lowrank_linear", 12)
-    _assert_ffn_epilogues_folded(r, "lowrank_linear")
-
-
-@cpu_only
-def test_blockdiag_pass_lowers_end_to_end():
-    base, r, args = _lowered("blockdiag")
-    _assert_lowered(base, r, args, "blockdiag_linear", "blockdiag_linear", 12)
-    _assert_ffn_epilogues_folded(r, "blockdiag_linear")
+@pytest.mark.parametrize("spec, kernel", [("monarch{blocks=4}", "monarch_linear"),
+                                          ("lowrank{rank=8}", "lowrank_linear"), ("blockdiag", "blockdiag_linear")])
+def test_structured_pass_lowers_end_to_end_with_ffn_epilogues_folded(spec, kernel):
+    base, r, args = _lowered(spec)
+    _assert_lowered(base, r, args, kernel, kernel, 12)
+    _assert_ffn_epilogues_folded(r, kernel)
 
 
 @cpu_only

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import codegen.ops as kops
 from codegen.templates import vq_logits as vq_t
 from codegen.runtime import interpreter, mma_upcast
-from codegen.testing import guard_intact, guarded, guarded_output, kernel_device, on_device
+from codegen.testing import LaunchSpy, guard_intact, guarded, guarded_output, kernel_device, on_device
 from rewriter.ops import vq_logits as vq_op
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=2e-2)}
@@ -62,18 +62,6 @@ def test_vq_gather_uses_the_map_and_log_softmax_normalises():
     torch.testing.assert_close(lpb.exp().sum(-1), torch.ones(4), rtol=1e-5, atol=1e-5)
 
 
-class _Spy:
-    """Stands in for vq_logits_kernel: records each launch's keyword arguments, then launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.calls.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return run
-
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_operands_reach_the_dot_and_code_logits_round_to_the_input_dtype(dtype, monkeypatch):
@@ -86,7 +74,7 @@ def test_low_precision_operands_reach_the_dot_and_code_logits_round_to_the_input
     h = torch.randn(16, 48, generator=g).to(dtype)
     codebook = (torch.randn(24, 48, generator=g) / 48 ** 0.5).to(dtype)
     code_map = torch.randint(0, 24, (40,), generator=g)
-    spy = _Spy(vq_t.vq_logits_kernel)
+    spy = LaunchSpy(vq_t.vq_logits_kernel)
     monkeypatch.setattr(vq_t, "vq_logits_kernel", spy)
     out = guarded_output((16, 40), torch.float32)
     vq_t.launch(guarded(h), guarded(codebook), on_device(code_map), out=out)
