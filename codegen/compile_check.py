@@ -402,7 +402,8 @@ def print_table(results: list[Result]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, action="append", help="compute capability ×10, e.g. 90 (H100), 80")
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
+                        help="compute capability ×10: 90 (H100/H200), 80 (A100), 86/89 (RTX 30/40); default 90")
     parser.add_argument("--quick", action="store_true", help="fp16 only, fewer shapes")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)

@@ -196,3 +196,14 @@ def test_low_precision_dots_round_only_the_weights(dtype, reweight, monkeypatch)
     tight = 4e-6 * want.abs().max().item()
     assert (got - want).abs().max().item() <= tight
     assert (other - want).abs().max().item() > 10 * tight
+
+
+def test_gpu_tiles_fit_the_shared_memory_budget_for_every_head_dim(monkeypatch):
+    """On a GPU the K/V tile shrinks so that 3 pipeline stages of K and V fit SHARED_BUDGET (fp32 d = 128 at BN = 64
+    needs 176 KiB, over an A100's 163 KiB: compile_check measured it); small head dims keep BN = 64."""
+    monkeypatch.setattr(sp_t, "interpreter", lambda: False)
+    for d, operand_bytes, bn in ((64, 2, 64), (128, 2, 64), (256, 2, 32), (64, 4, 64), (128, 4, 32), (256, 4, 16)):
+        blocks = sp_t.pick_blocks(1024, 1024, d, d, operand_bytes)
+        assert blocks["BN"] == bn and blocks["BD"] == blocks["BDV"] == d, (d, operand_bytes, blocks)
+        assert 3 * bn * 2 * d * operand_bytes <= sp_t.SHARED_BUDGET
+    assert sp_t.pick_blocks(1024, 8, 64, 64, 2)["BN"] == 16           # short key sequences: smallest tile

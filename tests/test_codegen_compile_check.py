@@ -102,6 +102,12 @@ def test_the_check_catches_what_the_interpreter_accepts(tmp_path):
     assert not wide["ok"] and wide["problems"] == ["grid[1] = 70000 > 65535"]
 
 
+def test_unknown_arch_is_refused_by_the_argument_parser(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "codegen.compile_check", "--arch", "12"], cwd=ROOT,
+                          env=_compiler_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "invalid choice: 12" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_refuses_to_run_under_the_interpreter(tmp_path):
     env = {**_compiler_env(tmp_path), "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "codegen.compile_check", "--quick"], env=env, cwd=ROOT,
