@@ -88,7 +88,7 @@ class LoraPass(Pass):
                             f"{', '.join(layers[:12])}{' ...' if len(layers) > 12 else ''}")
         gen = torch.Generator().manual_seed(self.seed)
         for site in ctx.progress(sites, "inserting adapters"):
-            names = adapter_names(site.name)
+            names = adapter_names(site.weight_name)
             if params.has_attr(gm, names["A"]) or params.has_attr(gm, names["merged"]):
                 ctx.skip(site.name, "already has an adapter")
                 continue
@@ -123,16 +123,16 @@ class LoraPass(Pass):
                      init="adapter" if adapters is not None else self.init)
         if self.freeze_base:
             for name, p in gm.named_parameters():
-                if not name.endswith((".lora_A", ".lora_B")):
+                if not name.endswith(("lora_A", "lora_B")):
                     p.requires_grad_(False)
 
     def _zero_init(self, weight: torch.Tensor, rank: int, gen: torch.Generator):
         in_f = weight.shape[1]
         if self.init == "gaussian":
-            a = torch.randn(rank, in_f, generator=gen) / rank
+            a = torch.randn(rank, in_f, generator=gen, device="cpu") / rank
         else:  # nn.Linear's kaiming_uniform(a=√5): U(−1/√in, 1/√in)
             bound = 1.0 / math.sqrt(in_f)
-            a = (torch.rand(rank, in_f, generator=gen) * 2 - 1) * bound
+            a = (torch.rand(rank, in_f, generator=gen, device="cpu") * 2 - 1) * bound
         # drawn on the CPU (a seeded CPU generator: the same adapter on every device), stored beside the weight
         return (a.to(device=weight.device, dtype=weight.dtype),
                 torch.zeros(weight.shape[0], rank, dtype=weight.dtype, device=weight.device))

@@ -37,7 +37,7 @@ class LoraMergePass(Pass):
 
     def should_run(self, ctx):
         reason = super().should_run(ctx)
-        if reason is not None and any(n.endswith(".lora_merged") for n, _ in ctx.gm.named_buffers()):
+        if reason is not None and any(n.endswith("lora_merged") for n, _ in ctx.gm.named_buffers()):
             return "already merged: nothing to merge"
         return reason
 
@@ -56,7 +56,7 @@ class LoraMergePass(Pass):
             if shared_readers(gm, weight_name, node):
                 ctx.skip(layer, "weight is shared (tied) with other ops; merging would change them too")
                 continue
-            names = adapter_names(layer)
+            names = adapter_names(weight_name)
             a = get_attr_value(gm, a_node.target).detach()
             b = get_attr_value(gm, b_node.target).detach()
             w = get_attr_value(gm, weight_name).detach()
@@ -73,7 +73,8 @@ class LoraMergePass(Pass):
                 params.remove_if_unused(gm, node_.target)
                 params.add_tensor(gm, names[key], value)
             dropout = float(adapter_input.args[1]) if adapter_input is not None else 0.0
-            params.add_tensor(gm, names["merged"], torch.tensor([float(scale), dropout], dtype=torch.float64))
+            params.add_tensor(gm, names["merged"], torch.tensor([float(scale), dropout], dtype=torch.float64,
+                                                                 device=w.device))
             params.add_tensor(gm, names["correction"], correction)
             ctx.site(layer, correction_dtype=str(correction.dtype).replace("torch.", ""),
                      nonzero_corrections=int(correction.count_nonzero()))

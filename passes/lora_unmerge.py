@@ -29,14 +29,14 @@ class LoraUnmergePass(Pass):
     summary = "restore merged LoRA layers: base weights bit-exact, adapters trainable again"
 
     def should_run(self, ctx):
-        if not any(n.endswith(".lora_merged") for n, _ in ctx.gm.named_buffers()):
+        if not any(n.endswith("lora_merged") for n, _ in ctx.gm.named_buffers()):
             return "no merged LoRA layers (nothing to unmerge)"
         return None
 
     def run(self, ctx) -> None:
         gm = ctx.gm
         for site in ctx.progress(find_linears(gm), "unmerging adapters"):
-            names = adapter_names(site.name)
+            names = adapter_names(site.weight_name)
             if not params.has_attr(gm, names["merged"]):
                 continue
             scale, dropout = (float(v) for v in get_attr_value(gm, names["merged"]))

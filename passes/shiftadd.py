@@ -128,8 +128,8 @@ class ShiftAddPass(Pass):
         return bcq.relative_error(w, wq), bcq.relative_error(x @ w.t(), x @ wq.t())
 
     def _replace(self, gm, site, q: bcq.BCQWeight) -> None:
-        signs = params.add_tensor(gm, tensor_name(site, "bcq_signs"), q.signs)
-        exps = params.add_tensor(gm, tensor_name(site, "bcq_exponents"), q.exponents)
+        signs = params.add_tensor(gm, site.tensor_name("bcq_signs"), q.signs)
+        exps = params.add_tensor(gm, site.tensor_name("bcq_exponents"), q.exponents)
         args = (site.x, params.get_attr_node(gm, signs), params.get_attr_node(gm, exps), site.bias,
                 site.in_features, self.group)
         new = insert_call(gm, site.node, OP, args, pass_name=self.name, rule=f"bcq-{site.rule}", replaces=site.node)
@@ -153,11 +153,6 @@ class ShiftAddPass(Pass):
         for n, b in choice.items():
             ctx.site(n, status="allocated", bits=b, **{f"output_error_{k}b": v for k, v in errors[n].items()})
         return choice
-
-
-def tensor_name(site, suffix: str) -> str:
-    """`<layer>.<suffix>`; `<weight>_<suffix>` for a weight at the top level (its owner is the model itself)."""
-    return f"{site.name}.{suffix}" if "." in site.weight_name else f"{site.weight_name}_{suffix}"
 
 
 def allocate_bits(errors: dict[str, dict[int, float]], sizes: dict[str, int], budget: float) -> dict[str, int]:

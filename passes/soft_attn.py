@@ -78,8 +78,9 @@ class SoftAttnPass(Pass):
             if site.seq_q != site.seq_k:
                 ctx.skip(site.name, f"cross-attention (Tq={site.seq_q}, Tk={site.seq_k}): SOFT shares q and k")
                 continue
+            q_value = values.get(site.q)
             keep = keep_mask_value(site.mask_kind, values.get(site.mask) if site.mask is not None else None,
-                                   site.seq_q, site.seq_k)
+                                   site.seq_q, site.seq_k, q_value.device if isinstance(q_value, torch.Tensor) else None)
             if isinstance(keep, str):
                 ctx.skip(site.name, keep)
                 continue

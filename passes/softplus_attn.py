@@ -63,7 +63,9 @@ class SoftplusAttnPass(Pass):
         sites, values = sites_and_values(ctx)
         for site in ctx.progress(sites, "attention"):
             mask_value = values.get(site.mask) if site.mask is not None else None
-            keep = keep_mask_value(site.mask_kind, mask_value, site.seq_q, site.seq_k)
+            q_value = values.get(site.q)
+            keep = keep_mask_value(site.mask_kind, mask_value, site.seq_q, site.seq_k,
+                                   q_value.device if isinstance(q_value, torch.Tensor) else None)
             if isinstance(keep, str):
                 ctx.skip(site.name, keep)
                 continue

@@ -89,7 +89,7 @@ class VQLogitsPass(Pass):
             if k >= vocab:
                 raise UserError(f"vq-logits: map {self.map} uses {k} codes for a vocabulary of {vocab}; "
                                 f"it must use fewer codes than tokens")
-            codebook = kmeans.update(w.float(), code_map, torch.zeros(k, dim)).to(w.dtype)
+            codebook = kmeans.update(w.float(), code_map, torch.zeros(k, dim, device=w.device)).to(w.dtype)
         else:
             k = self.codes
             if k >= vocab:
@@ -98,9 +98,9 @@ class VQLogitsPass(Pass):
             codebook, code_map = kmeans.kmeans(w, k, self.iters, self.seed)
         tied = len(params.readers(gm, site.weight_name)) > 1
         bias_t = site.bias_tensor(gm)
-        c_name = params.add_tensor(gm, _tensor_name(site, "vq_codebook"), codebook.contiguous(),
+        c_name = params.add_tensor(gm, site.tensor_name("vq_codebook"), codebook.contiguous(),
                                    trainable=isinstance(site.weight_tensor(gm), torch.nn.Parameter))
-        m_name = params.add_tensor(gm, _tensor_name(site, "vq_code_map"), code_map.to(torch.int32))
+        m_name = params.add_tensor(gm, site.tensor_name("vq_code_map"), code_map.to(torch.int32))
         c_node, m_node = params.get_attr_node(gm, c_name), params.get_attr_node(gm, m_name)
         rule = f"vq-{site.rule}"
 
@@ -162,9 +162,6 @@ class VQLogitsPass(Pass):
             return None
         return node
 
-
-def _tensor_name(site, suffix: str) -> str:
-    return f"{site.name}.{suffix}" if "." in site.weight_name else f"{site.weight_name}_{suffix}"
 
 
 def agreement(ref: torch.Tensor, approx: torch.Tensor) -> dict:

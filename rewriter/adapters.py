@@ -22,7 +22,7 @@ from torch import fx
 
 from . import params
 from .ir import insert_call
-from .matchers.linear import LinearSite
+from .matchers.linear import LinearSite, layer_tensor_name
 
 aten = torch.ops.aten
 LORA_OP = torch.ops.rewrite.lora_linear.default
@@ -34,8 +34,10 @@ def layer_of(weight_name: str) -> str:
     return weight_name.rsplit(".", 1)[0] if "." in weight_name else weight_name
 
 
-def adapter_names(layer: str) -> dict[str, str]:
-    return {k: f"{layer}.lora_{k}" for k in ("A", "B", "merged", "correction")}
+def adapter_names(weight_name: str) -> dict[str, str]:
+    """Names of the adapter tensors of the layer whose weight is `weight_name` (beside it; at the root for a
+    model that is one linear layer: `weight_lora_A`)."""
+    return {k: layer_tensor_name(weight_name, f"lora_{k}") for k in ("A", "B", "merged", "correction")}
 
 
 def weight_out_in_node(gm: fx.GraphModule, site: LinearSite, *, pass_name: str, rule: str) -> fx.Node:

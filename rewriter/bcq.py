@@ -242,16 +242,16 @@ def quantize(weight: torch.Tensor, bits: int = 3, group: int = 128, rounds: int 
 def _quantize_gptq(w, bits, group, rounds, terms, hessian, damp) -> BCQWeight:
     out_f, in_f = w.shape
     n_pad = padded_in(in_f, group)
-    h = torch.zeros(n_pad, n_pad, dtype=torch.float64)
+    h = torch.zeros(n_pad, n_pad, dtype=torch.float64, device=w.device)
     h[:in_f, :in_f] = hessian.double()
     diag = h.diagonal()
     dead = diag <= 0                    # columns never excited (or padding): no information, keep them
-    mean_diag = diag[~dead].mean() if (~dead).any() else torch.tensor(1.0, dtype=torch.float64)
+    mean_diag = diag[~dead].mean() if (~dead).any() else torch.tensor(1.0, dtype=torch.float64, device=w.device)
     diag[dead] = 1.0
     diag += damp * mean_diag
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     wp = torch.nn.functional.pad(w, (0, n_pad - in_f)).double()
-    exps, signs = [], torch.empty(out_f, n_pad // group, bits, group)
+    exps, signs = [], torch.empty(out_f, n_pad // group, bits, group, device=w.device)
     pats = _patterns(bits).double()
     for j in range(n_pad // group):
         cols = slice(j * group, (j + 1) * group)

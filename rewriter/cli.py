@@ -17,7 +17,7 @@ import sys
 
 from rich.console import Console
 
-from .errors import RewriteError, UserError, first_line
+from .errors import InternalError, RewriteError, UserError, first_line
 
 SUBCOMMANDS = ("passes", "show", "diff", "eval")
 
@@ -284,7 +284,8 @@ def main(argv=None) -> int:
     except RewriteError as e:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        label = "internal error" if isinstance(e, InternalError) else "error"
+        err.print(f"[bold red]{label}:[/] {e}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -2,6 +2,7 @@
 
 `UserError` carries one line saying what is wrong and what to do; the CLI prints it without a traceback
 and exits with code 2. `VerificationError` means a pass broke its contract; the CLI exits with code 1.
+`InternalError` is our own bug (exit 3), reported as such, never as the user's.
 """
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ class UserError(RewriteError):
     """Bad input: unknown pass or option, unreadable file, model that won't trace, ..."""
 
     exit_code = 2
+
+
+class InternalError(RewriteError):
+    """A bug in this package met while working on the user's model (a pass raised something it did not mean to).
+    Never the user's fault: the CLI says so and exits with code 3."""
+
+    exit_code = 3
 
 
 class VerificationError(RewriteError):

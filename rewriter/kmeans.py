@@ -9,7 +9,8 @@
     Lloyd     assign every row to its nearest centre (ties → lowest index), then move each centre to the mean of
               its rows (in float64, so the mean of identical rows is that row exactly); an empty centre keeps
               its place. Stops early once the labels no longer change (later iterations would be no-ops).
-Same (x, k, iters, seed) → same result: all randomness comes from one torch.Generator seeded with `seed`.
+Same (x, k, iters, seed) → same result: all randomness comes from one CPU torch.Generator seeded with `seed`
+(the draws are made on the CPU whatever device x lives on, so a model on a GPU gets the same seeds).
 """
 from __future__ import annotations
 
@@ -31,22 +32,22 @@ def _sq_dist_to(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor) -> torch.T
 def seed_centres(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """k-means++: indices (k,) of the rows chosen as initial centres."""
     n = x.shape[0]
-    first = int(torch.randint(n, (1,), generator=generator))
+    first = int(torch.randint(n, (1,), generator=generator, device=generator.device))
     chosen = [first]
-    used = torch.zeros(n, dtype=torch.bool)
+    used = torch.zeros(n, dtype=torch.bool, device=x.device)
     used[first] = True
     x_sq = x.double().pow(2).sum(-1)
     d2 = _sq_dist_to(x, x[first], x_sq)
     for _ in range(1, k):
         total = d2.sum()
         if total > 0:
-            nxt = int(torch.multinomial(d2 / total, 1, generator=generator))
+            nxt = int(torch.multinomial((d2 / total).to(generator.device), 1, generator=generator))
         else:
             nxt = int((~used).nonzero()[0]) if (~used).any() else 0
         chosen.append(nxt)
         used[nxt] = True
         d2 = torch.minimum(d2, _sq_dist_to(x, x[nxt], x_sq))
-    return torch.tensor(chosen)
+    return torch.tensor(chosen, device=x.device)
 
 
 def assign(x: torch.Tensor, centres: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -63,7 +64,7 @@ def assign(x: torch.Tensor, centres: torch.Tensor, chunk: int = 8192) -> torch.T
 def update(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """Centres moved to the mean of their rows (float64 sums); empty ones stay."""
     k = centres.shape[0]
-    sums = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, labels, x.double())
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, labels, x.double())
     counts = torch.bincount(labels, minlength=k)
     means = (sums / counts.clamp(min=1)[:, None]).to(centres.dtype)
     return torch.where((counts > 0)[:, None], means, centres)
@@ -74,7 +75,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> tuple[tor
     if not 1 <= k <= x.shape[0]:
         raise ValueError(f"k must be in 1..{x.shape[0]} (the number of rows), got {k}")
     xf = x.detach().float()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)   # drawn on the CPU: the same codebook on every device
     centres = xf[seed_centres(xf, k, gen)].clone()
     labels = assign(xf, centres)
     for _ in range(iters):

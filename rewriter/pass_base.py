@@ -51,6 +51,7 @@ class Pass:
     must_follow: ClassVar[tuple[str, ...]] = ()
     error_bound: ClassVar[float | None] = None  # for approximate passes: max output rel. error accepted
     summary: ClassVar[str] = ""          # one line for `rewrite passes`
+    needs_teacher: ClassVar[bool] = False  # True: ctx.teacher holds the program as it was before the pipeline
 
     def should_run(self, ctx) -> str | None:
         """None when the pass has work to do, else the reason it is skipped."""

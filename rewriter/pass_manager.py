@@ -14,11 +14,12 @@ import torch
 from torch import fx
 
 from . import cost
-from .errors import RewriteError, UserError, VerificationError, first_line
+from .errors import InternalError, RewriteError, VerificationError, first_line
 from .ir import op_name, provenance
 from .params import state_snapshot
 from .pass_base import Contract, Pass
-from .verify import (check_same_signature, exact_tolerance, propagate_shapes, relative_error, run_graph)
+from .verify import (check_same_signature, exact_agreement, exact_tolerance, propagate_shapes, relative_error,
+                     run_graph, run_graph_float64)
 
 
 @dataclass
@@ -88,12 +89,15 @@ class PassContext:
     """What a pass sees: the working GraphModule, example inputs, and ways to report per-site results."""
 
     def __init__(self, gm: fx.GraphModule, inputs: list, pass_obj: Pass, result: PassResult,
-                 progress: Callable | None = None):
+                 progress: Callable | None = None, teacher: fx.GraphModule | None = None):
         self.gm = gm
         self.inputs = inputs          # flat example inputs, in placeholder order
         self.pass_obj = pass_obj
         self.result = result
         self._progress = progress
+        # the program as it was before the pipeline (a frozen copy), kept only when a pass of the pipeline
+        # declares `needs_teacher` (it costs a second copy of the weights)
+        self.teacher = teacher
 
     @property
     def graph(self) -> fx.Graph:
@@ -114,6 +118,15 @@ class PassContext:
         if self._progress is None:
             return items
         return self._progress(items, f"{self.pass_obj.name}: {description}")
+
+    def map_layers(self, fn: Callable, items: list[tuple], description: str) -> list:
+        """`[fn(*item) for item in items]` — the per-layer work of a pass (a projection, a fit), in order.
+
+        The one place per-layer work runs, so that where it runs (this process, a process pool, a GPU) is decided
+        here and nowhere else. Hence the rules for callers: `fn` is a module-level function, each item a tuple of
+        tensors / numbers / strings (picklable), results tensors or plain data; anything random is seeded from the
+        item (a per-layer seed), never from global state, so the result is the same wherever it ran."""
+        return [fn(*item) for item in self.progress(items, description)]
 
     def activations(self, nodes: list[fx.Node]) -> dict[fx.Node, Any]:
         """Values of `nodes` on the example inputs (runs the current graph once)."""
@@ -165,6 +178,7 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
     report.flops_before = cost.program_flops(gm)
     report.params_before = cost.program_params(gm)
     original_outputs = previous_outputs = run_graph(gm, inputs) if verify else None
+    teacher = _frozen_copy(gm) if any(getattr(p, "needs_teacher", False) for p in passes) else None
     done: list[str] = []
     for index, p in enumerate(passes):
         result = PassResult(p.name, p.spec(), p.contract.value)
@@ -177,18 +191,20 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
             continue
         for inst in instruments:
             inst.before_pass(p, gm)
+        # the float64 reference of an exact pass's input program, for ill-conditioned examples (verify.exact_agreement)
+        truth = run_graph_float64(gm, inputs) if verify and p.contract is Contract.EXACT else None
         nodes_before = set(gm.graph.nodes)
         state_before = state_snapshot(gm)
         result.flops_before = cost.program_flops(gm)
         result.params_before = cost.program_params(gm)
         start = time.perf_counter()
         try:
-            p.run(PassContext(gm, inputs, p, result, progress))
+            p.run(PassContext(gm, inputs, p, result, progress, teacher))
         except RewriteError:
             raise
         except Exception as e:
-            raise UserError(f"{label} failed on this model: {type(e).__name__}: {first_line(e)} "
-                            "(run with --debug for the traceback)") from e
+            raise InternalError(f"{label} crashed: {type(e).__name__}: {first_line(e)} — a bug in rewrite, "
+                                "not in your model (run with --debug for the traceback)") from e
         gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
         try:
             gm.graph.lint()
@@ -224,11 +240,14 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
             outputs = run_graph(gm, inputs)
             result.error_vs_previous = relative_error(previous_outputs, outputs)
             result.error_vs_original = relative_error(original_outputs, outputs)
+            ok = True
             if p.contract is Contract.EXACT:
                 result.tolerance = exact_tolerance(outputs)
+                ok, _ = exact_agreement(previous_outputs, outputs, truth, result.tolerance)
             elif p.contract is Contract.APPROXIMATE and p.error_bound is not None:
                 result.tolerance = p.error_bound
-            if result.tolerance is not None and not result.error_vs_previous <= result.tolerance:
+                ok = result.error_vs_previous <= result.tolerance
+            if not ok:
                 report.passes.append(result)
                 raise VerificationError(
                     f"{label} broke its {p.contract.value} contract: output relative error "
@@ -244,6 +263,15 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
         report.verified = True
         report.error = relative_error(original_outputs, previous_outputs)
     return report
+
+
+def _frozen_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the program with its own (frozen) parameters: the teacher a distilling pass learns from."""
+    import copy
+    teacher = copy.deepcopy(gm)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def _is_impure(node: fx.Node) -> bool:

@@ -82,7 +82,7 @@ class Factored:
         n, m = self.in_features, self.out_features
         if self.kind == "lowrank":
             return f["u"] @ f["v"]
-        eye = torch.eye(n, dtype=dtype)
+        eye = torch.eye(n, dtype=dtype, device=f[next(iter(f))].device)
         if self.kind == "monarch":
             return monarch_linear.reference(eye, f["w1"], f["w2"], None, m).t().contiguous()
         return blockdiag_linear.reference(eye, f["blocks"], f.get("u"), None, m).t().contiguous()
@@ -139,11 +139,11 @@ def monarch_project(w: torch.Tensor, blocks: int) -> Factored:
     b = blocks
     p, q, s = monarch_sizes(m, n, b)
     work = _work_dtype(w)
-    wx = torch.zeros(b * s, b * p, dtype=work)
+    wx = torch.zeros(b * s, b * p, dtype=work, device=w.device)
     wx[:m, :n] = w.to(work)
     slices = wx.view(s, b, b, p).permute(1, 2, 0, 3)               # [c, k, s', p'] = W[s'·b + c, k·p + p']
-    w1 = torch.zeros(b, q, p, dtype=work)
-    w2 = torch.zeros(b, s, q, dtype=work)
+    w1 = torch.zeros(b, q, p, dtype=work, device=w.device)
+    w2 = torch.zeros(b, s, q, dtype=work, device=w.device)
     if q % b == 0:
         us, vs = top_svd(slices, q // b)                            # [c, k, s', j1], [c, k, j1, p']
         # w2[c, s', k·t + j1] = us[c, k, s', j1];  w1[k, j1·b + c, p'] = vs[c, k, j1, p']
@@ -157,7 +157,7 @@ def monarch_project(w: torch.Tensor, blocks: int) -> Factored:
                     continue
                 left, right = top_svd(slices[c, k], len(idx))
                 t = left.shape[-1]
-                ii = torch.tensor(idx[:t])
+                ii = torch.tensor(idx[:t], device=w.device)
                 w2[c][:, ii] = left
                 w1[k][ii * b + c - k * q] = right
     return Factored("monarch", m, n, {"w1": w1.to(w.dtype), "w2": w2.to(w.dtype)}, {"blocks": b, "inner": q})
@@ -173,7 +173,7 @@ def _column_blocks(w: torch.Tensor, blocks: int, rows: int | None = None) -> tor
     m, n = w.shape
     p = -(-n // blocks)
     rows = m if rows is None else rows
-    wx = torch.zeros(rows, blocks * p, dtype=_work_dtype(w))
+    wx = torch.zeros(rows, blocks * p, dtype=_work_dtype(w), device=w.device)
     wx[:m, :n] = w.to(wx.dtype)
     return wx.view(rows, blocks, p).permute(1, 0, 2)
 
@@ -224,7 +224,7 @@ def covariance_root(x: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, 
     x = x.reshape(-1, x.shape[-1]).double()
     c = x.t() @ x / max(1, x.shape[0])
     lam = damp * float(c.diagonal().mean()) + 1e-12
-    c = c + lam * torch.eye(c.shape[0], dtype=c.dtype)
+    c = c + lam * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     evals, q = torch.linalg.eigh(c)
     evals = evals.clamp_min(lam * 1e-3)
     return (q * evals.sqrt()) @ q.t(), (q * evals.rsqrt()) @ q.t()
@@ -286,13 +286,13 @@ def apply(gm: fx.GraphModule, site: LinearSite, fac: Factored, *, pass_name: str
         site = fresh
     layer = site.name
     f = fac.factors
-    names = {k: params.add_tensor(gm, f"{layer}.{fac.kind}_{k}", v, trainable=True) for k, v in f.items()}
+    names = {k: params.add_tensor(gm, site.tensor_name(f"{fac.kind}_{k}"), v, trainable=True) for k, v in f.items()}
     nodes = {k: params.get_attr_node(gm, name) for k, name in names.items()}
     dense = None
     threshold = 0
     if pre_merge is not None and pre_merge > 0:
         d = fac.dense(torch.float64).to(next(iter(f.values())).dtype)   # product in fp64, rounded once
-        dname = params.add_tensor(gm, f"{layer}.{fac.kind}_premerged", d)
+        dname = params.add_tensor(gm, site.tensor_name(f"{fac.kind}_premerged"), d)
         dense, threshold = params.get_attr_node(gm, dname), int(pre_merge)
     if fac.kind == "monarch":
         args = (site.x, nodes["w1"], nodes["w2"], site.bias, fac.out_features, dense, threshold)

@@ -40,6 +40,46 @@ def run_graph(gm: fx.GraphModule, inputs: list) -> list:
     return pytree.tree_leaves(out)
 
 
+class _Float64Interpreter(fx.Interpreter):
+    """Runs a graph with every floating parameter and buffer read as float64."""
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.double()
+        return value
+
+
+def run_graph_float64(gm: fx.GraphModule, inputs: list) -> list | None:
+    """The graph's outputs with its floating weights and inputs in float64 — the function the program means,
+    nearly free of rounding — or None when the graph does not run that way (an op without a float64 kernel, an
+    explicit cast to a low-precision dtype feeding a matmul, ...)."""
+    doubled = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+    try:
+        with torch.no_grad():
+            out = _Float64Interpreter(gm).run(*doubled)
+    except Exception:
+        return None
+    return pytree.tree_leaves(out)
+
+
+def exact_agreement(previous: list, outputs: list, truth: list | None, tolerance: float) -> tuple[bool, float]:
+    """Is `outputs` the same function as `previous` up to rounding? Returns (ok, error against previous).
+
+    Fast path: normwise relative error ≤ tolerance. Where the function is ill-conditioned at the example inputs
+    (cancellation: x·W and x·ΔW nearly opposite, so the previous program's own rounding error is large), two correct
+    programs may disagree by more than that; then with the float64 `truth` the new program is accepted when it is
+    no further from the truth than a few times the previous program is, plus the tolerance."""
+    err = relative_error(previous, outputs)
+    if err <= tolerance:
+        return True, err
+    if truth is None:
+        return False, err
+    e_new = relative_error(truth, outputs)
+    e_old = relative_error(truth, previous)
+    return e_new <= tolerance + 4.0 * e_old, err
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: list) -> list:
     """FakeTensor propagation: refreshes node.meta['val'] everywhere; returns the fake outputs."""
     from torch._subclasses.fake_tensor import FakeTensorMode

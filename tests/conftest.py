@@ -18,6 +18,10 @@ settings.register_profile("default", max_examples=20, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# the long run of the numerics properties (tests without their own max_examples):
+#   pytest --hypothesis-profile=long -k "ulp or tolerance"   (bench/numerics.py runs it under every ATen capability)
+settings.register_profile("long", max_examples=3000, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 torch.set_num_threads(1)

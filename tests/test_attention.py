@@ -28,7 +28,7 @@ def _targets(program):
 
 
 # ---- two-pass softmax: the op -------------------------------------------------------------------------------
-def assert_within_ulps(y: torch.Tensor, x: torch.Tensor, dim: int, ulps: float = 4.0):
+def assert_within_ulps(y: torch.Tensor, x: torch.Tensor, dim: int, ulps: float = 1.0):
     ref = torch.softmax(x.double(), dim)
     nan = torch.isnan(ref)
     assert torch.equal(torch.isnan(y), nan), "NaN pattern differs from torch.softmax"
@@ -38,12 +38,11 @@ def assert_within_ulps(y: torch.Tensor, x: torch.Tensor, dim: int, ulps: float =
     assert bool((err <= bound).all()), f"max excess {float((err - bound).max())}"
 
 
-@settings(max_examples=20, deadline=None)
 @given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3), dim=st.integers(-3, 2),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        magnitude=st.sampled_from([1e-30, 1.0, 30.0, 1e3, 1e5]), masked=st.floats(0.0, 1.0),
        all_masked_row=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_two_pass_softmax_within_4_ulp_of_float64(shape, dim, dtype, magnitude, masked, all_masked_row, seed):
+def test_two_pass_softmax_within_1_ulp_of_float64(shape, dim, dtype, magnitude, masked, all_masked_row, seed):
     dim = dim % len(shape)
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(*shape, generator=g, dtype=torch.float64) * magnitude).to(dtype)

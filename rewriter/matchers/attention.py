@@ -312,12 +312,14 @@ def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[tuple[
 
 
 # ---- masks as values (on example inputs) ---------------------------------------------------------------------
-def keep_mask_value(kind: MaskKind, mask: torch.Tensor | None, seq_q: int, seq_k: int) -> torch.Tensor | str | None:
-    """The bool "may attend" tensor of a mask value, None for no mask, or a reason the mask is not a 0/1 mask."""
+def keep_mask_value(kind: MaskKind, mask: torch.Tensor | None, seq_q: int, seq_k: int,
+                    device: torch.device | None = None) -> torch.Tensor | str | None:
+    """The bool "may attend" tensor of a mask value, None for no mask, or a reason the mask is not a 0/1 mask.
+    A causal mask made here sits on `device` (that of the site's activations)."""
     if kind == "none":
         return None
     if kind == "causal":
-        return torch.ones(seq_q, seq_k, dtype=torch.bool).tril()
+        return torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril()
     if kind == "keep":
         return mask.bool()
     if kind == "drop":
@@ -347,7 +349,7 @@ def classify_keep(keep: torch.Tensor | None, seq_q: int, seq_k: int) -> Literal[
     keep = keep.expand(*keep.shape[:-2], seq_q, seq_k)
     if bool(keep.all()):
         return "none"
-    tril = torch.ones(seq_q, seq_k, dtype=torch.bool).tril()
+    tril = torch.ones(seq_q, seq_k, dtype=torch.bool, device=keep.device).tril()
     if bool((keep == tril).all()):
         return "causal"
     return "general"

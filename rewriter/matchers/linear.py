@@ -26,14 +26,32 @@ LINEAR_OPS = (aten.linear.default, aten.addmm.default, aten.mm.default)
 
 @dataclass
 class LinearSite:
+    """One matched linear layer. `x` and `bias` are read from the node's arguments when asked for, not kept:
+    rewriting an earlier layer replaces the node this one reads (two linears in a row), and a stale reference
+    would point at an erased node."""
+
     node: fx.Node                 # the op computing x·Wᵀ (+ b)
     rule: str                     # which rule matched (see module docstring)
-    x: fx.Node                    # the input activation
+    x_index: int                  # position of the input activation in node.args
     weight: fx.Node               # get_attr node of the stored weight
-    bias: fx.Node | None          # get_attr node of the bias (or any node) or None
+    bias_index: int | None        # position of the bias in node.args (-1: the "bias" kwarg), or None
     layout: Literal["out_in", "in_out"]
     in_features: int
     out_features: int
+
+    @property
+    def x(self) -> fx.Node:
+        """The input activation, as the graph has it now."""
+        return self.node.args[self.x_index]
+
+    @property
+    def bias(self):
+        """The bias argument (a get_attr node, any node, or None), as the graph has it now."""
+        if self.bias_index is None:
+            return None
+        if self.bias_index < 0:
+            return self.node.kwargs.get("bias")
+        return self.node.args[self.bias_index] if len(self.node.args) > self.bias_index else None
 
     @property
     def weight_name(self) -> str:
@@ -41,8 +59,14 @@ class LinearSite:
 
     @property
     def name(self) -> str:
-        """The layer's qualified name: the weight's name without its last component ("blocks.0.fc")."""
+        """The layer's qualified name: the weight's name without its last component ("blocks.0.fc"); a weight
+        held at the root of the model (a model that is one nn.Linear) names its layer by itself ("weight")."""
         return self.weight.target.rsplit(".", 1)[0] if "." in self.weight.target else self.weight.target
+
+    def tensor_name(self, suffix: str) -> str:
+        """Where a pass stores a new tensor of this layer: "<layer>.<suffix>" beside the weight, or
+        "<weight>_<suffix>" at the root when the weight has no owning submodule (it cannot own attributes)."""
+        return layer_tensor_name(self.weight.target, suffix)
 
     def weight_tensor(self, gm: fx.GraphModule) -> torch.Tensor:
         return get_attr_value(gm, self.weight.target)
@@ -56,6 +80,13 @@ class LinearSite:
         if self.bias is not None and self.bias.op == "get_attr":
             return get_attr_value(gm, self.bias.target)
         return None
+
+
+def layer_tensor_name(weight_name: str, suffix: str) -> str:
+    """The name of a new tensor belonging to the layer whose weight is `weight_name` (see LinearSite.tensor_name)."""
+    if "." in weight_name:
+        return f"{weight_name.rsplit('.', 1)[0]}.{suffix}"
+    return f"{weight_name}_{suffix}"
 
 
 def _transposed_weight(node) -> fx.Node | None:
@@ -83,28 +114,28 @@ def match_linear(node: fx.Node) -> LinearSite | None:
     if node.op != "call_function" or node.target not in LINEAR_OPS:
         return None
     if node.target == aten.linear.default:
-        x, w = node.args[0], node.args[1]
-        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        w = node.args[1]
+        bias_index = 2 if len(node.args) > 2 else (-1 if "bias" in node.kwargs else None)
         if not _is_weight(w):
             return None
         out_f, in_f = _shape(w)
-        return LinearSite(node, "linear-aten", x, w, b, "out_in", in_f, out_f)
+        return LinearSite(node, "linear-aten", 0, w, bias_index, "out_in", in_f, out_f)
     if node.target == aten.addmm.default:
         if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or len(node.args) > 3:
             return None
-        b, x, w = node.args[:3]
-        rule, layout = "addmm-in-out", "in_out"
+        w = node.args[2]
+        x_index, bias_index, rule, layout = 1, 0, "addmm-in-out", "in_out"
     else:
-        b, (x, w) = None, node.args[:2]
-        rule, layout = "mm-in-out", "in_out"
+        w = node.args[1]
+        x_index, bias_index, rule, layout = 0, None, "mm-in-out", "in_out"
     wt = _transposed_weight(w)
     if wt is not None:
         out_f, in_f = _shape(wt)
-        return LinearSite(node, rule.replace("in-out", "t"), x, wt, b, "out_in", in_f, out_f)
+        return LinearSite(node, rule.replace("in-out", "t"), x_index, wt, bias_index, "out_in", in_f, out_f)
     if not _is_weight(w):
         return None
     in_f, out_f = _shape(w)
-    return LinearSite(node, rule, x, w, b, layout, in_f, out_f)
+    return LinearSite(node, rule, x_index, w, bias_index, layout, in_f, out_f)
 
 
 def _shape(node: fx.Node) -> tuple[int, int]:

@@ -14,17 +14,22 @@ it as one reduction over the row: S_e = max n, S_m = Σ p·2^(n − S_e) — the
 as a tree instead of left to right. A kernel (codegen/) fuses it into one sweep.
 
 Precision (the contract of the `two-pass-softmax` pass, checked by tests/test_attention.py against a float64
-softmax): for fp32, fp16 and bf16 inputs |y − y_ref| ≤ 4·ε·y_ref + τ elementwise, ε the unit roundoff of the
-dtype (fp32 2⁻²⁴, fp16 2⁻¹¹, bf16 2⁻⁸) and τ its smallest normal (outputs that underflow are exact only to the
-subnormal spacing, as with torch.softmax). Measured: ≤ 3 ulp on 1000-wide fp32 rows (torch.softmax fp32 on CPU:
-up to 65 ulp on the small entries of the same rows). fp64 inputs are computed in fp64 and agree with
-torch.softmax(fp64) to 1e-12 relative (there is no wider reference to count ulps against).
+softmax on every dtype, under every ATen CPU capability): the result is the float64 value rounded once to the
+input's dtype, so |y − y_ref| ≤ ε·y_ref + τ elementwise (≤ 1 ulp: half an ulp of rounding plus ~1e-15 relative
+from the float64 arithmetic), ε the unit roundoff of the dtype (fp32 2⁻²⁴, fp16 2⁻¹¹, bf16 2⁻⁸) and τ its
+smallest normal (outputs that underflow are exact only to the subnormal spacing, as with torch.softmax).
+Why float64 inside: with fp32 mantissas the error budget is exp's own error (Sleef's expf: ≤ 1 ulp, i.e. up to
+2ε relative) in pᵢ, the same again averaged into S_m, the summation error of S_m (which grows with the row length
+and depends on the reduction order ATen picks for a strided dim and a CPU capability), and the division's
+rounding: 4 ulp can be exceeded (hypothesis found 4.09 ulp on a 30-wide fp32 row, where torch.softmax fp32 is
+itself 5.2 ulp off). In float64 every one of those terms is ~10⁻¹⁵ and only the final rounding remains. The
+Triton kernel (codegen/templates/softmax.py) keeps fp32 mantissas for speed and is tested against its own
+tolerance; this op is the reference the `two-pass-softmax` pass's exact contract is stated for.
 How:
-- mantissas p and their sum S_m are computed in fp32 (fp64 for fp64 inputs); fp16/bf16 inputs are upcast,
+- mantissas p, their sum S_m and the quotient are float64 for every input dtype; the result is rounded once,
 - exponent bookkeeping (n, S_e, 2^(n−S_e)) is exact integer arithmetic in float64; the range reduction
-  t = x − n·ln2 is float64 with a Cody–Waite split of ln2, off by at most ~2⁻⁵³·|x| (far below fp32's ε for
-  |x| < 2²⁴; about one fp32 ulp of p near |x| = 2³⁰). Beyond ~2³¹ distinct float32 values are ≥ 256 apart, a row
-  is one-hot or exact ties, and t is clamped to [−1, 1] so the error in p cancels in p/S_m,
+  t = x − n·ln2 uses a Cody–Waite split of ln2, off by at most ~2⁻⁵³·|x|. Beyond ~2³¹ distinct float32 values
+  are ≥ 256 apart, a row is one-hot or exact ties, and t is clamped to [−1, 1] so the error in p cancels in p/S_m,
 - special values match torch.softmax: −∞ entries give 0; a row of only −∞ gives NaN (0/0, as torch); a row
   holding +∞ or NaN gives NaN; a length-1 row gives 1.
 """
@@ -47,13 +52,12 @@ def two_pass_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def mantissa_exponent(x: torch.Tensor):
-    """(p, n) with eˣ = p·2ⁿ: p in the accumulation dtype (fp32, fp64 for fp64 x), n float64 integers (±∞ kept)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    """(p, n) with eˣ = p·2ⁿ: p and n float64 (n integers, ±∞ kept)."""
     xd = x.to(torch.float64)
     n = torch.round(xd * LOG2E)
     finite = torch.isfinite(n)
     t = torch.where(finite, (xd - n * LN2_HI) - n * LN2_LO, torch.zeros_like(xd)).clamp(-1.0, 1.0)
-    p = torch.exp(t.to(acc))
+    p = torch.exp(t)
     # x = −∞ contributes nothing; x = +∞ or NaN poison the row (NaN), as exp(x − max) does in torch.softmax
     p = torch.where(n == -math.inf, torch.zeros_like(p), p)
     p = torch.where(torch.isnan(xd) | (n == math.inf), torch.full_like(p, math.nan), p)
