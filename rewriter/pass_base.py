@@ -52,6 +52,9 @@ class Pass:
     error_bound: ClassVar[float | None] = None  # for approximate passes: max output rel. error accepted
     summary: ClassVar[str] = ""          # one line for `rewrite passes`
     needs_teacher: ClassVar[bool] = False  # True: ctx.teacher holds the program as it was before the pipeline
+    # options that keep the pass cheap on tiny random models (the fuzzer in tests/ runs every registered pass
+    # with them, e.g. {"steps": 2} for a training pass); empty = the defaults are already cheap
+    fuzz_options: ClassVar[dict[str, Any]] = {}
 
     def should_run(self, ctx) -> str | None:
         """None when the pass has work to do, else the reason it is skipped."""
