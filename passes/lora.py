@@ -1,11 +1,22 @@
-"""`lora` — insert low-rank adapters (LoRA, Hu et al. 2021) on linear layers.
+"""`lora` — insert low-rank adapters (LoRA, Hu et al. 2021; DoRA, Liu et al. 2024) on linear layers.
 
     y = x·Wᵀ + b + s · (x·Aᵀ)·Bᵀ,    A: (r, in), B: (out, r),    s = α / r   (rsLoRA: s = α / √r)
+    DoRA: W_eff = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_row,  m initialised to ‖W‖_row (so W_eff = W while B = 0)
 
-Graph, before → after (rule "insert"):
+Graph, before → after (rule "insert-<matcher rule>"):
 
-    y = aten.linear(x, W, b)            y = rewrite.lora_linear(x, W, b, A, B, s)
-    y = aten.addmm(b, x, W_io)          y = rewrite.lora_linear(x, aten.t(W_io), b, A, B, s)   (GPT-2 Conv1D)
+    y = aten.linear(x, W, b)            y = rewrite.lora_linear(x, W, b, A, B, s)                (fixed form)
+    y = aten.addmm(b, x, W_io)          y = rewrite.lora_linear(x, aten.t(W_io), b, A, B, s)     (GPT-2 Conv1D)
+    y = aten.linear(x, W, b)            y = rewrite.multi_lora_linear(x, W, b, None, [A], [B], [m?], "NAME", …)
+                                                                              (named adapters, DoRA: switchable)
+    y = rewrite.lora_linear(…)          y = rewrite.multi_lora_linear(x, W, b, None, [A, A₂], [B, B₂], …)
+                                                                              (a second adapter on a layer)
+    y = rewrite.monarch_linear(x, …)    y = rewrite.multi_lora_linear(x, None, None, monarch(x, …), [A], [B], …)
+        (also shiftadd_linear, blockdiag_linear, lowrank_linear: adapters on compressed layers, QLoRA-style)
+
+`name=NAME` adds the adapter under that name; several can sit on one layer (each a switchable op; `lora-select`
+and `rewriter.lora_runtime.set_adapters` choose which are active). Without `name` the adapter is "default" and a
+plain dense layer gets the fixed form (what the fused LoRA kernel lowers). New adapters are active.
 
 Initialisations (all leave the function unchanged, so the contract is exact):
     zeros     A ~ kaiming-uniform(a=√5) as nn.Linear, B = 0           (PEFT's default)
@@ -13,16 +24,17 @@ Initialisations (all leave the function unchanged, so the contract is exact):
     pissa     W = U·S·Vᵀ; B = U_r·√S_r / √s, A = √S_r·V_rᵀ / √s, W ← W − s·B·A (computed in fp32, rounded once)
               (PiSSA, Meng et al. 2024: the principal part trains, the residual stays frozen)
 
-Every other parameter of the program is frozen (requires_grad=False), as PEFT does; A and B are the trainable
-Parameters (`freeze_base=false` leaves the other parameters as they were). With `dropout` > 0
-the adapter reads dropout(x) — the program is then built for training (dropout is active when it runs);
-`lora-merge` removes it.
+Every other parameter of the program is frozen (requires_grad=False), as PEFT does; adapters (A, B, m) are the
+trainable Parameters (`freeze_base=false` leaves the other parameters as they were). With `dropout` > 0 the
+adapters read dropout(x) — the program is then built for training (dropout is active when it runs); `lora-merge`
+removes it.
 
-`adapter=DIR` loads a Hugging Face PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors): the
-layers it names get its A, B and scale (rank, alpha, rsLoRA and per-module patterns come from its config).
+`adapter=DIR` loads a Hugging Face PEFT LoRA or DoRA adapter (adapter_config.json + adapter_model.safetensors):
+the layers it names get its A, B, scale (rank, alpha, rsLoRA and per-module patterns from its config) and
+magnitudes. Loading changes the function on purpose: the contract is then semantic.
 
-Targets: `targets` is a regex searched in layer names (e.g. "attn\\.(q|v)$"); by default every linear except an
-LM head (a layer tied to, or as wide as, an embedding table). `exclude` removes matches.
+Targets: `targets` is a regex searched in layer names (e.g. "attn\\.(q|v)$"); by default every linear and every
+compressed layer except an LM head (a layer tied to, or as wide as, an embedding table). `exclude` removes matches.
 """
 from __future__ import annotations
 
@@ -33,20 +45,27 @@ from typing import Literal
 import torch
 
 from rewriter import params
-from rewriter.adapters import adapter_names, build_lora_node, shared_readers
+from rewriter.adapters import (DEFAULT, INDEX_BUFFER, LORA_OPS, Adapter, ContractByOptions, LoraLayer,
+                               adapter_names, add_dropout, check_name, index_node, is_lora_node, is_lora_tensor,
+                               layer_from_site, layer_from_structured, lora_layers, read_layer, shared_readers,
+                               structured_ops, write_layer)
 from rewriter.errors import UserError
-from rewriter.ir import replace_node
-from rewriter.matchers.linear import LINEAR_OPS, find_linears, is_lm_head
+from rewriter.matchers.linear import LINEAR_OPS, LinearSite, find_linears, is_lm_head
 from rewriter.peft_interop import match_layer, read_adapter
 from rewriter.pass_base import Contract, Pass
+
+
+def _contract(p) -> Contract:
+    return Contract.SEMANTIC if p.adapter else Contract.EXACT
 
 
 @dataclass(frozen=True)
 class LoraPass(Pass):
     name = "lora"
-    contract = Contract.EXACT
-    target_ops = LINEAR_OPS
-    summary = "insert LoRA adapters (B = 0 or PiSSA) on linear layers; trainable"
+    contract = ContractByOptions(Contract.EXACT, _contract)
+    target_ops = LINEAR_OPS + LORA_OPS + tuple(structured_ops())
+    summary = "insert LoRA / DoRA adapters (B = 0 or PiSSA), named, on linear and compressed layers; trainable"
+    option_keys = {"adapter_name": "name"}
 
     rank: int = 8
     alpha: float = 16.0
@@ -58,6 +77,8 @@ class LoraPass(Pass):
     seed: int = 0
     freeze_base: bool = True
     adapter: str = ""
+    adapter_name: str = ""      # spec key `name`
+    dora: bool = False
 
     def __post_init__(self):
         if self.rank < 1:
@@ -66,68 +87,170 @@ class LoraPass(Pass):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not math.isfinite(self.alpha):
             raise ValueError("alpha must be a finite number")
+        if self.adapter_name:
+            check_name(self.adapter_name)
 
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
+    @property
+    def named(self) -> str:
+        """The adapter's name ("default" when none is given)."""
+        return self.adapter_name or DEFAULT
+
+    # ---- candidates -------------------------------------------------------------------------------------------
+    def _candidates(self, ctx) -> list[tuple[str, object]]:
+        """(layer name, what to build on) in graph order: an existing LoRA op node, a linear site, or a structured
+        op node. Layers are read when their turn comes: rewriting one changes the inputs of the next."""
+        gm = ctx.gm
+        import re
+        keep = lambda name: (not self.targets or re.search(self.targets, name)) and \
+            not (self.exclude and re.search(self.exclude, name))  # noqa: E731
+        existing = {layer.node: layer for layer in lora_layers(gm)}
+        bases = {layer.base for layer in existing.values() if layer.base is not None}
+        structured = structured_ops()
+        sites = {s.node: s for s in find_linears(gm, self.targets or None, self.exclude or None)}
+        out = []
+        for node in gm.graph.nodes:
+            if node in existing:
+                if keep(existing[node].name):
+                    out.append((existing[node].name, node))
+            elif node in sites:
+                site = sites[node]
+                if self.targets or self.adapter or not is_lm_head(gm, site):
+                    out.append((site.name, site))
+            elif node.op == "call_function" and node.target in structured and node not in bases:
+                name = layer_from_structured(node).name
+                if keep(name):
+                    out.append((name, node))
+        return out
+
     def run(self, ctx) -> None:
         gm = ctx.gm
-        adapters = read_adapter(self.adapter) if self.adapter else None
-        sites = find_linears(gm, self.targets or None, self.exclude or None)
-        if adapters is not None:
-            sites = [s for s in sites if match_layer(adapters, s.name) is not None]
-            if not sites:
+        loaded = read_adapter(self.adapter) if self.adapter else None
+        candidates = self._candidates(ctx)
+        if loaded is not None:
+            candidates = [(n, c) for n, c in candidates if match_layer(loaded, n) is not None]
+            if not candidates:
                 raise UserError(f"lora: no layer of the model matches the adapter in {self.adapter} "
-                                f"(it names {', '.join(list(adapters)[:4])} ...)")
-        elif not self.targets:
-            sites = [s for s in sites if not is_lm_head(gm, s)]
-        if not sites:
+                                f"(it names {', '.join(list(loaded)[:4])} ...)")
+        if not candidates:
             layers = [s.name for s in find_linears(gm)]
             raise UserError(f'lora: no linear layer matches targets="{self.targets}"; layers are: '
                             f"{', '.join(layers[:12])}{' ...' if len(layers) > 12 else ''}")
         gen = torch.Generator().manual_seed(self.seed)
-        for site in ctx.progress(sites, "inserting adapters"):
-            names = adapter_names(site.weight_name)
-            if params.has_attr(gm, names["A"]) or params.has_attr(gm, names["merged"]):
-                ctx.skip(site.name, "already has an adapter")
-                continue
-            rank = min(self.rank, site.in_features, site.out_features)
-            if rank < 1:
-                ctx.skip(site.name, "zero-sized layer")
-                continue
-            weight = site.weight_out_in(gm)
-            scale = self.scale
-            if adapters is not None:
-                loaded = adapters[match_layer(adapters, site.name)]
-                a, b, scale = loaded["A"], loaded["B"], loaded["scale"]
-                rank = a.shape[0]
-                if a.shape[1] != site.in_features or b.shape != (site.out_features, rank):
-                    raise UserError(f"lora: adapter for {site.name} has shapes A{list(a.shape)} B{list(b.shape)}, "
-                                    f"the layer is {site.in_features} → {site.out_features}")
-                a, b = a.to(weight.dtype), b.to(weight.dtype)
-            elif self.init == "pissa":
-                if shared_readers(gm, site.weight_name, site.node):
-                    ctx.skip(site.name, "weight is shared (tied) with other ops; PiSSA would change them too")
-                    continue
-                a, b, residual = self._pissa(weight, rank)
-                params.set_tensor(gm, site.weight_name, residual if site.layout == "out_in" else residual.t())
+        ids = {a.name: a.id for layer in lora_layers(gm) for a in layer.adapters if a.id >= 0}
+        batch = params.has_attr(gm, INDEX_BUFFER) and bool(ids)
+        new_id = ids.get(self.named, max(ids.values(), default=-1) + 1) if batch else -1
+        for name, candidate in ctx.progress(candidates, "inserting adapters"):
+            if isinstance(candidate, LinearSite):
+                layer = None
+            elif is_lora_node(candidate):
+                layer = read_layer(candidate)
             else:
-                a, b = self._zero_init(weight, rank, gen)
-            params.add_tensor(gm, names["A"], a, trainable=True)
-            params.add_tensor(gm, names["B"], b, trainable=True)
-            new = build_lora_node(gm, site, names["A"], names["B"], scale, self.dropout,
-                                  pass_name=self.name, rule=f"insert-{site.rule}")
-            replace_node(gm, site.node, new)
-            ctx.site(site.name, rank=rank, params_added=a.numel() + b.numel(),
-                     init="adapter" if adapters is not None else self.init)
+                layer = layer_from_structured(candidate)
+            reason = self._skip_reason(gm, candidate, layer)
+            if reason:
+                ctx.skip(name, reason)
+                continue
+            if layer is None:
+                rule = f"insert-{candidate.rule}"
+                layer = layer_from_site(gm, candidate, pass_name=self.name, rule=rule)
+                layer.fixed = not self.adapter_name and not self.dora
+            else:
+                rule = "insert-structured" if layer.node is layer.base else "add-adapter"
+            built = self._build(ctx, layer, name, loaded, gen)
+            if built is None:
+                continue
+            adapter, info = built
+            adapter.id = new_id
+            if batch:
+                layer.index = index_node(gm)
+            layer.adapters.append(adapter)
+            add_dropout(gm, layer, self.dropout, pass_name=self.name, rule=rule)
+            write_layer(gm, layer, pass_name=self.name, rule=rule)
+            ctx.site(name, adapter=self.named, form="fixed" if layer.fixed else "switchable", **info)
         if self.freeze_base:
-            for name, p in gm.named_parameters():
-                if not name.endswith(("lora_A", "lora_B")):
+            for pname, p in gm.named_parameters():
+                if not is_lora_tensor(pname):
                     p.requires_grad_(False)
 
+    def _skip_reason(self, gm, candidate, layer: LoraLayer | None) -> str | None:
+        if layer is not None:
+            if layer.find(self.named) is not None:
+                return f'already has an adapter named "{self.named}"'
+            if self.dora and layer.weight is None:
+                return "DoRA needs a dense weight (this layer is compressed)"
+            if self.init == "pissa" and not self.adapter and layer.adapters:
+                return "PiSSA rewrites the base weight: only on a layer without adapters"
+            return None
+        names = adapter_names(candidate.weight_name)
+        if params.has_attr(gm, names["merged"]) or params.has_attr(gm, names["correction"]):
+            return "merged adapters: run lora-unmerge first"
+        return None
+
+    def _build(self, ctx, layer: LoraLayer, name: str, loaded, gen):
+        """(the new Adapter, site info) after creating its tensors, or None (skipped, reported)."""
+        gm = ctx.gm
+        names = adapter_names(layer.key, self.named)
+        for key in ("A", "B", "magnitude"):
+            if params.has_attr(gm, names[key]):
+                ctx.skip(name, f"tensor {names[key]} exists already")
+                return None
+        storage, transposed = layer.storage
+        weight = None if storage is None else params_tensor(gm, storage.target, transposed)
+        like = weight if weight is not None else torch.empty(0, dtype=layer.x.meta["val"].dtype,
+                                                              device=params_tensor(gm, layer.key, False).device)
+        in_f = layer.x.meta["val"].shape[-1]
+        out_f = weight.shape[0] if weight is not None else layer.base.meta["val"].shape[-1]
+        scale, magnitude, init = self.scale, None, self.init
+        if loaded is not None:
+            entry = loaded[match_layer(loaded, name)]
+            a, b, scale = entry["A"], entry["B"], entry["scale"]
+            if a.shape[1] != in_f or b.shape[0] != out_f or b.shape[1] != a.shape[0]:
+                raise UserError(f"lora: adapter for {name} has shapes A{list(a.shape)} B{list(b.shape)}, "
+                                f"the layer is {in_f} → {out_f}")
+            a, b = a.to(device=like.device, dtype=like.dtype), b.to(device=like.device, dtype=like.dtype)
+            if entry.get("magnitude") is not None:
+                if weight is None:
+                    ctx.skip(name, "DoRA needs a dense weight (this layer is compressed)")
+                    return None
+                magnitude = entry["magnitude"].to(device=like.device, dtype=like.dtype)
+            init = "adapter"
+        else:
+            rank = min(self.rank, in_f, out_f)
+            if rank < 1:
+                ctx.skip(name, "zero-sized layer")
+                return None
+            if self.init == "pissa":
+                if weight is None:
+                    ctx.skip(name, "PiSSA needs a dense weight (this layer is compressed)")
+                    return None
+                if shared_readers(gm, storage.target, layer.node):
+                    ctx.skip(name, "weight is shared (tied) with other ops; PiSSA would change them too")
+                    return None
+                a, b, residual = self._pissa(weight, rank)
+                params.set_tensor(gm, storage.target, residual.t().contiguous() if transposed else residual)
+                weight = residual
+            else:
+                shape = weight if weight is not None else like.new_empty(()).expand(out_f, in_f)
+                a, b = self._zero_init(shape, rank, gen)
+            if self.dora:
+                magnitude = torch.linalg.norm(weight.float() + scale * (b.float() @ a.float()), dim=1).to(like.dtype)
+        params.add_tensor(gm, names["A"], a, trainable=True)
+        params.add_tensor(gm, names["B"], b, trainable=True)
+        if magnitude is not None:
+            params.add_tensor(gm, names["magnitude"], magnitude.contiguous(), trainable=True)
+        added = a.numel() + b.numel() + (magnitude.numel() if magnitude is not None else 0)
+        adapter = Adapter(self.named, names["A"], names["B"], float(scale),
+                          magnitude=names["magnitude"] if magnitude is not None else None)
+        return adapter, {"rank": a.shape[0], "params_added": added, "init": init,
+                         **({"dora": True} if magnitude is not None else {})}
+
     def _zero_init(self, weight: torch.Tensor, rank: int, gen: torch.Generator):
-        in_f = weight.shape[1]
+        """(A, B) for a layer with weight (out, in) (its shape, dtype and device; values unused)."""
+        out_f, in_f = weight.shape
         if self.init == "gaussian":
             a = torch.randn(rank, in_f, generator=gen, device="cpu") / rank
         else:  # nn.Linear's kaiming_uniform(a=√5): U(−1/√in, 1/√in)
@@ -135,7 +258,7 @@ class LoraPass(Pass):
             a = (torch.rand(rank, in_f, generator=gen, device="cpu") * 2 - 1) * bound
         # drawn on the CPU (a seeded CPU generator: the same adapter on every device), stored beside the weight
         return (a.to(device=weight.device, dtype=weight.dtype),
-                torch.zeros(weight.shape[0], rank, dtype=weight.dtype, device=weight.device))
+                torch.zeros(out_f, rank, dtype=weight.dtype, device=weight.device))
 
     def _pissa(self, weight: torch.Tensor, rank: int):
         w = weight.detach().float()
@@ -145,3 +268,10 @@ class LoraPass(Pass):
         a = root[:, None] * vh[:rank]
         residual = w - self.scale * (b @ a)
         return a.to(weight.dtype), b.to(weight.dtype), residual.to(weight.dtype).contiguous()
+
+
+def params_tensor(gm, name: str, transposed: bool) -> torch.Tensor:
+    """A stored tensor (detached), as (out, in) when it is stored transposed."""
+    from rewriter.ir import get_attr_value
+    t = get_attr_value(gm, name).detach()
+    return t.t() if transposed else t

@@ -194,7 +194,7 @@ def cmd_passes(argv, console: Console, err: Console) -> int:
     rows = []
     for name, cls in sorted(registry().items()):
         hints = cls.option_types()
-        options = [f"{f.name}={_format_value(_default(f))}" for f in cls.options()]
+        options = [f"{cls.option_key(f.name)}={_format_value(_default(f))}" for f in cls.options()]
         rows.append({"name": name, "contract": cls.contract.value, "summary": cls.summary or
                      (cls.__doc__ or "").strip().splitlines()[0], "options": options,
                      "types": {k: getattr(v, "__name__", str(v)) for k, v in hints.items()}})

@@ -55,6 +55,9 @@ class Pass:
     # options that keep the pass cheap on tiny random models (the fuzzer in tests/ runs every registered pass
     # with them, e.g. {"steps": 2} for a training pass); empty = the defaults are already cheap
     fuzz_options: ClassVar[dict[str, Any]] = {}
+    # spec keys that differ from their field's name: {"adapter_name": "name"} lets a pass take `name=` (a field
+    # cannot be called `name`, which is the pass's own)
+    option_keys: ClassVar[dict[str, str]] = {}
 
     def should_run(self, ctx) -> str | None:
         """None when the pass has work to do, else the reason it is skipped."""
@@ -76,8 +79,14 @@ class Pass:
 
     @classmethod
     def option_types(cls) -> dict[str, Any]:
+        """spec key -> annotated type, for every option."""
         hints = typing.get_type_hints(cls)
-        return {f.name: hints[f.name] for f in cls.options()}
+        return {cls.option_key(f.name): hints[f.name] for f in cls.options()}
+
+    @classmethod
+    def option_key(cls, field_name: str) -> str:
+        """The key an option is written with in a spec (its field name unless `option_keys` says otherwise)."""
+        return cls.option_keys.get(field_name, field_name)
 
     def spec(self) -> str:
         """The spec string of this pass with its non-default options: `lora{rank=4}`."""
@@ -85,7 +94,7 @@ class Pass:
         for f in self.options():
             value = getattr(self, f.name)
             if value != _default(f):
-                parts.append(f"{f.name}={_format_value(value)}")
+                parts.append(f"{self.option_key(f.name)}={_format_value(value)}")
         return f"{self.name}{{{','.join(parts)}}}" if parts else self.name
 
     def __str__(self) -> str:
@@ -253,8 +262,9 @@ def parse_pass(text: str) -> Pass:
             if key in values:
                 raise UserError(f'option "{key}" given twice for pass "{name}"')
             values[key] = _parse_value(name, key, raw, types[key])
+    fields = {cls.option_key(f.name): f.name for f in cls.options()}
     try:
-        return cls(**values)
+        return cls(**{fields[k]: v for k, v in values.items()})
     except (TypeError, ValueError) as e:
         raise UserError(f'bad options for pass "{name}": {e}') from None
 

@@ -4,6 +4,11 @@
 
 `x_a` is the adapter's input: `x` itself, or `dropout(x)` when the adapter was inserted with dropout (the pass
 puts that node in the graph, so the op stays deterministic and its backward needs no saved mask).
+
+Eager cost (the op's own implementation, `forward`): one GEMM for x·Wᵀ + b, then the adapter is accumulated into that
+output in place — h = x_a·Aᵀ (N × r), y += s·h·Bᵀ with one `addmm_` — so the only temporary is h, r values per row,
+and no full-size tensor is made besides y (the un-fused formula makes three: the two products and their sum).
+`reference` is the same formula with functional ops only (what `--decompose` inlines).
 Autograd gives gradients for every tensor input; the base weight normally has requires_grad=False so only
 A and B train.
 """
@@ -16,7 +21,16 @@ import torch.nn.functional as F
 @torch.library.custom_op("rewrite::lora_linear", mutates_args=())
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, adapter_input: torch.Tensor | None = None) -> torch.Tensor:
-    return reference(x, weight, bias, lora_a, lora_b, scale, adapter_input)
+    return forward(x, weight, bias, lora_a, lora_b, scale, adapter_input)
+
+
+def forward(x, weight, bias, lora_a, lora_b, scale, adapter_input=None):
+    """x·Wᵀ + b, then += s·(x_a·Aᵀ)·Bᵀ accumulated in place (see the module docstring)."""
+    y = F.linear(x, weight, bias)
+    h = F.linear(x if adapter_input is None else adapter_input, lora_a)
+    y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+    y2.addmm_(h if h.dim() == 2 else h.reshape(-1, h.shape[-1]), lora_b.t(), alpha=scale)
+    return y
 
 
 def reference(x, weight, bias, lora_a, lora_b, scale, adapter_input=None):
