@@ -28,6 +28,23 @@ class RewriteResult:
         from .save import save_program
         save_program(self.program, path)
 
+    # ---- LoRA adapters at run time, no re-export (rewriter/lora_runtime.py): they edit `program` in place, so
+    # modules made by module() afterwards see the change (the row index also reaches modules made before)
+    def set_adapters(self, names, weights=None) -> dict:
+        """Activate exactly these named adapters (with these weights); None or [] switches every adapter off."""
+        from .lora_runtime import set_adapters
+        return set_adapters(self.program, names, weights)
+
+    def set_adapter_index(self, rows):
+        """Mixed-adapter batch (after lora-batch): row i uses adapter rows[i] (name, id, or None); None: no index."""
+        from .lora_runtime import set_adapter_index
+        return set_adapter_index(self.program, rows)
+
+    def swap_adapter(self, name: str, folder: str) -> list[str]:
+        """Hot-swap adapter `name`'s weights from a PEFT folder (same layers and ranks)."""
+        from .lora_runtime import hotswap
+        return hotswap(self.program, name, folder)
+
 
 def rewrite(model, example_args=None, passes="", *, example_kwargs=None, verify: bool = False,
             strict: bool = False, decompose: bool = False, codegen: str | None = None,

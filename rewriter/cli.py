@@ -71,7 +71,8 @@ def _main_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-after", metavar="PASS", action="append", default=[],
                    help="print the graph after PASS when it changed it (repeatable; 'all' for every pass)")
     p.add_argument("--dump-dir", metavar="DIR", help="write the graph's code after every pass (NNN_pass.py)")
-    p.add_argument("--save-adapter", metavar="DIR", help="also write the program's LoRA adapters as a PEFT adapter")
+    p.add_argument("--save-adapter", metavar="DIR[:NAME]",
+                   help="also write the program's LoRA adapter NAME (default: its only one) as a PEFT adapter folder")
     p.add_argument("--decompose", action="store_true", help="lower rewrite:: custom ops to plain aten ops")
     p.add_argument("--codegen", choices=("triton",), help="lower rewritten ops to Triton kernels")
     p.add_argument("--dump-kernels", metavar="DIR", help="with --codegen: write every kernel's source to DIR")
@@ -136,6 +137,11 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
             _print_brief(result.report, console)
     if timer and args.format != "json":
         timer.render(console)
+    adapter = None
+    if args.save_adapter:   # checked before anything is written
+        from .peft_interop import adapter_payload, split_adapter_target
+        folder, name = split_adapter_target(args.save_adapter)
+        adapter = adapter_payload(result.program.module(), name)
     if args.output:
         from .save import save_program
         save_program(result.program, args.output, source=args.model)
@@ -143,11 +149,11 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
             console.print(f"wrote {args.output}")
     elif args.format != "json" and not args.save_adapter:
         console.print("[dim](nothing written: give -o OUT.pt2 to save the program)[/]")
-    if args.save_adapter:
-        from .peft_interop import write_adapter
-        count = write_adapter(result.program.module(), args.save_adapter)
+    if adapter is not None:
+        from .peft_interop import write_payload
+        count = write_payload(folder, adapter)
         if args.format != "json":
-            console.print(f"wrote a PEFT adapter for {count} layers to {args.save_adapter}")
+            console.print(f"wrote a PEFT adapter{f' ({name})' if name else ''} for {count} layers to {folder}")
     return 1 if failure is not None else 0
 
 
