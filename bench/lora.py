@@ -3,8 +3,15 @@
     python -m bench.lora [--quick]
 
 Speed: one linear layer (d × d) with a rank-16 adapter at several token counts; every variant timed in the same
-run, reported as a ratio to the base nn.Linear. Exactness: bf16 weights, merge then unmerge, ours vs PEFT's
-merge_adapter/unmerge_adapter; counts weights that did not come back bit for bit.
+run (interleaved rounds), reported as a ratio to the base nn.Linear:
+    ours unmerged   the op a rewritten program runs for the layer (rewrite::lora_linear: base GEMM, then the
+                    adapter accumulated into its output in place)
+    PEFT unmerged   PEFT's LoRA layer (peft.tuners.lora.Linear) — the same layer-level comparison
+    ours merged     the merged layer (aten.linear with W')
+and, program level, each whole program over its adapter-free twin: our exported program with the adapter ÷ the
+exported base program (both pay the same call overhead), PEFT's model ÷ the plain model.
+Exactness: bf16 weights, merge then unmerge, ours vs PEFT's merge_adapter/unmerge_adapter; counts weights that did
+not come back bit for bit.
 """
 from __future__ import annotations
 
@@ -38,28 +45,39 @@ def _peft_model(base: nn.Module, rank: int):
     return model.eval()
 
 
-def speed(dims, tokens_list, rank=16):
+def speed(dims, tokens_list, rank=16, repeats=15):
     rows = []
     for d in dims:
         torch.manual_seed(0)
         base = One(d).eval()
+        w, b = base.proj.weight.detach(), base.proj.bias.detach()
         for tokens in tokens_list:
             x = torch.randn(tokens, d)
-            ours_unmerged = rewriter.rewrite(base, (x,), f"lora{{rank={rank},init=gaussian}}").module()
-            ours_merged = rewriter.rewrite(base, (x,), f"lora{{rank={rank},init=gaussian}},lora-merge").module()
+            unmerged = rewriter.rewrite(base, (x,), f"lora{{rank={rank},init=gaussian}}")
+            with torch.no_grad():
+                unmerged.program.state_dict["proj.lora_B"].normal_(0, 0.02)
+            sd = unmerged.program.state_dict
+            a_t, b_t, scale = sd["proj.lora_A"], sd["proj.lora_B"], 2.0
+            ours_program = unmerged.module()
+            ours_merged = rewriter.rewrite(unmerged.program, None, "lora-merge").module()
             base_program = rewriter.rewrite(base, (x,), "").module()
-            fns = {"base": lambda: base(x), "program": lambda: base_program(x), "ours": lambda: ours_unmerged(x),
-                   "merged": lambda: ours_merged(x)}
+            op = torch.ops.rewrite.lora_linear.default
+            fns = {"base": lambda: base(x), "ours": lambda: op(x, w, b, a_t, b_t, scale),
+                   "merged": lambda: ours_merged(x), "program": lambda: ours_program(x),
+                   "base_program": lambda: base_program(x)}
             try:
                 peft_model = _peft_model(base, rank)
-                fns["peft"] = lambda: peft_model(x)
+                peft_layer = peft_model.base_model.model.proj
+                fns["peft"] = lambda: peft_layer(x)
+                fns["peft_model"] = lambda: peft_model(x)
             except ImportError:
                 pass
-            t = time_side_by_side(fns)
-            rows.append([d, tokens, t["base"] * 1e3] + [t[k] / t["base"] for k in ("program", "ours", "merged")]
-                        + [t["peft"] / t["base"] if "peft" in t else "peft not installed"])
-    return markdown_table(["d", "tokens", "base ms", "base exported ×", "ours unmerged ×", "ours merged ×",
-                                 "PEFT unmerged ×"], rows)
+            t = time_side_by_side(fns, repeats=repeats)
+            peft = lambda k: t[k] / t["base"] if k in t else "peft not installed"  # noqa: E731
+            rows.append([d, tokens, t["base"] * 1e3, t["ours"] / t["base"], peft("peft"), t["merged"] / t["base"],
+                         t["program"] / t["base_program"], peft("peft_model")])
+    return markdown_table(["d", "tokens", "base ms", "ours unmerged ×", "PEFT unmerged ×", "ours merged ×",
+                           "our program ÷ base program", "PEFT model ×"], rows)
 
 
 def exactness(d=512, rank=16):
@@ -97,7 +115,7 @@ def main(argv=None):
     print(f"# bench.lora — {machine()}\n")
     dims, tokens = ([1024], [1, 64]) if args.quick else ([1024, 4096], [1, 16, 512])
     print("## unmerged LoRA cost (time ratio to the base nn.Linear, same run)\n")
-    print(speed(dims, tokens))
+    print(speed(dims, tokens, repeats=5 if args.quick else 25))
     print("\n## exactness\n")
     print(exactness())
 

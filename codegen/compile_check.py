@@ -142,6 +142,7 @@ def template_cases(quick: bool):
     """(name, thunk) pairs: each template's launch at LLM-sized shapes. Tensors are torch.empty: nothing runs,
     only shapes, strides, dtypes and alignment matter."""
     from codegen.templates import blockdiag_linear as bd_t
+    from codegen.templates import lora_batch as lb_t
     from codegen.templates import lora_linear as lora_t
     from codegen.templates import monarch_linear as mon_t
     from codegen.templates import shiftadd_linear as sa_t
@@ -164,6 +165,18 @@ def template_cases(quick: bool):
                           lambda dt=dt: lora_t.launch(E(64, 1024, dtype=dt), E(768, 1024, dtype=dt), None,
                                                       E(8, 1024, dtype=dt), E(768, 8, dtype=dt), 0.5,
                                                       adapter_input=E(64, 1024, dtype=dt))))
+        for m, n_ad in ((8, 8), (512, 8)) if not quick else ((512, 8),):   # mixed-adapter batches, 8 adapters
+            cases.append((f"lora_batch {tag} {m}x{d} {n_ad} adapters r{r}",
+                          lambda dt=dt, m=m, n_ad=n_ad: lb_t.launch(
+                              E(m, d, dtype=dt), E(d, d, dtype=dt), E(d, dtype=dt), None,
+                              [E(r, d, dtype=dt)] * n_ad, [E(d, r, dtype=dt)] * n_ad, [1.0] * n_ad,
+                              torch.arange(m) % n_ad)))
+        if not quick:
+            cases.append((f"lora_batch {tag} on a base output, dropout input",
+                          lambda dt=dt: lb_t.launch(E(64, 1024, dtype=dt), None, None, E(64, 768, dtype=dt),
+                                                    [E(8, 1024, dtype=dt)] * 2, [E(768, 8, dtype=dt)] * 2,
+                                                    [1.0, 0.5], torch.arange(64) % 3 - 1,
+                                                    adapter_input=E(64, 1024, dtype=dt))))
         for rows, n in ((4096, 1024), (64, 32768)):
             cases.append((f"softmax {tag} {rows}x{n}", lambda dt=dt, rows=rows, n=n: sm_t.launch(E(rows, n, dtype=dt),
                                                                                             -1)))

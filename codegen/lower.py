@@ -8,7 +8,7 @@ GraphModule by `rewrite_triton::` ops that launch Triton kernels.
         for the structured linears monarch_linear, blockdiag_linear, lowrank_linear (EPILOGUE_OPS; site kernel
         e.g. "monarch_linear[gelu,+residual]")
     rewrite.<op>(args) -> rewrite_triton.<op>(args)   same signature, for the other ops in SAME_SIGNATURE:
-        vq_logits, shiftadd_linear, softplus_attention
+        vq_logits, shiftadd_linear, softplus_attention, multi_lora_linear (kernel lora_batch)
         (rule "template:<kernel>")
     pointwise ops … [-> sum/amax/mean(dim=-1)] -> rewrite_triton.region([inputs], spec)   (rule "generated:region")
 
@@ -37,6 +37,7 @@ from .pointwise_table import pointwise_rule
 from .regions import find_regions
 from .runtime import backend_note
 from .templates import blockdiag_linear as blockdiag_t
+from .templates import lora_batch as lora_batch_t
 from .templates import lora_linear as lora_t
 from .templates import monarch_linear as monarch_t
 from .templates import shiftadd_linear as shiftadd_t
@@ -140,6 +141,7 @@ SAME_SIGNATURE = {
     "vq_logits": (kops.VQ_LOGITS, vq_t, "vq_logits"),
     "shiftadd_linear": (kops.SHIFTADD, shiftadd_t, "shiftadd_lut"),
     "softplus_attention": (kops.SOFTPLUS_ATTENTION, softplus_t, "softplus_attention"),
+    "multi_lora_linear": (kops.MULTI_LORA, lora_batch_t, "lora_batch"),
 }
 
 
@@ -265,7 +267,8 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
     propagate_shapes(gm, inputs)
     if dump_dir is not None:
         templates = [("lora_linear", lora_t), ("softmax", softmax_t)] + \
-            [(m.__name__.rsplit(".", 1)[1], m) for m in (monarch_t, blockdiag_t, vq_t, shiftadd_t, softplus_t)]
+            [(m.__name__.rsplit(".", 1)[1], m) for m in (monarch_t, blockdiag_t, vq_t, shiftadd_t, softplus_t,
+                                                          lora_batch_t)]
         for name, module in templates:
             if name in used:
                 cache.dump(dump_dir, f"template_{name}", inspect.getsource(module))

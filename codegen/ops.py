@@ -11,6 +11,8 @@ load — the loading process must `import codegen` — and run under torch.compi
           F.linear (then the same epilogue), by design, not a fallback
     rewrite_triton::vq_logits / shiftadd_linear / softplus_attention = the rewrite:: op of the same name and
         signature   (templates/vq_logits.py, shiftadd_linear.py, softplus_attention.py)
+    rewrite_triton::multi_lora_linear = rewrite::multi_lora_linear (named / mixed-batch adapters; defined in
+        templates/lora_batch.py with its kernel)
 
 The epilogue act(·) + residual is one torch helper, templates/lora_linear.epilogue, in every reference, fallback
 and dense path; the kernels apply it to their fp32 accumulators before the store.
@@ -26,6 +28,7 @@ import torch
 from . import generate
 from .runtime import can_launch, notice_fallback, offsets_reason
 from .templates import blockdiag_linear as blockdiag_t
+from .templates import lora_batch as lora_batch_t
 from .templates import lora_linear as lora_t
 from .templates import monarch_linear as monarch_t
 from .templates import shiftadd_linear as shiftadd_t
@@ -297,6 +300,7 @@ LOWRANK = torch.ops.rewrite_triton.lowrank_linear.default
 VQ_LOGITS = torch.ops.rewrite_triton.vq_logits.default
 SHIFTADD = torch.ops.rewrite_triton.shiftadd_linear.default
 SOFTPLUS_ATTENTION = torch.ops.rewrite_triton.softplus_attention.default
+MULTI_LORA = lora_batch_t.OP
 
 
 def register_cuda_kernels() -> list[str]:
@@ -313,7 +317,7 @@ def register_cuda_kernels() -> list[str]:
 
     twins = {"lora_linear": lora_kernel, "two_pass_softmax": SOFTMAX, "monarch_linear": MONARCH,
              "blockdiag_linear": BLOCKDIAG, "lowrank_linear": LOWRANK, "vq_logits": VQ_LOGITS,
-             "shiftadd_linear": SHIFTADD, "softplus_attention": SOFTPLUS_ATTENTION}
+             "shiftadd_linear": SHIFTADD, "softplus_attention": SOFTPLUS_ATTENTION, "multi_lora_linear": MULTI_LORA}
     registered = []
     for name, kernel in twins.items():
         if hasattr(torch.ops.rewrite, name):

@@ -1,10 +1,10 @@
 """`lora-swap` — hot-swap: replace a named adapter's weights by those of a PEFT folder, keeping the program.
 
-    lora-swap{name=a,adapter=DIR}      A, B (and DoRA m) of adapter a ← DIR's, its scale ← DIR's α/r, on every
-                                       layer holding a; same layers and shapes (ranks) required
+    lora-swap{name=a,adapter=DIR}      A, B (and DoRA m) of adapter a ← DIR's on every layer holding a; same layers
+                                       and shapes (ranks) required; a different scale s' is folded into B
+                                       (B ← B'·s'/s), so the graph's constants stay as they are
 
-The graph keeps its shape: only tensors and the adapter's scale constant change (PEFT's `hotswap_adapter`, which
-spares torch.compile a recompilation). Without a pass: `rewriter.lora_runtime.hotswap(program, "a", DIR)` or
+Only tensors change, never the graph (PEFT's `hotswap_adapter`, which spares torch.compile a recompilation). Without a pass: `rewriter.lora_runtime.hotswap(program, "a", DIR)` or
 `result.swap_adapter("a", DIR)` copy into the program's tensors in place, no re-export; the CLI does the same for
 a .pt2 whose pipeline is only lora-swap / lora-select (`rewrite in.pt2 --pass "lora-swap{…}" -o out.pt2`).
 Contract: semantic (new adapter weights change the function on purpose).

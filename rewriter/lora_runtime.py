@@ -9,8 +9,8 @@ pass manager's working GraphModule).
     set_adapter_index(p, ["a", None, "b", "a"])        mixed-adapter batch: row i uses the adapter named (None or −1:
                                                        none); needs `lora-batch`; empty (None) = back to the gates
     with adapter_index(p, rows): module(x)             the same, reset on exit
-    hotswap(p, "a", "path/to/peft_adapter")            replace adapter a's weights (and scale) in place: same
-                                                       layers and shapes (PEFT's hotswap_adapter)
+    hotswap(p, "a", "path/to/peft_adapter")            replace adapter a's weights in place (a new scale folded
+                                                       into B): same layers and shapes (PEFT's hotswap_adapter)
 
 Gates, scales and names are constants of the op nodes; the row index is the program's `lora_index` buffer, whose
 tensor is shared by the program and every module made from it (its storage is replaced in place).
@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 from torch import fx
 
-from .adapters import DEFAULT, INDEX_BUFFER, LORA_OP, MULTI_OP, check_name
+from .adapters import DEFAULT, INDEX_BUFFER, check_name
 from .errors import UserError
 
 _NAMES, _SCALES, _GATES, _IDS = 7, 8, 9, 10
@@ -37,8 +37,20 @@ def _graph_module(target) -> fx.GraphModule:
     raise UserError(f"expected a rewritten program (ExportedProgram) or its module, got {type(target).__name__}")
 
 
+def _kind(node: fx.Node) -> str | None:
+    """"fixed" / "multi" for LoRA ops — rewrite:: ones and their kernel twins (rewrite_triton::, same leading
+    arguments) in lowered programs — else None."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None:
+        return None
+    ns, _, op = schema.name.partition("::")
+    if ns in ("rewrite", "rewrite_triton"):
+        return {"lora_linear": "fixed", "multi_lora_linear": "multi"}.get(op)
+    return None
+
+
 def _ops(gm: fx.GraphModule):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (LORA_OP, MULTI_OP)]
+    return [n for n in gm.graph.nodes if _kind(n) is not None]
 
 
 def _set_arg(node: fx.Node, i: int, value) -> None:
@@ -51,7 +63,7 @@ def adapter_table(target) -> dict[str, dict]:
     """{name: {"layers": count, "gate": float | None (mixed), "id": int}} of the program's unmerged adapters."""
     table: dict[str, dict] = {}
     for node in _ops(_graph_module(target)):
-        if node.target == LORA_OP:
+        if _kind(node) == "fixed":
             entries = [(DEFAULT, 1.0, -1)]
         else:
             names = node.args[_NAMES].split(",") if node.args[_NAMES] else []
@@ -59,7 +71,7 @@ def adapter_table(target) -> dict[str, dict]:
         for name, gate, id_ in entries:
             row = table.setdefault(name, {"layers": 0, "gate": float(gate), "id": int(id_), "fixed": 0})
             row["layers"] += 1
-            row["fixed"] += node.target == LORA_OP
+            row["fixed"] += _kind(node) == "fixed"
             if row["gate"] != float(gate):
                 row["gate"] = None
     return table
@@ -98,7 +110,7 @@ def set_adapters(target, names: Iterable[str] | str | None, weights: Iterable[fl
         raise UserError("this program's adapter \"default\" sits in the fixed form (lora without a name), which is "
                         "always on; run lora-select (or insert adapters with lora{name=...}) to make it switchable")
     for node in _ops(gm):
-        if node.target == MULTI_OP:
+        if _kind(node) == "multi":
             names_ = node.args[_NAMES].split(",") if node.args[_NAMES] else []
             _set_arg(node, _GATES, [float(chosen.get(n, 0.0)) for n in names_])
     gm.recompile()
@@ -172,7 +184,7 @@ def _tensor_names(target, node: fx.Node) -> dict[str, dict[str, str]]:
         state = lambda n: lookup[n.name]  # noqa: E731
     else:
         state = lambda n: n.target  # noqa: E731
-    if node.target == LORA_OP:
+    if _kind(node) == "fixed":
         return {DEFAULT: {"A": state(node.args[3]), "B": state(node.args[4])}}
     names = node.args[_NAMES].split(",") if node.args[_NAMES] else []
     out = {}
@@ -184,11 +196,28 @@ def _tensor_names(target, node: fx.Node) -> dict[str, dict[str, str]]:
     return out
 
 
+def _scale_of(node: fx.Node, name: str) -> float:
+    if _kind(node) == "fixed":
+        return float(node.args[5])
+    return float(node.args[_SCALES][node.args[_NAMES].split(",").index(name)])
+
+
+def _set_scale(node: fx.Node, name: str, scale: float) -> None:
+    if _kind(node) == "fixed":
+        _set_arg(node, 5, scale)
+    else:
+        scales = list(node.args[_SCALES])
+        scales[node.args[_NAMES].split(",").index(name)] = scale
+        _set_arg(node, _SCALES, scales)
+
+
 def hotswap(target, name: str, folder: str, *, in_place: bool = True) -> list[str]:
     """Replace adapter `name`'s weights, magnitudes and scales by those of the PEFT folder (the program keeps its
     graph and shapes); returns the layers swapped. Every layer holding the adapter must be in the folder with the
-    same shapes, and the folder must name no other layer. in_place: copy into the existing tensors (every module
-    sharing them sees the new weights); False (a GraphModule only): store new tensors (a pass's change record)."""
+    same shapes, and the folder must name no other layer. The graph is not touched: a new scale s' is folded into
+    B (stored B = B'·s'/s, the product the layer computes is s'·B'·A' up to one rounding), so modules made earlier
+    — compiled ones included — see the whole swap. in_place: copy into the existing tensors (every module sharing
+    them sees it); False (a GraphModule only): store new tensors (a pass's change record)."""
     from .peft_interop import match_layer, read_adapter
     loaded = read_adapter(folder)
     gm = _graph_module(target)
@@ -223,20 +252,20 @@ def hotswap(target, name: str, folder: str, *, in_place: bool = True) -> list[st
     from . import params
     with torch.no_grad():
         for node, layer, path, tensors, entry in plan:
+            old_scale = _scale_of(node, name)
+            ratio = float(entry["scale"]) / old_scale if old_scale else None
             for key, state_name in tensors.items():
                 old = state[state_name]
-                new = entry[key].to(dtype=old.dtype, device=old.device)
+                new = entry[key].double()
+                if key == "B" and ratio is not None and ratio != 1.0:
+                    new = new * ratio          # the scale stays a graph constant: s_old·(B·s_new/s_old) = s_new·B
+                new = new.to(dtype=old.dtype, device=old.device)
                 if in_place or isinstance(target, torch.export.ExportedProgram):
                     old.copy_(new)
                 else:
                     params.set_tensor(target, state_name, new.contiguous())
-            if node.target == LORA_OP:
-                _set_arg(node, 5, float(entry["scale"]))
-            else:
-                names = node.args[_NAMES].split(",")
-                scales = list(node.args[_SCALES])
-                scales[names.index(name)] = float(entry["scale"])
-                _set_arg(node, _SCALES, scales)
+            if ratio is None:                  # a zero scale cannot be rescaled: set the constant
+                _set_scale(node, name, float(entry["scale"]))
     gm.recompile()
     return [layer for _, layer, _, _, _ in plan]
 
