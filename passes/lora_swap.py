@@ -34,7 +34,14 @@ class LoraSwapPass(Pass):
         check_name(self.adapter_name)
 
     def run(self, ctx) -> None:
+        for layer in self._swap(ctx.gm, in_place=False):
+            ctx.site(layer, adapter=self.adapter_name, source=self.adapter)
+
+    def apply_saved(self, program) -> list[str]:
+        """The swap on a loaded ExportedProgram, in place (the CLI's path for a .pt2: no re-export)."""
+        return self._swap(program, in_place=True)
+
+    def _swap(self, target, in_place: bool) -> list[str]:
         if not self.adapter:
             raise UserError("lora-swap needs adapter=DIR (a PEFT adapter folder with the new weights)")
-        for layer in hotswap(ctx.gm, self.adapter_name, self.adapter, in_place=False):
-            ctx.site(layer, adapter=self.adapter_name, source=self.adapter)
+        return hotswap(target, self.adapter_name, self.adapter, in_place=in_place)

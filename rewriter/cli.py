@@ -100,7 +100,11 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
             raise UserError(f"output folder {folder} does not exist")
     if args.dump_kernels and not args.codegen:
         raise UserError("--dump-kernels needs --codegen triton")
-    captured = _capture(args.model, args)
+    # a pipeline that only changes tensors of a saved program (lora-swap) runs on it directly: no re-export
+    from .lora_runtime import without_export
+    direct = not (args.verify or args.decompose or args.codegen or args.dump_dir or args.print_after
+                  or args.time_passes) and without_export(args.model, pipeline)
+    captured = None if direct else _capture(args.model, args)
     instruments = []
     timer = TimePasses() if args.time_passes else None
     if timer:
@@ -112,8 +116,9 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
     progress = None if args.quiet or args.format == "json" else _progress_factory(err)
     from .errors import VerificationError
     try:
-        result = run_captured(captured, pipeline, verify=args.verify, decompose=args.decompose, codegen=args.codegen,
-                              instruments=instruments, progress=progress, dump_kernels=args.dump_kernels)
+        result = direct() if direct else \
+            run_captured(captured, pipeline, verify=args.verify, decompose=args.decompose, codegen=args.codegen,
+                         instruments=instruments, progress=progress, dump_kernels=args.dump_kernels)
         failure = None
     except VerificationError as e:
         if not args.force:

@@ -269,3 +269,28 @@ def hotswap(target, name: str, folder: str, *, in_place: bool = True) -> list[st
     gm.recompile()
     return [layer for _, layer, _, _, _ in plan]
 
+
+
+def without_export(source, pipeline):
+    """For a saved program (.pt2) and a pipeline whose every pass can apply itself to a saved program without
+    touching its graph (`apply_saved(program) -> [layers]`: lora-swap), a function running it that way and
+    returning a RewriteResult — no capture, no re-export; else None."""
+    if not (isinstance(source, str) and source.endswith(".pt2") and pipeline
+            and all(hasattr(p, "apply_saved") for p in pipeline)):
+        return None
+
+    def run():
+        from .api import RewriteResult
+        from .capture import load_source
+        from .cost import program_params
+        from .pass_manager import PassResult, Report
+        program, args, kwargs = load_source(source)
+        report = Report()
+        for p in pipeline:
+            result = PassResult(p.name, p.spec(), p.contract.value)
+            result.sites = [{"site": layer, "status": "rewritten"} for layer in p.apply_saved(program)]
+            result.messages.append(f"{p.name}: tensors replaced in the saved program (graph unchanged, no re-export)")
+            result.params_before = result.params_after = program_params(program.module())
+            report.passes.append(result)
+        return RewriteResult(program, program, report, list(pipeline), tuple(args), dict(kwargs))
+    return run

@@ -38,7 +38,7 @@ from rewriter.ops import multi_lora_linear as multi
 @triton.jit
 def lora_batch_kernel(x_ptr, xa_ptr, w_ptr, base_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, perm_ptr, slot_ptr, y_ptr,
                       M, N, K, R,
-                      sxm, sxk, sam, sak, swn, swk, sbm, sbn, sAa, sAr, sAk, sBa, sBn, sBr, sym, syn,
+                      sxm, sxk, sam, sak, swn, swk, sbm, sbn, sbias, sAa, sAr, sAk, sBa, sBn, sBr, sym, syn,
                       HAS_W: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XA: tl.constexpr,
                       UPCAST: tl.constexpr, IEEE: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
@@ -107,7 +107,7 @@ def lora_batch_kernel(x_ptr, xa_ptr, w_ptr, base_ptr, bias_ptr, a_ptr, b_ptr, s_
         else:
             acc = tl.dot(h, bt, acc, out_dtype=tl.float32)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + rn * sbias, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
     tl.store(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
@@ -168,7 +168,8 @@ def launch(x, weight, bias, base, lora_a: list, lora_b: list, scales: list, slot
     args = (x2, xa2, w, bb, bias if bias is not None else y, a_st, b_st, s_t, perm, sorted_slots, y,
             M, N, K, R,
             x2.stride(0), x2.stride(1), xa2.stride(0), xa2.stride(1), w.stride(0), w.stride(1),
-            bb.stride(0), bb.stride(1), a_st.stride(0), a_st.stride(1), a_st.stride(2),
+            bb.stride(0), bb.stride(1), bias.stride(0) if bias is not None else 0,
+            a_st.stride(0), a_st.stride(1), a_st.stride(2),
             b_st.stride(0), b_st.stride(1), b_st.stride(2), y.stride(0), y.stride(1))
     flags = dict(HAS_W=weight is not None, HAS_BASE=base is not None, HAS_BIAS=bias is not None,
                  HAS_XA=adapter_input is not None, UPCAST=mma_upcast(x.dtype), IEEE=x.dtype == torch.float32)
