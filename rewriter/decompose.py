@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils import _pytree as pytree
 
 from . import ops as custom_ops
 from .verify import propagate_shapes
@@ -20,15 +21,17 @@ def decompose_custom_ops(gm: fx.GraphModule, inputs: list) -> int:
         if module is None:
             continue
         count += 1
-        tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
+        flat, spec = pytree.tree_flatten((node.args, node.kwargs))   # nodes inside lists too (Tensor[] arguments)
+        positions = [i for i, a in enumerate(flat) if isinstance(a, fx.Node)]
+        tensor_args = [flat[i] for i in positions]
         fakes = [a.meta["val"] for a in tensor_args]
-        positions = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
 
-        def call(*tensors, _args=node.args, _positions=positions, _ref=module.reference, _kwargs=node.kwargs):
-            full = list(_args)
+        def call(*tensors, _flat=flat, _spec=spec, _positions=positions, _ref=module.reference):
+            full = list(_flat)
             for i, t in zip(_positions, tensors):
                 full[i] = t
-            return _ref(*full, **_kwargs)
+            args, kwargs = pytree.tree_unflatten(full, _spec)
+            return _ref(*args, **kwargs)
 
         sub = make_fx(call, tracing_mode="fake")(*fakes)
         env = {}

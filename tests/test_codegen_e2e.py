@@ -224,7 +224,7 @@ def test_kernels_are_the_cuda_implementation_of_every_rewrite_op():
     import rewriter.ops
     from codegen.ops import CUDA_KERNELS
     templated = {"lora_linear", "two_pass_softmax", "monarch_linear", "blockdiag_linear", "lowrank_linear",
-                 "vq_logits", "shiftadd_linear", "softplus_attention"}
+                 "vq_logits", "shiftadd_linear", "softplus_attention", "multi_lora_linear"}
     assert {n.split("::")[1] for n in CUDA_KERNELS} == templated & set(rewriter.ops.op_modules())
     for name in CUDA_KERNELS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
