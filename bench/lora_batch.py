@@ -107,8 +107,9 @@ def run(dims=(1024,), rows_per_adapter=(1, 64), rank=16, repeats=15):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (see bench.lora)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     print(f"# bench.lora_batch — {machine()}, {ADAPTERS} adapters of rank 16\n")
     print(run(dims=(256,) if args.quick else (1024,), repeats=5 if args.quick else 15))
 

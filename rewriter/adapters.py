@@ -233,6 +233,8 @@ def write_layer(gm: fx.GraphModule, layer: LoraLayer, *, pass_name: str, rule: s
     keep_old = layer.base is not None and layer.node is layer.base
     before = layer.node.next if keep_old else layer.node
     new = insert_call(gm, before, target, tuple(args), pass_name=pass_name, rule=rule, replaces=layer.node)
+    if "val" in layer.node.meta:   # same output; the next layer of this pass may read its shape (two in a row)
+        new.meta["val"] = layer.node.meta["val"]
     if keep_old:
         layer.node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     else:
@@ -347,11 +349,16 @@ def dense_node(gm, node, x, w_node, bias, *, pass_name: str, rule: str):
     x_val = x.meta.get("val")
     if transposed and x_val is not None and x_val.ndim == 2:
         if bias is not None:
-            return insert_call(gm, node, aten.addmm.default, (bias, x, storage), pass_name=pass_name, rule=rule,
-                               replaces=node)
-        return insert_call(gm, node, aten.mm.default, (x, storage), pass_name=pass_name, rule=rule, replaces=node)
-    return insert_call(gm, node, aten.linear.default, (x, w_node, bias), pass_name=pass_name, rule=rule,
-                       replaces=node)
+            new = insert_call(gm, node, aten.addmm.default, (bias, x, storage), pass_name=pass_name, rule=rule,
+                              replaces=node)
+        else:
+            new = insert_call(gm, node, aten.mm.default, (x, storage), pass_name=pass_name, rule=rule, replaces=node)
+    else:
+        new = insert_call(gm, node, aten.linear.default, (x, w_node, bias), pass_name=pass_name, rule=rule,
+                          replaces=node)
+    if "val" in node.meta:
+        new.meta["val"] = node.meta["val"]
+    return new
 
 
 def fold_steps(gm: fx.GraphModule, adapters: list[Adapter], weight_oi: torch.Tensor):

@@ -144,3 +144,11 @@ def test_lowered_program_uses_the_kernel_and_matches(structured):
         set_adapter_index(lowered.program, rows)
         with torch.no_grad():
             torch.testing.assert_close(lowered.module()(x), plain.module()(x), rtol=2e-5, atol=2e-5)
+
+
+def test_bench_runs_both_sides_on_the_same_weights():
+    """bench.lora_batch checks that ours and PEFT's loop agree before timing them."""
+    pytest.importorskip("peft")
+    from bench.lora_batch import run
+    table = run(dims=(32,), rows_per_adapter=(1,), rank=4, repeats=1)
+    assert "PEFT loop ÷ ours (op)" in table and table.count("\n") == 2

@@ -98,3 +98,20 @@ def test_adapters_on_compressed_layers(compress, tmp_path):
     path = tmp_path / "q.pt2"
     result.save(str(path))
     assert main([str(path), "--pass", "lora{name=more,rank=2}", "-q", "--verify"]) == 0
+
+
+@pytest.mark.parametrize("spec", ["lora{name=n,rank=2}", "lora{rank=2},lora{name=n,rank=2},lora-merge,lora-unmerge",
+                                  "lora{dora=true}", "lowrank{rank=3},lora{rank=2}",
+                                  "lora{rank=2,dropout=0.1},lora{name=q,rank=2},lora-merge{unload=true}"])
+def test_linears_in_a_row(spec):
+    """Each layer reads the previous one's new op: rewriting one must leave the next one's input readable."""
+    class Chain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(8, 12), torch.nn.Linear(12, 6, bias=False), torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+    torch.manual_seed(0)
+    result = rewrite(Chain(), (torch.randn(3, 8),), spec, verify=True)
+    assert all(not p.skipped for p in result.report.passes)
