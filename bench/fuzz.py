@@ -21,14 +21,14 @@ from hypothesis import HealthCheck, given, seed, settings
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.splitlines()[0])
     p.add_argument("--examples", type=int, default=500, help="random models per pipeline and entry point")
-    p.add_argument("--via", action="append", choices=("api", "cli", "compile"), help="entry points (default api)")
+    p.add_argument("--via", action="append", choices=("api", "cli", "compile", "codegen"), help="entry points (default api)")
     p.add_argument("--only", action="append", default=[], help="pipelines to run (default: all)")
     p.add_argument("--seed", type=int, default=0, help="hypothesis seed")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
-    from tests.fuzzing import OUTCOMES, PIPELINES, pass_specs, run_api, run_cli, run_compile
+    from tests.fuzzing import OUTCOMES, PIPELINES, pass_specs, run_api, run_cli, run_codegen, run_compile
     from tests.random_models import model_specs
-    runners = {"api": run_api, "cli": run_cli, "compile": run_compile}
+    runners = {"api": run_api, "cli": run_cli, "compile": run_compile, "codegen": run_codegen}
     pipelines = args.only or pass_specs() + PIPELINES
     counts: dict = collections.defaultdict(collections.Counter)
     failures: dict = {}

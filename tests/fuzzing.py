@@ -26,7 +26,7 @@ import rewriter
 from rewriter.errors import InternalError, UserError, VerificationError
 from rewriter.pass_base import registry
 
-from .random_models import ModelSpec, build
+from .random_models import ModelSpec, build, test_device
 
 OUTCOMES = ("rewritten", "refused", "declined", "internal")
 
@@ -95,9 +95,10 @@ def check_result(spec: ModelSpec, model, args, program: torch.export.ExportedPro
     if [(tuple(t.shape), t.dtype) for t in want] != [(tuple(t.shape), t.dtype) for t in got]:
         return f"outputs changed from {[(tuple(t.shape), t.dtype) for t in want]} to " \
                f"{[(tuple(t.shape), t.dtype) for t in got]}"
+    device = test_device()
     for name, t in _tensors(program):
-        if t.device.type != "cpu":
-            return f"{name} is on {t.device} (the model is on cpu): created without device="
+        if t.device.type != device.type:
+            return f"{name} is on {t.device} (the model is on {device}): created without device="
         if t.is_floating_point() and t.dtype != spec.torch_dtype and t.numel() > 2:
             return f"{name} is {t.dtype} in a {spec.torch_dtype} model"
     return None
@@ -108,11 +109,11 @@ def _one_line(text: str) -> bool:
     return len(lines) == 1 and "Traceback" not in text
 
 
-def run_api(spec: ModelSpec, pipeline: str, *, verify: bool = True) -> Verdict:
+def run_api(spec: ModelSpec, pipeline: str, *, verify: bool = True, codegen: str | None = None) -> Verdict:
     model, args = build(spec)
     try:
         with tag_pass_devices():
-            result = rewriter.rewrite(model, args, pipeline, verify=verify)
+            result = rewriter.rewrite(model, args, pipeline, verify=verify, codegen=codegen)
     except VerificationError as e:
         return Verdict("refused", str(e)) if str(e).strip() else Verdict("internal", "refused without a reason")
     except InternalError as e:
@@ -123,6 +124,11 @@ def run_api(spec: ModelSpec, pipeline: str, *, verify: bool = True) -> Verdict:
         return Verdict("internal", f"{type(e).__name__}: {e}")
     problem = check_result(spec, model, args, result.program)
     return Verdict("internal", problem) if problem else Verdict("rewritten")
+
+
+def run_codegen(spec: ModelSpec, pipeline: str) -> Verdict:
+    """run_api with the rewritten ops lowered to Triton kernels (the interpreter on the CPU)."""
+    return run_api(spec, pipeline, codegen="triton")
 
 
 def run_cli(spec: ModelSpec, pipeline: str, folder: str | None = None) -> Verdict:

@@ -23,7 +23,8 @@ model that is one nn.Linear (its weight at the root, named "weight").
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -156,8 +157,14 @@ class RandomNet(nn.Module):
         return out
 
 
+def test_device() -> torch.device:
+    """Where fuzzed models live: REWRITE_TEST_DEVICE (`make test-gpu` sets cuda), default the CPU."""
+    return torch.device(os.environ.get("REWRITE_TEST_DEVICE", "cpu"))
+
+
 def build(spec: ModelSpec) -> tuple[nn.Module, tuple]:
-    """(model in eval mode and the spec's dtype, example args), deterministic in spec.seed."""
+    """(model in eval mode, the spec's dtype and on test_device(), example args), deterministic in spec.seed
+    (weights and inputs are drawn on the CPU, then moved)."""
     torch.manual_seed(spec.seed)
     if spec.kind == "single-linear":
         model = nn.Linear(spec.width, spec.out_width, bias=spec.bias)
@@ -169,7 +176,8 @@ def build(spec: ModelSpec) -> tuple[nn.Module, tuple]:
         x = torch.randint(spec.vocab, (spec.batch, spec.seq), generator=gen)
     else:
         x = torch.randn(spec.batch, spec.seq, spec.width, generator=gen).to(spec.torch_dtype)
-    return model, (x,)
+    device = test_device()
+    return model.to(device), (x.to(device),)
 
 
 @st.composite
