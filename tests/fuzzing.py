@@ -26,7 +26,7 @@ import rewriter
 from rewriter.errors import InternalError, UserError, VerificationError
 from rewriter.pass_base import registry
 
-from .random_models import ModelSpec, build, test_device
+from .random_models import ModelSpec, build, fuzz_device
 
 OUTCOMES = ("rewritten", "refused", "declined", "internal")
 
@@ -81,7 +81,7 @@ def _tensors(program: torch.export.ExportedProgram):
     yield from program.constants.items()
 
 
-def check_result(spec: ModelSpec, model, args, program: torch.export.ExportedProgram) -> str | None:
+def check_result(dtype: torch.dtype, model, args, program: torch.export.ExportedProgram) -> str | None:
     """What is wrong with a rewritten program (None when nothing is): it must run, keep the outputs' shapes and
     dtypes, keep every tensor on the model's device, and keep floating weights in the model's dtype."""
     with torch.no_grad():
@@ -95,12 +95,12 @@ def check_result(spec: ModelSpec, model, args, program: torch.export.ExportedPro
     if [(tuple(t.shape), t.dtype) for t in want] != [(tuple(t.shape), t.dtype) for t in got]:
         return f"outputs changed from {[(tuple(t.shape), t.dtype) for t in want]} to " \
                f"{[(tuple(t.shape), t.dtype) for t in got]}"
-    device = test_device()
+    device = fuzz_device()
     for name, t in _tensors(program):
         if t.device.type != device.type:
             return f"{name} is on {t.device} (the model is on {device}): created without device="
-        if t.is_floating_point() and t.dtype != spec.torch_dtype and t.numel() > 2:
-            return f"{name} is {t.dtype} in a {spec.torch_dtype} model"
+        if t.is_floating_point() and t.dtype != dtype and t.numel() > 2:
+            return f"{name} is {t.dtype} in a {dtype} model"
     return None
 
 
@@ -122,7 +122,7 @@ def run_api(spec: ModelSpec, pipeline: str, *, verify: bool = True, codegen: str
         return Verdict("declined", str(e)) if _one_line(str(e)) else Verdict("internal", f"bad message: {e!r}")
     except Exception as e:  # noqa: BLE001 - an escaped exception is an internal error
         return Verdict("internal", f"{type(e).__name__}: {e}")
-    problem = check_result(spec, model, args, result.program)
+    problem = check_result(spec.torch_dtype, model, args, result.program)
     return Verdict("internal", problem) if problem else Verdict("rewritten")
 
 
@@ -157,7 +157,7 @@ def run_cli(spec: ModelSpec, pipeline: str, folder: str | None = None) -> Verdic
             return Verdict("internal", f"exit {code}: {message.strip()}")
         if not os.path.exists(target):
             return Verdict("internal", "exit 0 but no output written")
-        problem = check_result(spec, model, args, torch.export.load(target))
+        problem = check_result(spec.torch_dtype, model, args, torch.export.load(target))
         return Verdict("internal", problem) if problem else Verdict("rewritten")
 
 

@@ -157,13 +157,13 @@ class RandomNet(nn.Module):
         return out
 
 
-def test_device() -> torch.device:
+def fuzz_device() -> torch.device:
     """Where fuzzed models live: REWRITE_TEST_DEVICE (`make test-gpu` sets cuda), default the CPU."""
     return torch.device(os.environ.get("REWRITE_TEST_DEVICE", "cpu"))
 
 
 def build(spec: ModelSpec) -> tuple[nn.Module, tuple]:
-    """(model in eval mode, the spec's dtype and on test_device(), example args), deterministic in spec.seed
+    """(model in eval mode, the spec's dtype and on fuzz_device(), example args), deterministic in spec.seed
     (weights and inputs are drawn on the CPU, then moved)."""
     torch.manual_seed(spec.seed)
     if spec.kind == "single-linear":
@@ -176,7 +176,7 @@ def build(spec: ModelSpec) -> tuple[nn.Module, tuple]:
         x = torch.randint(spec.vocab, (spec.batch, spec.seq), generator=gen)
     else:
         x = torch.randn(spec.batch, spec.seq, spec.width, generator=gen).to(spec.torch_dtype)
-    device = test_device()
+    device = fuzz_device()
     return model.to(device), (x.to(device),)
 
 
