@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 import rewriter
-from bench.common import machine, markdown_table, time_side_by_side
+from bench.common import machine, markdown_table
+from bench.lora import CLOCKS
 from rewriter.lora_runtime import set_adapter_index
 
 ADAPTERS = 8
@@ -55,7 +56,7 @@ def _peft_with_adapters(base: nn.Module, rank: int, count: int):
     return model.eval()
 
 
-def run(dims=(1024,), rows_per_adapter=(1, 64), rank=16, repeats=15):
+def run(dims=(1024,), rows_per_adapter=(1, 64), rank=16, repeats=15, clock="wall"):
     rows = []
     for d in dims:
         torch.manual_seed(0)
@@ -94,9 +95,8 @@ def run(dims=(1024,), rows_per_adapter=(1, 64), rank=16, repeats=15):
                     torch.testing.assert_close(program(x), want, rtol=1e-4, atol=1e-4)
                     torch.testing.assert_close(op(*args), want, rtol=1e-4, atol=1e-4)
                     torch.testing.assert_close(model(x, adapter_names=assign), want, rtol=1e-4, atol=1e-4)
-                t = time_side_by_side({"base": lambda: base(x), "op": lambda: op(*args), "program": lambda: program(x),
-                                       "loop": peft_loop, "names": lambda: model(x, adapter_names=assign)},
-                                      repeats=repeats)
+                t = CLOCKS[clock]({"base": lambda: base(x), "op": lambda: op(*args), "program": lambda: program(x),
+                                   "loop": peft_loop, "names": lambda: model(x, adapter_names=assign)}, repeats=repeats)
                 rows.append([d, n, x.shape[0], t["base"] * 1e3, t["op"] * 1e3, t["program"] * 1e3, t["loop"] * 1e3,
                              t["names"] * 1e3, t["loop"] / t["op"], t["loop"] / t["program"]])
     return markdown_table(["d", "rows/adapter", "batch", "base linear ms", "ours op ms", "ours program ms",
@@ -108,10 +108,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (see bench.lora)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="see bench.lora")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu counts one thread: use it with --threads 1")
     torch.set_num_threads(args.threads)
-    print(f"# bench.lora_batch — {machine()}, {ADAPTERS} adapters of rank 16\n")
-    print(run(dims=(256,) if args.quick else (1024,), repeats=5 if args.quick else 15))
+    print(f"# bench.lora_batch — {machine()}, {args.clock} clock, {ADAPTERS} adapters of rank 16\n")
+    print(run(dims=(256,) if args.quick else (1024,), repeats=5 if args.quick else 15, clock=args.clock))
 
 
 if __name__ == "__main__":

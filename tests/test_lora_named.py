@@ -234,3 +234,15 @@ def test_batch_index_api_errors(three):
     with adapter_index(batched.program, ["u", "v", None, "w", "u"]):
         assert batched.program.state_dict["lora_index"].tolist() == [0, 1, -1, 2, 0]
     assert batched.program.state_dict["lora_index"].numel() == 0
+
+
+def test_name_option_round_trips_through_specs(capsys):
+    from rewriter import parse_pipeline, print_pipeline
+    text = "lora{name=x,dora=true},lora-swap{name=x,adapter=d},lora-combine{adapters=x:1,name=y}"
+    passes = parse_pipeline(text)
+    assert passes[0].adapter_name == "x" and passes[1].adapter_name == "x" and passes[2].adapter_name == "y"
+    assert print_pipeline(passes) == text
+    assert main(["passes"]) == 0
+    listing = capsys.readouterr().out
+    for needle in ("lora-select", "lora-combine", "lora-batch", "lora-swap", "name="):
+        assert needle in listing
