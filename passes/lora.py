@@ -39,6 +39,7 @@ compressed layer except an LM head (a layer tied to, or as wide as, an embedding
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +51,7 @@ from rewriter.adapters import (DEFAULT, INDEX_BUFFER, LORA_OPS, Adapter, Contrac
                                layer_from_site, layer_from_structured, lora_layers, read_layer, shared_readers,
                                structured_ops, write_layer)
 from rewriter.errors import UserError
+from rewriter.ir import get_attr_value
 from rewriter.matchers.linear import LINEAR_OPS, LinearSite, find_linears, is_lm_head
 from rewriter.peft_interop import match_layer, read_adapter
 from rewriter.pass_base import Contract, Pass
@@ -104,7 +106,6 @@ class LoraPass(Pass):
         """(layer name, what to build on) in graph order: an existing LoRA op node, a linear site, or a structured
         op node. Layers are read when their turn comes: rewriting one changes the inputs of the next."""
         gm = ctx.gm
-        import re
         keep = lambda name: (not self.targets or re.search(self.targets, name)) and \
             not (self.exclude and re.search(self.exclude, name))  # noqa: E731
         existing = {layer.node: layer for layer in lora_layers(gm)}
@@ -272,6 +273,5 @@ class LoraPass(Pass):
 
 def params_tensor(gm, name: str, transposed: bool) -> torch.Tensor:
     """A stored tensor (detached), as (out, in) when it is stored transposed."""
-    from rewriter.ir import get_attr_value
     t = get_attr_value(gm, name).detach()
     return t.t() if transposed else t

@@ -152,3 +152,21 @@ def test_bench_runs_both_sides_on_the_same_weights():
     from bench.lora_batch import run
     table = run(dims=(32,), rows_per_adapter=(1,), rank=4, repeats=1)
     assert "PEFT loop ÷ ours (op)" in table and table.count("\n") == 2
+
+
+def test_batched_program_round_trips_through_pt2(tmp_path):
+    torch.manual_seed(0)
+    model, x = LinearStack([8, 12, 6], [True, False]), torch.randn(4, 8)
+    result = rewrite(model, (x,), "lora{name=a,rank=2,init=gaussian},lora{name=b,rank=3,init=gaussian,dora=true},"
+                                  "lora-batch{adapters='b,a'}")
+    _randomize(result.program)
+    rows = ["a", None, "b", "a"]
+    with torch.no_grad(), adapter_index(result.program, rows):
+        want = result.module()(x)
+    path = tmp_path / "batch.pt2"
+    result.save(str(path))
+    again = torch.export.load(str(path))
+    set_adapter_index(again, rows)
+    assert again.state_dict["lora_index"].tolist() == [1, -1, 0, 1]      # ids follow lora-batch's order
+    with torch.no_grad():
+        torch.testing.assert_close(again.module()(x), want)

@@ -119,3 +119,15 @@ def test_training_moves_magnitude_and_adapters():
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.9
     assert not torch.equal(module.fc1.lora_magnitude, model.fc1.weight.norm(dim=1))
+
+
+def test_dora_program_round_trips_through_pt2(loaded, tmp_path):
+    base, model, folder, result, x = loaded
+    path = tmp_path / "dora.pt2"
+    result.save(str(path))
+    again = torch.export.load(str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(again.module()(x), model(x), rtol=1e-5, atol=1e-5)
+    merged = rewrite(str(path), None, "lora-merge,lora-unmerge")
+    for name, value in result.program.state_dict.items():
+        assert torch.equal(merged.program.state_dict[name], value), name
