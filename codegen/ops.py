@@ -12,11 +12,13 @@ load — the loading process must `import codegen` — and run under torch.compi
     rewrite_triton::vq_logits / shiftadd_linear / softplus_attention = the rewrite:: op of the same name and
         signature   (templates/vq_logits.py, shiftadd_linear.py, softplus_attention.py)
 
-The epilogue act(·) + residual is one torch helper, templates/lora_linear.epilogue, in every reference, fallback
-and dense path; the kernels apply it to their fp32 accumulators before the store.
+The epilogue act(·) + residual is one torch helper, codegen/epilogue.py, in every reference, fallback and dense
+path; the kernels apply it to their fp32 accumulators before the store.
 
-Each launches its Triton kernel where one can run (CUDA, or CPU under TRITON_INTERPRET=1) and otherwise runs the
-reference implementation after a one-line notice. Kernels use opaque custom ops rather than
+Which implementation runs (`_run`): where a kernel can run (CUDA, or CPU under TRITON_INTERPRET=1) and the
+template takes these inputs, codegen.select chooses among the template's candidates — its Triton configurations
+and its aten path — measured on the device on the first call per shape bucket (REWRITE_KERNELS=auto|triton|aten
+forces a side); elsewhere the reference runs after a one-line notice. Kernels use opaque custom ops rather than
 torch.library.triton_op: exporting a triton_op program fails under the interpreter (FakeTensor data pointer).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from . import generate
+from . import select
 from .runtime import can_launch, notice_fallback, offsets_reason
 from .templates import blockdiag_linear as blockdiag_t
 from .templates import lora_linear as lora_t
@@ -40,14 +43,38 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-def _kernel_or_reference(name: str, reason: str | None, tensors: list, out_numel: int, launch, reference):
-    """`launch()` where the kernel handles these inputs and can run here; else `reference()` after a one-line
-    notice (the first per op). `reason`: the template's own refusal (dtype, layout), or None."""
+def _run(name: str, reason: str | None, tensors: list, out_numel: int, candidates, reference, args: tuple):
+    """The selected candidate (codegen.select) where the kernel handles these inputs and can run here; else
+    `reference()` after a one-line notice (the first per op). `reason`: the template's own refusal (dtype,
+    layout), or None; `candidates()`: the template's candidate list; `args`: the op's arguments (for the shape
+    bucket)."""
     reason = reason or offsets_reason(*tensors, out_numel=out_numel)
     if reason is None and can_launch(*tensors):
-        return launch()
+        lead = next(t for t in tensors if isinstance(t, torch.Tensor))
+        return select.dispatch(name, candidates(), lead.device, lead.dtype, shape_bucket(name, args))
     notice_fallback(f"rewrite_triton.{name}", reason or "no device for Triton kernels")
     return reference()
+
+
+# the argument positions whose leading dims are rows (bucketed to a power of two), per op
+ROW_ARGS = {"lora_linear": (0, 6, 8), "monarch_linear": (0, 8), "blockdiag_linear": (0, 8),
+            "lowrank_linear": (0, 7), "vq_logits": (0,), "shiftadd_linear": (0,), "softplus_attention": (0, 1, 2, 3)}
+
+
+def shape_bucket(name: str, args: tuple) -> tuple:
+    """The shape bucket codegen.select keys a call of rewrite_triton::<name> on, from its arguments in schema
+    order (tensors or FakeTensors: the lowering report computes it from a node's metadata)."""
+    if name == "two_pass_softmax":
+        x, dim = args
+        if x.dim() == 0:
+            return ()
+        dim = dim % x.dim()
+        n = x.shape[dim]
+        return select.pow2_at_least(x.numel() // n if n else 0), n, dim == x.dim() - 1
+    if name == "region":
+        inputs, spec = args
+        return generate.region_bucket(list(inputs)), spec
+    return select.bucket(args, ROW_ARGS[name])
 
 
 @torch.library.custom_op("rewrite_triton::lora_linear", mutates_args=())
@@ -55,11 +82,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 lora_b: torch.Tensor, scale: float, adapter_input: torch.Tensor | None = None,
                 activation: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
     args = (x, weight, bias, lora_a, lora_b, scale, adapter_input, activation, residual)
-    return _kernel_or_reference("lora_linear", lora_t.supported(x, weight, bias, lora_a, lora_b, adapter_input,
-                                                                 residual),
-                                [x, weight, bias, lora_a, lora_b, adapter_input, residual],
-                                _rows(x) * weight.shape[0], lambda: lora_t.launch(*args),
-                                lambda: lora_t.reference(*args))
+    return _run("lora_linear", lora_t.supported(x, weight, bias, lora_a, lora_b, adapter_input, residual),
+                [x, weight, bias, lora_a, lora_b, adapter_input, residual], _rows(x) * weight.shape[0],
+                lambda: lora_t.candidates(*args), lambda: lora_t.reference(*args), args)
 
 
 @lora_linear.register_fake
@@ -94,8 +119,8 @@ lora_linear.register_autograd(_lora_backward, setup_context=_lora_setup)
 
 @torch.library.custom_op("rewrite_triton::two_pass_softmax", mutates_args=())
 def two_pass_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return _kernel_or_reference("two_pass_softmax", softmax_t.supported(x), [x], x.numel(),
-                                lambda: softmax_t.launch(x, dim), lambda: softmax_t.reference(x, dim))
+    return _run("two_pass_softmax", softmax_t.supported(x), [x], x.numel(), lambda: softmax_t.candidates(x, dim),
+                lambda: softmax_t.reference(x, dim), (x, dim))
 
 
 @two_pass_softmax.register_fake
@@ -120,9 +145,9 @@ two_pass_softmax.register_autograd(_softmax_backward, setup_context=_softmax_set
 def region(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
     s = generate.parse_spec(spec)
     floats_ok = all(t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.bool) for t in inputs)
-    return _kernel_or_reference("region", None if floats_ok else "unsupported dtype", list(inputs),
-                                generate.iteration_shape(inputs).numel(), lambda: generate.launch(list(inputs), s),
-                                lambda: generate.reference(list(inputs), s))
+    inputs = list(inputs)
+    return _run("region", None if floats_ok else "unsupported dtype", inputs, generate.iteration_shape(inputs).numel(),
+                lambda: generate.candidates(inputs, s, spec), lambda: generate.reference(inputs, s), (inputs, spec))
 
 
 @region.register_fake
@@ -189,10 +214,10 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
     epi = (activation, residual)
     if _dense_path(x, dense, threshold):
         return monarch_t.reference(x, w1, w2, bias, out_features, dense, threshold, *epi).contiguous()
-    return _kernel_or_reference("monarch_linear", monarch_t.supported(x, w1, w2, bias, residual),
-                                [x, w1, w2, bias, residual], _rows(x) * out_features,
-                                lambda: monarch_t.launch(x, w1, w2, bias, out_features, *epi),
-                                lambda: monarch_t.reference(x, w1, w2, bias, out_features, None, 0, *epi).contiguous())
+    return _run("monarch_linear", monarch_t.supported(x, w1, w2, bias, residual), [x, w1, w2, bias, residual],
+                _rows(x) * out_features, lambda: monarch_t.candidates(x, w1, w2, bias, out_features, *epi),
+                lambda: monarch_t.reference(x, w1, w2, bias, out_features, None, 0, *epi).contiguous(),
+                (x, w1, w2, bias, out_features, dense, threshold, *epi))
 
 
 @monarch_linear.register_fake
@@ -207,11 +232,11 @@ def blockdiag_linear(x: torch.Tensor, blocks: torch.Tensor, dense_u: torch.Tenso
     epi = (activation, residual)
     if _dense_path(x, dense, threshold):
         return blockdiag_t.reference(x, blocks, dense_u, bias, out_features, dense, threshold, *epi).contiguous()
-    return _kernel_or_reference("blockdiag_linear", blockdiag_t.supported(x, blocks, dense_u, bias, residual),
-                                [x, blocks, dense_u, bias, residual], _rows(x) * out_features,
-                                lambda: blockdiag_t.launch(x, blocks, dense_u, bias, out_features, *epi),
-                                lambda: blockdiag_t.reference(x, blocks, dense_u, bias, out_features, None, 0,
-                                                              *epi).contiguous())
+    return _run("blockdiag_linear", blockdiag_t.supported(x, blocks, dense_u, bias, residual),
+                [x, blocks, dense_u, bias, residual], _rows(x) * out_features,
+                lambda: blockdiag_t.candidates(x, blocks, dense_u, bias, out_features, *epi),
+                lambda: blockdiag_t.reference(x, blocks, dense_u, bias, out_features, None, 0, *epi).contiguous(),
+                (x, blocks, dense_u, bias, out_features, dense, threshold, *epi))
 
 
 @blockdiag_linear.register_fake
@@ -226,10 +251,10 @@ def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torc
     epi = (activation, residual)
     if _dense_path(x, dense, threshold):
         return blockdiag_t.reference_lowrank(x, u, v, bias, dense, threshold, *epi).contiguous()
-    return _kernel_or_reference("lowrank_linear", blockdiag_t.supported(x, u, v, bias, residual),
-                                [x, u, v, bias, residual], _rows(x) * u.shape[0],
-                                lambda: blockdiag_t.launch_lowrank(x, u, v, bias, *epi),
-                                lambda: blockdiag_t.reference_lowrank(x, u, v, bias, None, 0, *epi).contiguous())
+    return _run("lowrank_linear", blockdiag_t.supported(x, u, v, bias, residual), [x, u, v, bias, residual],
+                _rows(x) * u.shape[0], lambda: blockdiag_t.candidates_lowrank(x, u, v, bias, *epi),
+                lambda: blockdiag_t.reference_lowrank(x, u, v, bias, None, 0, *epi).contiguous(),
+                (x, u, v, bias, dense, threshold, *epi))
 
 
 @lowrank_linear.register_fake
@@ -240,10 +265,9 @@ def _(x, u, v, bias, dense=None, threshold=0, activation="none", residual=None):
 @torch.library.custom_op("rewrite_triton::vq_logits", mutates_args=())
 def vq_logits(h: torch.Tensor, codebook: torch.Tensor, code_map: torch.Tensor, bias: torch.Tensor | None = None,
               log_softmax: bool = False) -> torch.Tensor:
-    return _kernel_or_reference("vq_logits", vq_t.supported(h, codebook, code_map, bias),
-                                [h, codebook, code_map, bias], _rows(h) * code_map.shape[0],
-                                lambda: vq_t.launch(h, codebook, code_map, bias, log_softmax),
-                                lambda: vq_t.reference(h, codebook, code_map, bias, log_softmax))
+    args = (h, codebook, code_map, bias, log_softmax)
+    return _run("vq_logits", vq_t.supported(h, codebook, code_map, bias), [h, codebook, code_map, bias],
+                _rows(h) * code_map.shape[0], lambda: vq_t.candidates(*args), lambda: vq_t.reference(*args), args)
 
 
 @vq_logits.register_fake
@@ -257,9 +281,9 @@ def shiftadd_linear(x: torch.Tensor, signs: torch.Tensor, exponents: torch.Tenso
     args = (x, signs, exponents, bias, in_features, group)
     if not shiftadd_t.lut_pays_off(_rows(x), signs):
         return shiftadd_t.reference(*args)      # by design, not a fallback: many rows → dequantised GEMM
-    return _kernel_or_reference("shiftadd_linear", shiftadd_t.supported(*args), [x, signs, exponents, bias],
-                                _rows(x) * signs.shape[1], lambda: shiftadd_t.launch(*args),
-                                lambda: shiftadd_t.reference(*args))
+    return _run("shiftadd_linear", shiftadd_t.supported(*args), [x, signs, exponents, bias],
+                _rows(x) * signs.shape[1], lambda: shiftadd_t.candidates(*args), lambda: shiftadd_t.reference(*args),
+                args)
 
 
 @shiftadd_linear.register_fake
@@ -271,9 +295,9 @@ def _(x, signs, exponents, bias, in_features, group):
 def softplus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        is_causal: bool, reweight: bool, p: float, train_len: int, eps: float) -> torch.Tensor:
     args = (q, k, v, mask, is_causal, reweight, p, train_len, eps)
-    return _kernel_or_reference("softplus_attention", softplus_t.supported(q, k, v, mask), [q, k, v, mask],
-                                q.numel() // max(q.shape[-1], 1) * v.shape[-1], lambda: softplus_t.launch(*args),
-                                lambda: softplus_t.reference(*args))
+    return _run("softplus_attention", softplus_t.supported(q, k, v, mask), [q, k, v, mask],
+                q.numel() // max(q.shape[-1], 1) * v.shape[-1], lambda: softplus_t.candidates(*args),
+                lambda: softplus_t.reference(*args), args)
 
 
 @softplus_attention.register_fake

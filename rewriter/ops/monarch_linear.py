@@ -79,6 +79,12 @@ def _apply(x, w1, w2, bias, out_features, dense, threshold, fused: bool):
     return y.reshape(*lead, m)
 
 
+def factored(x, w1, w2, bias=None, out_features=None):
+    """The factored path alone (no pre-merged dense branch), in the op's own formulation (bias fused into the P₂
+    copy): the aten candidate codegen.select times against the Triton kernels."""
+    return _apply(x, w1, w2, bias, out_features, None, 0, fused=True)
+
+
 def reference(x, w1, w2, bias=None, out_features=None, dense=None, threshold=0):
     """Plain aten ops (functional), as `--decompose` inlines them."""
     return _apply(x, w1, w2, bias, out_features, dense, threshold, fused=False)

@@ -1,0 +1,216 @@
+"""One GEMM template for every matmul-shaped kernel: LoRA, Monarch, block-diagonal / BlockDense, low-rank.
+
+    y[m, col(k, n)] = epi( α · Σ_r x[m, k·P + r] · w[k, n, r]          the main loop (block k of NB)
+                           + Σ_j x2[m, j] · w2[n, j]                     HAS_EXTRA: a short second K loop
+                           + c[m, col] + bias[col] )                     HAS_C, HAS_BIAS
+    epi(v) = act(v) + res[m, col]                                        ACT (0 none, 1 GELU-erf, 2 GELU-tanh),
+                                                                         HAS_RES
+
+NB blocks of a block-diagonal weight w (NB, T, P): block k reads x's columns k·P … k·P+P−1 (zero padded past
+N_IN: a load mask) and writes T outputs; a plain linear is NB = 1 (w = W viewed (1, N, K)). Where those outputs
+go (OUT, constexpr) carries the Monarch permutations, so no permuted copy of anything is ever made:
+
+    OUT 0  col = k·T + n                      plain (a block-diagonal output, or a linear for NB = 1); col < M_OUT
+    OUT 1  f = k·T + n, stored at (f mod NB)·T + ⌊f / NB⌋     P₁ of Monarch: h (b, q) → g (q, b) transposed,
+                                                              so block c of the next GEMM reads g[c, ·] at
+                                                              columns c·T … c·T+T−1
+    OUT 2  col = n·NB + k                     P₂ of Monarch: output o = s'·b + c; col < M_OUT
+
+Callers compose it: LoRA = h = s·(x_a·Aᵀ) (a GEMM with α = s, N = r), then y = x·Wᵀ + h·Bᵀ + b (the main loop
+is a plain GEMM's; the adapter is the extra loop of r/BR ≤ 8 steps after it); Monarch = g = P₁(R·x) (OUT 1),
+then y = P₂(L·g) (OUT 2) with the epilogue; BlockDense = h = blockdiag(x), then y = h·Uᵀ; low rank = h = x·Vᵀ,
+then y = h·Uᵀ. Each intermediate is written once in the input dtype (fp32 when the dots are upcast) and read
+once, so every FLOP of the factorisation is done once (no recomputation per output tile).
+
+Tiles (GPU): the usual Hopper/Ampere GEMM shapes — 128×128 or 128×256 output tiles, K step 64, 8 warps and 3
+stages, or 64×128 / 64×64 with 4 warps and 4 stages — clamped to the problem (a 64-wide block does not get a
+256-wide tile), programs in grouped order (GROUP_M row tiles sweep the column tiles together, so neighbouring
+programs share x rows and w columns in L2). Rows and columns of the loads are wrapped modulo M and T, so loads
+need a mask only on the K tail; stores are masked.
+
+Precision (UPCAST = codegen.runtime.mma_upcast(dtype), IEEE for fp32 inputs: exact fp32 dots, the GPU default
+being TF32): fp16 (and bf16 on a GPU) operands go to tl.dot as loaded — tensor-core MMA, fp32 accumulation; the
+accumulator, α, bias, activation and residual are fp32, rounded once at the store.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from codegen import tl_math
+from codegen.runtime import interpreter, mma_upcast
+
+OUT_PLAIN, OUT_P1, OUT_P2 = 0, 1, 2
+
+
+@triton.jit
+def block_gemm_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, c_ptr, b_ptr, res_ptr, y_ptr,
+                      M, N_IN, NB, P, T, M_OUT, R, alpha,
+                      sxm, sxk, swb, swn, swk, s2m, s2k, s2n, s2r, scm, scn, srm, srn, sym, syn,
+                      OUT: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      ACT: tl.constexpr, HAS_RES: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BM)
+    tiles_n = tl.cdiv(T, BN)
+    per_block = tiles_m * tiles_n
+    k = pid // per_block
+    local = pid % per_block
+    in_group = GROUP_M * tiles_n                    # grouped order: GROUP_M row tiles sweep the columns together
+    first_m = (local // in_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (local % in_group) % group_rows
+    pid_n = (local % in_group) // group_rows
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    lm = rm % M                                     # wrapped: loads stay in bounds without a mask
+    ln = rn % T
+    k_len = tl.minimum(P, N_IN - k * P)             # x's zero padding past N_IN is the K-tail mask
+    x_ptrs = x_ptr + lm[:, None] * sxm + (k * P + rk)[None, :] * sxk
+    w_ptrs = w_ptr + k * swb + ln[None, :] * swn + rk[:, None] * swk
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(0, k_len, BK):
+        kk = rk < k_len - r0
+        a = tl.load(x_ptrs, mask=kk[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=kk[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+        x_ptrs += BK * sxk
+        w_ptrs += BK * swk
+    acc = acc * alpha
+    if HAS_EXTRA:                                   # + x2·w2ᵀ: LoRA's rank-r term, a short second K loop
+        rj = tl.arange(0, BR)
+        for j0 in range(0, R, BR):
+            jj = rj < R - j0
+            h = tl.load(x2_ptr + lm[:, None] * s2m + (j0 + rj)[None, :] * s2k, mask=jj[None, :], other=0.0)
+            u = tl.load(w2_ptr + ln[None, :] * s2n + (j0 + rj)[:, None] * s2r, mask=jj[:, None], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+                u = u.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(h, u, acc, input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc = tl.dot(h, u, acc, out_dtype=tl.float32)
+    m_ok = rm < M
+    n_ok = rn < T
+    if OUT == 1:
+        f = k * T + rn
+        col = (f % NB) * T + f // NB
+        col_ok = n_ok
+    elif OUT == 2:
+        col = rn * NB + k
+        col_ok = n_ok & (col < M_OUT)
+    else:
+        col = k * T + rn
+        col_ok = n_ok & (col < M_OUT)
+    mask = m_ok[:, None] & col_ok[None, :]
+    if HAS_C:
+        acc += tl.load(c_ptr + rm[:, None] * scm + col[None, :] * scn, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = tl_math.gelu_erf(acc)
+    if ACT == 2:
+        acc = tl_math.gelu_tanh(acc)
+    if HAS_RES:
+        acc += tl.load(res_ptr + rm[:, None] * srm + col[None, :] * srn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rm[:, None] * sym + col[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch configuration: output tile BM × BN, K step BK, grouped order over GROUP_M row tiles."""
+    BM: int
+    BN: int
+    BK: int
+    warps: int = 4
+    stages: int = 3
+    GROUP_M: int = 8
+
+    @property
+    def name(self) -> str:
+        return f"{self.BM}x{self.BN}x{self.BK}w{self.warps}s{self.stages}"
+
+    def clamp(self, M: int, T: int, P: int) -> "Tiles":
+        """The tile shrunk to the problem (powers of two ≥ 16: tl.dot needs every dim ≥ 16 on a GPU)."""
+        return Tiles(min(self.BM, pow2(M)), min(self.BN, pow2(T)), min(self.BK, pow2(P)), self.warps, self.stages,
+                     self.GROUP_M)
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+# GPU candidates, tried in this order when nothing is measured (the first is the heuristic default); fp32 tiles
+# hold twice the bytes, so fp32 gets K step 32 (three 128×128 stages of 32: 96 KiB, under the A100's 163 KiB)
+GPU_TILES = (Tiles(128, 128, 64, 8, 3), Tiles(128, 256, 64, 8, 3), Tiles(64, 128, 64, 4, 4), Tiles(64, 64, 64, 4, 4))
+GPU_TILES_FP32 = (Tiles(128, 128, 32, 8, 3), Tiles(64, 128, 32, 4, 3), Tiles(64, 64, 32, 4, 4))
+INTERPRETER_TILES = (Tiles(32, 32, 32, 4, 1), Tiles(16, 16, 16, 4, 1))
+
+
+def candidate_tiles(M: int, T: int, P: int, dtype: torch.dtype) -> list[Tiles]:
+    """The distinct configurations worth timing for a GEMM of M rows, T outputs per block and K = P."""
+    table = INTERPRETER_TILES if interpreter() else GPU_TILES_FP32 if dtype == torch.float32 else GPU_TILES
+    out = []
+    for t in table:
+        c = t.clamp(M, T, P)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def default_tiles(M: int, T: int, P: int, dtype: torch.dtype) -> Tiles:
+    return candidate_tiles(M, T, P, dtype)[0]
+
+
+def launch(x2d, w3, y, *, M_out: int, out_mode: int = OUT_PLAIN, alpha: float = 1.0, extra=None, c=None,
+           bias=None, activation: int = 0, residual=None, tiles: Tiles | None = None) -> None:
+    """y ← the formula above. x2d (M, N_IN), w3 (NB, T, P) (any strides), y (M, ·) written at its strides;
+    extra = (x2 (M, R), w2 (T, R)) for the second loop (NB = 1 only); c, residual (M, M_out) and bias (M_out,)
+    are read at the output's columns. The dtype rules (UPCAST, IEEE) follow x2d's dtype."""
+    M, n_in = x2d.shape
+    nb, T, P = w3.shape
+    if M == 0 or T == 0 or nb == 0:
+        return
+    t = tiles or default_tiles(M, T, P, x2d.dtype)
+    x2, w2 = extra if extra is not None else (x2d, w3[0])
+    R = x2.shape[1] if extra is not None else 0
+    br = min(64, pow2(R)) if extra is not None else 16
+    cc = c if c is not None else y
+    rr = residual if residual is not None else y
+    bb = bias if bias is not None else y
+    grid = (nb * triton.cdiv(M, t.BM) * triton.cdiv(T, t.BN),)
+    opts = {} if interpreter() else dict(num_warps=t.warps, num_stages=t.stages)
+    block_gemm_kernel[grid](
+        x2d, w3, x2, w2, cc, bb, rr, y,
+        M, n_in, nb, P, T, int(M_out), R, float(alpha),
+        x2d.stride(0), x2d.stride(1), w3.stride(0), w3.stride(1), w3.stride(2),
+        x2.stride(0), x2.stride(1), w2.stride(0), w2.stride(1),
+        cc.stride(0), cc.stride(1), rr.stride(0), rr.stride(1), y.stride(0), y.stride(1),
+        OUT=out_mode, HAS_EXTRA=extra is not None, HAS_C=c is not None, HAS_BIAS=bias is not None,
+        ACT=int(activation), HAS_RES=residual is not None, UPCAST=mma_upcast(x2d.dtype),
+        IEEE=x2d.dtype == torch.float32, BM=t.BM, BN=t.BN, BK=t.BK, BR=br, GROUP_M=t.GROUP_M, **opts)
+
+
+def dense_linear(x2d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x·wᵀ by the vendor library (cuBLAS on a GPU): the main GEMM of the hybrid candidates (cuBLAS + one Triton
+    pass). One name, so codegen.compile_check can stand in for it while it records launches."""
+    import torch.nn.functional as F
+    return F.linear(x2d, w)
+
+
+def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an intermediate written by one GEMM and read by the next: the input dtype where the dots take
+    it as is (it is rounded there, as the torch reference rounds it), fp32 where they are upcast (fp32 inputs,
+    bf16 under the interpreter)."""
+    return torch.float32 if mma_upcast(dtype) else dtype
