@@ -22,7 +22,7 @@ import triton
 
 from . import cache
 from .pointwise_table import BY_NAME, REDUCTION_OPS, literal
-from .runtime import interpreter
+from .runtime import cdiv, interpreter, next_pow2
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -96,7 +96,23 @@ def kernel_source(spec: dict, n_inputs: int, ndim: int) -> str:
 
 
 def iteration_shape(inputs) -> torch.Size:
-    return torch.broadcast_shapes(*[t.shape for t in inputs])
+    return torch.Size(_broadcast(tuple(tuple(t.shape) for t in inputs)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _broadcast(shapes: tuple) -> tuple:
+    """The broadcast of shapes (numpy rules; plain Python: torch.broadcast_shapes costs ~150 µs a call, more
+    than a small region's kernel takes on a GPU)."""
+    out: list = []
+    for shape in shapes:
+        for i, n in enumerate(reversed(shape)):
+            if i == len(out):
+                out.append(n)
+            elif out[i] == 1:
+                out[i] = n
+            elif n != 1 and n != out[i]:
+                raise RuntimeError(f"shapes {shapes} do not broadcast")
+    return tuple(reversed(out))
 
 
 def output_shape(spec: dict, shape) -> list:
@@ -114,10 +130,10 @@ def blocks(R: int, C: int, tile: int | None = None) -> tuple[int, int]:
         cap = 128
     else:
         total = R * C
-        tile = tile or max(1024, min(4096, triton.next_power_of_2(max(total // 1024, 1))))
+        tile = tile or max(1024, min(4096, next_pow2(max(total // 1024, 1))))
         cap = 1024
-    bc = min(triton.next_power_of_2(max(C, 1)), cap)
-    br = min(triton.next_power_of_2(max(R, 1)), max(1, tile // bc))
+    bc = min(next_pow2(max(C, 1)), cap)
+    br = min(next_pow2(max(R, 1)), max(1, tile // bc))
     return br, bc
 
 
@@ -141,7 +157,7 @@ def _plan(spec_text: str, shapes: tuple, strides: tuple, device, tile):
     repeated call only allocates its output and launches — the host cost of a region is what a small tensor's
     time is made of)."""
     spec = parse_spec(spec_text)
-    shape = list(torch.broadcast_shapes(*shapes))
+    shape = list(_broadcast(shapes))
     ndim = max(len(shape), 1)
     shape = shape or [1]
     C = shape[-1]
@@ -153,7 +169,7 @@ def _plan(spec_text: str, shapes: tuple, strides: tuple, device, tile):
         pad = ndim - len(sh)
         bstrides += [0] * pad + [0 if n == 1 else s_ for n, s_ in zip(sh, st)]
     br, bc = blocks(R, C, tile)
-    return (R, C, tuple(shape[:-1]), tuple(bstrides), br, bc, triton.cdiv(R, br) if R else 0,
+    return (R, C, tuple(shape[:-1]), tuple(bstrides), br, bc, cdiv(R, br) if R else 0,
             tuple(output_shape(spec, shape)), ndim)
 
 

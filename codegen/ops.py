@@ -43,17 +43,48 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-def _run(name: str, reason: str | None, tensors: list, out_numel: int, candidates, reference, args: tuple):
+def _run(name: str, refusal, tensors: list, out_numel, candidates, reference, args: tuple):
     """The selected candidate (codegen.select) where the kernel handles these inputs and can run here; else
-    `reference()` after a one-line notice (the first per op). `reason`: the template's own refusal (dtype,
-    layout), or None; `candidates()`: the template's candidate list; `args`: the op's arguments (for the shape
-    bucket)."""
-    reason = reason or offsets_reason(*tensors, out_numel=out_numel)
-    if reason is None and can_launch(*tensors):
+    `reference()` after a one-line notice (the first per op). `refusal()`: the template's own reason not to take
+    these inputs (dtype, layout) or None; `out_numel()`: the output's size (32-bit offsets); `candidates()`: the
+    template's candidate list; `args`: the op's arguments.
+
+    Host cost: what only depends on the arguments' shapes, strides, dtypes and devices — the refusal, the offset
+    check, the shape bucket — is computed once per signature and memoised, so a repeated call pays a signature,
+    two dict lookups and the launch (on a GPU a small kernel takes less time than its Python launch path)."""
+    key = (name, _signature(args))
+    checked = _CHECKED.get(key)
+    if checked is None:
+        reason = refusal() or offsets_reason(*tensors, out_numel=out_numel())
         lead = next(t for t in tensors if isinstance(t, torch.Tensor))
-        return select.dispatch(name, candidates(), lead.device, lead.dtype, shape_bucket(name, args))
+        checked = (reason, lead.device, lead.dtype, shape_bucket(name, args) if reason is None else None)
+        if len(_CHECKED) >= 8192:
+            _CHECKED.clear()
+        _CHECKED[key] = checked
+    reason, device, dtype, bucket = checked
+    if reason is None and can_launch(*tensors):
+        return select.dispatch(name, candidates(), device, dtype, bucket)
     notice_fallback(f"rewrite_triton.{name}", reason or "no device for Triton kernels")
     return reference()
+
+
+_CHECKED: dict = {}     # (op, argument signature) -> (refusal or None, device, dtype, shape bucket)
+
+
+def _signature(args) -> tuple:
+    """Everything about the arguments the checks depend on: tensors' shapes, strides, dtypes and devices, other
+    values as they are (floats as their type: a scale's value changes nothing)."""
+    sig = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sig.append((a.shape, a.stride(), a.dtype, a.device))
+        elif isinstance(a, (list, tuple)):
+            sig.append(_signature(a))
+        elif isinstance(a, float):
+            sig.append(float)
+        else:
+            sig.append(a)
+    return tuple(sig)
 
 
 # the argument positions whose leading dims are rows (bucketed to a power of two), per op
@@ -82,8 +113,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 lora_b: torch.Tensor, scale: float, adapter_input: torch.Tensor | None = None,
                 activation: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
     args = (x, weight, bias, lora_a, lora_b, scale, adapter_input, activation, residual)
-    return _run("lora_linear", lora_t.supported(x, weight, bias, lora_a, lora_b, adapter_input, residual),
-                [x, weight, bias, lora_a, lora_b, adapter_input, residual], _rows(x) * weight.shape[0],
+    return _run("lora_linear", lambda: lora_t.supported(x, weight, bias, lora_a, lora_b, adapter_input, residual),
+                [x, weight, bias, lora_a, lora_b, adapter_input, residual], lambda: _rows(x) * weight.shape[0],
                 lambda: lora_t.candidates(*args), lambda: lora_t.reference(*args), args)
 
 
@@ -119,7 +150,7 @@ lora_linear.register_autograd(_lora_backward, setup_context=_lora_setup)
 
 @torch.library.custom_op("rewrite_triton::two_pass_softmax", mutates_args=())
 def two_pass_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return _run("two_pass_softmax", softmax_t.supported(x), [x], x.numel(), lambda: softmax_t.candidates(x, dim),
+    return _run("two_pass_softmax", lambda: softmax_t.supported(x), [x], x.numel, lambda: softmax_t.candidates(x, dim),
                 lambda: softmax_t.reference(x, dim), (x, dim))
 
 
@@ -144,9 +175,11 @@ two_pass_softmax.register_autograd(_softmax_backward, setup_context=_softmax_set
 @torch.library.custom_op("rewrite_triton::region", mutates_args=())
 def region(inputs: list[torch.Tensor], spec: str) -> torch.Tensor:
     s = generate.parse_spec(spec)
-    floats_ok = all(t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.bool) for t in inputs)
+    floats_ok = lambda: all(t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.bool)  # noqa: E731
+                            for t in inputs)
     inputs = list(inputs)
-    return _run("region", None if floats_ok else "unsupported dtype", inputs, generate.iteration_shape(inputs).numel(),
+    return _run("region", lambda: None if floats_ok() else "unsupported dtype", inputs,
+                lambda: generate.iteration_shape(inputs).numel(),
                 lambda: generate.candidates(inputs, s, spec), lambda: generate.reference(inputs, s), (inputs, spec))
 
 
@@ -214,8 +247,8 @@ def monarch_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: to
     epi = (activation, residual)
     if _dense_path(x, dense, threshold):
         return monarch_t.reference(x, w1, w2, bias, out_features, dense, threshold, *epi).contiguous()
-    return _run("monarch_linear", monarch_t.supported(x, w1, w2, bias, residual), [x, w1, w2, bias, residual],
-                _rows(x) * out_features, lambda: monarch_t.candidates(x, w1, w2, bias, out_features, *epi),
+    return _run("monarch_linear", lambda: monarch_t.supported(x, w1, w2, bias, residual), [x, w1, w2, bias, residual],
+                lambda: _rows(x) * out_features, lambda: monarch_t.candidates(x, w1, w2, bias, out_features, *epi),
                 lambda: monarch_t.reference(x, w1, w2, bias, out_features, None, 0, *epi).contiguous(),
                 (x, w1, w2, bias, out_features, dense, threshold, *epi))
 
@@ -232,8 +265,8 @@ def blockdiag_linear(x: torch.Tensor, blocks: torch.Tensor, dense_u: torch.Tenso
     epi = (activation, residual)
     if _dense_path(x, dense, threshold):
         return blockdiag_t.reference(x, blocks, dense_u, bias, out_features, dense, threshold, *epi).contiguous()
-    return _run("blockdiag_linear", blockdiag_t.supported(x, blocks, dense_u, bias, residual),
-                [x, blocks, dense_u, bias, residual], _rows(x) * out_features,
+    return _run("blockdiag_linear", lambda: blockdiag_t.supported(x, blocks, dense_u, bias, residual),
+                [x, blocks, dense_u, bias, residual], lambda: _rows(x) * out_features,
                 lambda: blockdiag_t.candidates(x, blocks, dense_u, bias, out_features, *epi),
                 lambda: blockdiag_t.reference(x, blocks, dense_u, bias, out_features, None, 0, *epi).contiguous(),
                 (x, blocks, dense_u, bias, out_features, dense, threshold, *epi))
@@ -251,8 +284,8 @@ def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torc
     epi = (activation, residual)
     if _dense_path(x, dense, threshold):
         return blockdiag_t.reference_lowrank(x, u, v, bias, dense, threshold, *epi).contiguous()
-    return _run("lowrank_linear", blockdiag_t.supported(x, u, v, bias, residual), [x, u, v, bias, residual],
-                _rows(x) * u.shape[0], lambda: blockdiag_t.candidates_lowrank(x, u, v, bias, *epi),
+    return _run("lowrank_linear", lambda: blockdiag_t.supported(x, u, v, bias, residual), [x, u, v, bias, residual],
+                lambda: _rows(x) * u.shape[0], lambda: blockdiag_t.candidates_lowrank(x, u, v, bias, *epi),
                 lambda: blockdiag_t.reference_lowrank(x, u, v, bias, None, 0, *epi).contiguous(),
                 (x, u, v, bias, dense, threshold, *epi))
 
@@ -266,8 +299,8 @@ def _(x, u, v, bias, dense=None, threshold=0, activation="none", residual=None):
 def vq_logits(h: torch.Tensor, codebook: torch.Tensor, code_map: torch.Tensor, bias: torch.Tensor | None = None,
               log_softmax: bool = False) -> torch.Tensor:
     args = (h, codebook, code_map, bias, log_softmax)
-    return _run("vq_logits", vq_t.supported(h, codebook, code_map, bias), [h, codebook, code_map, bias],
-                _rows(h) * code_map.shape[0], lambda: vq_t.candidates(*args), lambda: vq_t.reference(*args), args)
+    return _run("vq_logits", lambda: vq_t.supported(h, codebook, code_map, bias), [h, codebook, code_map, bias],
+                lambda: _rows(h) * code_map.shape[0], lambda: vq_t.candidates(*args), lambda: vq_t.reference(*args), args)
 
 
 @vq_logits.register_fake
@@ -281,8 +314,8 @@ def shiftadd_linear(x: torch.Tensor, signs: torch.Tensor, exponents: torch.Tenso
     args = (x, signs, exponents, bias, in_features, group)
     if not shiftadd_t.lut_pays_off(_rows(x), signs):
         return shiftadd_t.reference(*args)      # by design, not a fallback: many rows → dequantised GEMM
-    return _run("shiftadd_linear", shiftadd_t.supported(*args), [x, signs, exponents, bias],
-                _rows(x) * signs.shape[1], lambda: shiftadd_t.candidates(*args), lambda: shiftadd_t.reference(*args),
+    return _run("shiftadd_linear", lambda: shiftadd_t.supported(*args), [x, signs, exponents, bias],
+                lambda: _rows(x) * signs.shape[1], lambda: shiftadd_t.candidates(*args), lambda: shiftadd_t.reference(*args),
                 args)
 
 
@@ -295,8 +328,8 @@ def _(x, signs, exponents, bias, in_features, group):
 def softplus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        is_causal: bool, reweight: bool, p: float, train_len: int, eps: float) -> torch.Tensor:
     args = (q, k, v, mask, is_causal, reweight, p, train_len, eps)
-    return _run("softplus_attention", softplus_t.supported(q, k, v, mask), [q, k, v, mask],
-                q.numel() // max(q.shape[-1], 1) * v.shape[-1], lambda: softplus_t.candidates(*args),
+    return _run("softplus_attention", lambda: softplus_t.supported(q, k, v, mask), [q, k, v, mask],
+                lambda: q.numel() // max(q.shape[-1], 1) * v.shape[-1], lambda: softplus_t.candidates(*args),
                 lambda: softplus_t.reference(*args), args)
 
 

@@ -47,7 +47,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -70,10 +70,10 @@ def mode() -> str:
     return value
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
     """One implementation of an op call: `run()` computes the op's output for the current arguments.
-    kind: "aten" (PyTorch ops only) or "triton" (launches at least one Triton kernel)."""
+    kind: "aten" (PyTorch ops only) or "triton" (launches at least one Triton kernel). (A NamedTuple: every call
+    of an op builds its candidate list, so construction must cost next to nothing.)"""
     name: str
     kind: str
     run: Callable[[], torch.Tensor]
@@ -227,6 +227,7 @@ def _key_id(key: dict) -> str:
 _MEMO: dict = {}                 # (op, device, dtype, bucket) -> Decision      (this process)
 _ABSENT: set = set()             # keys with no decision on disk (not looked up again until one is measured)
 _CHOSEN: dict = {}               # ((op, device, dtype, bucket), mode) -> (candidate name, Decision)
+_LAST: dict = {}                 # op -> the Decision behind its latest call
 
 
 def selection_dir():
@@ -260,6 +261,7 @@ def clear_memory() -> None:
     _MEMO.clear()
     _ABSENT.clear()
     _CHOSEN.clear()
+    _LAST.clear()
 
 
 def decisions() -> list[Decision]:
@@ -389,8 +391,15 @@ def dispatch(op: str, candidates: list[Candidate], device: torch.device, dtype: 
              shape_bucket: tuple) -> torch.Tensor:
     """Run the chosen candidate (the measuring calls already computed it: its output is not reused, the
     selected candidate runs once more so the result never depends on which candidates were timed)."""
-    cand, _ = choose(op, candidates, device, dtype, shape_bucket)
+    cand, decision = choose(op, candidates, device, dtype, shape_bucket)
+    if decision is not None:
+        _LAST[op] = decision
     return cand.run()
+
+
+def last_decision(op: str) -> Decision | None:
+    """The decision behind the latest call of `op` in this process (benches report it)."""
+    return _LAST.get(op)
 
 
 def would_measure(device: torch.device) -> bool:

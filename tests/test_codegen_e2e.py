@@ -215,7 +215,11 @@ def test_bench_kernels_harness_runs_tiny_on_the_interpreter(monkeypatch):
     rows += bk.bench_region(True, torch.float16, device="cpu", sizes=[(4, 24)], inductor=False)
     rows += bk.bench_attention(True, torch.float16, device="cpu", sizes=[(1, 2, 24, 16)])
     assert [r["bench"] for r in rows] == ["lora", "softmax", "region", "region", "attention"] and calls
-    assert {"copy_gbps", "twopass_of_copy_bw"} <= set(rows[1]) and rows[-1]["kernel_vs_sdpa"] == 1.0
+    for r in rows:      # every row: the template, the best Triton candidate, the aten path, what selection runs
+        assert r["template"].startswith("triton") and r["aten"].startswith("aten")
+        assert r["selected"] == r["template"]           # the interpreter runs the template unmeasured
+        assert r["selected_vs_aten"] == 1.0 and r["selected_vs_baseline"] == 1.0 and not r["skipped"]
+    assert {"copy_gbps", "selected_of_copy_bw"} <= set(rows[1]) and rows[0]["peft_vs_base"] == 1.0
     assert bk.main(["--quick"]) == 2 or torch.cuda.is_available()   # refuses without CUDA
 
 

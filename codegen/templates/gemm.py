@@ -34,6 +34,7 @@ accumulator, α, bias, activation and residual are fp32, rounded once at the sto
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ import triton
 import triton.language as tl
 
 from codegen import tl_math
-from codegen.runtime import interpreter, mma_upcast
+from codegen.runtime import cdiv, interpreter, mma_upcast, next_pow2
 
 OUT_PLAIN, OUT_P1, OUT_P2 = 0, 1, 2
 
@@ -139,7 +140,7 @@ class Tiles:
 
     @property
     def name(self) -> str:
-        return f"{self.BM}x{self.BN}x{self.BK}w{self.warps}s{self.stages}"
+        return _tile_name(self)
 
     def clamp(self, M: int, T: int, P: int) -> "Tiles":
         """The tile shrunk to the problem (powers of two ≥ 16: tl.dot needs every dim ≥ 16 on a GPU)."""
@@ -147,8 +148,13 @@ class Tiles:
                      self.GROUP_M)
 
 
+@functools.lru_cache(maxsize=256)
+def _tile_name(t: Tiles) -> str:
+    return f"{t.BM}x{t.BN}x{t.BK}w{t.warps}s{t.stages}"
+
+
 def pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return max(lo, next_pow2(max(int(n), 1)))
 
 
 # GPU candidates, tried in this order when nothing is measured (the first is the heuristic default); fp32 tiles
@@ -160,13 +166,18 @@ INTERPRETER_TILES = (Tiles(32, 32, 32, 4, 1), Tiles(16, 16, 16, 4, 1))
 
 def candidate_tiles(M: int, T: int, P: int, dtype: torch.dtype) -> list[Tiles]:
     """The distinct configurations worth timing for a GEMM of M rows, T outputs per block and K = P."""
-    table = INTERPRETER_TILES if interpreter() else GPU_TILES_FP32 if dtype == torch.float32 else GPU_TILES
+    return list(_candidate_tiles(next_pow2(M), next_pow2(T), next_pow2(P), dtype == torch.float32, interpreter()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _candidate_tiles(M: int, T: int, P: int, fp32: bool, interp: bool) -> tuple:
+    table = INTERPRETER_TILES if interp else GPU_TILES_FP32 if fp32 else GPU_TILES
     out = []
     for t in table:
         c = t.clamp(M, T, P)
         if c not in out:
             out.append(c)
-    return out
+    return tuple(out)
 
 
 def default_tiles(M: int, T: int, P: int, dtype: torch.dtype) -> Tiles:
@@ -189,7 +200,7 @@ def launch(x2d, w3, y, *, M_out: int, out_mode: int = OUT_PLAIN, alpha: float = 
     cc = c if c is not None else y
     rr = residual if residual is not None else y
     bb = bias if bias is not None else y
-    grid = (nb * triton.cdiv(M, t.BM) * triton.cdiv(T, t.BN),)
+    grid = (nb * cdiv(M, t.BM) * cdiv(T, t.BN),)
     opts = {} if interpreter() else dict(num_warps=t.warps, num_stages=t.stages)
     block_gemm_kernel[grid](
         x2d, w3, x2, w2, cc, bb, rr, y,

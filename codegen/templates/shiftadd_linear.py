@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from codegen.runtime import interpreter
+from codegen.runtime import cdiv, interpreter, next_pow2
 from codegen.select import Candidate
 
 ZERO_EXP = -128
@@ -96,12 +96,12 @@ def pick_blocks(rows: int, out_features: int, groups: int, bytes_per_group: int,
     """BO outputs per program, BKB = bytes per group (a power of two), and the groups per split (all of them when
     not splitting): enough splits that rows × output blocks × splits reaches TARGET_PROGRAMS."""
     bo = bo or (32 if interpreter() else 128)
-    bo = min(bo, max(16, triton.next_power_of_2(out_features)))
-    blocks = triton.cdiv(out_features, bo) * max(rows, 1)
+    bo = min(bo, max(16, next_pow2(out_features)))
+    blocks = cdiv(out_features, bo) * max(rows, 1)
     target = 4 if interpreter() else TARGET_PROGRAMS
-    splits = max(1, min(groups, triton.cdiv(target, blocks))) if split else 1
-    return dict(BO=bo, BKB=max(1, triton.next_power_of_2(bytes_per_group)),
-                groups_per_split=triton.cdiv(groups, splits))
+    splits = max(1, min(groups, cdiv(target, blocks))) if split else 1
+    return dict(BO=bo, BKB=max(1, next_pow2(bytes_per_group)),
+                groups_per_split=cdiv(groups, splits))
 
 
 def supported(x, signs, exponents, bias, in_features, group) -> str | None:
@@ -124,16 +124,16 @@ def launch(x, signs, exponents, bias, in_features: int, group: int, blocks: dict
     y = torch.empty(rows, out_f, dtype=x.dtype, device=x.device) if out is None else out
     b = blocks or pick_blocks(rows, out_f, groups, group // 8)
     if rows and out_f:
-        splits = triton.cdiv(groups, b["groups_per_split"])
+        splits = cdiv(groups, b["groups_per_split"])
         part = torch.empty(splits, rows, out_f, dtype=torch.float32, device=x.device) if splits > 1 else y
-        lut_gemv_kernel[(triton.cdiv(out_f, b["BO"]), splits, rows)](
+        lut_gemv_kernel[(cdiv(out_f, b["BO"]), splits, rows)](
             x2, signs, exponents, bias if bias is not None else y, y, part,
             rows, int(in_features), out_f, groups, b["groups_per_split"], group // 8, q, terms,
             x2.stride(0), x2.stride(1), signs.stride(0), signs.stride(1), signs.stride(2),
             exponents.stride(0), exponents.stride(1), exponents.stride(2), exponents.stride(3),
             y.stride(0), y.stride(1), HAS_BIAS=bias is not None, SPLIT=splits > 1, BO=b["BO"], BKB=b["BKB"])
         if splits > 1:
-            lut_reduce_kernel[(triton.cdiv(out_f, b["BO"]), rows)](
+            lut_reduce_kernel[(cdiv(out_f, b["BO"]), rows)](
                 part, bias if bias is not None else y, y, rows, out_f, splits, y.stride(0), y.stride(1),
                 HAS_BIAS=bias is not None, BO=b["BO"])
     return y.reshape(*x.shape[:-1], out_f) if out is None else out
@@ -152,7 +152,7 @@ def candidates(x, signs, exponents, bias, in_features, group):
     out = []
     for bo, split in configs:
         b = pick_blocks(rows, out_f, groups, group // 8, bo, split)
-        name = f"triton[lut BO{b['BO']} splits{triton.cdiv(groups, b['groups_per_split'])}]"
+        name = f"triton[lut BO{b['BO']} splits{cdiv(groups, b['groups_per_split'])}]"
         if all(c.name != name for c in out):
             out.append(Candidate(name, "triton", lambda b=b: launch(*args, blocks=b)))
     out.append(Candidate("aten", "aten", lambda: reference(*args)))

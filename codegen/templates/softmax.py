@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from codegen.runtime import interpreter
+from codegen.runtime import cdiv, interpreter, next_pow2
 from codegen.select import Candidate
 
 LOG2E = 1.4426950408889634
@@ -127,10 +127,10 @@ TARGET_PROGRAMS = 1024      # long rows: split each into chunks until rows × ch
 
 def split(rows: int, n: int, block: int, target: int = TARGET_PROGRAMS) -> tuple[int, int]:
     """(chunks per row, chunk length — a multiple of block) for the two-kernel path."""
-    blocks = triton.cdiv(n, block)
-    chunks = max(1, min(blocks, 1024, triton.cdiv(target, max(rows, 1))))
-    length = triton.cdiv(blocks, chunks) * block
-    return triton.cdiv(n, length), length
+    blocks = cdiv(n, block)
+    chunks = max(1, min(blocks, 1024, cdiv(target, max(rows, 1))))
+    length = cdiv(blocks, chunks) * block
+    return cdiv(n, length), length
 
 
 def _warps(block: int) -> dict:
@@ -158,13 +158,13 @@ def launch(x: torch.Tensor, dim: int, block: int | None = None, looped: bool | N
         if looped is None:
             looped = N > max_row_block()
         if not looped:
-            block = block or triton.next_power_of_2(N)
+            block = block or next_pow2(N)
             block_r = 1 if interpreter() else max(1, min(16, 4096 // block))
-            softmax_row_kernel[(triton.cdiv(rows, block_r),)](
+            softmax_row_kernel[(cdiv(rows, block_r),)](
                 x2, y2, rows, N, x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1), BLOCK_R=block_r,
                 BLOCK=block, **_warps(block * block_r))
         else:
-            block = block or min(triton.next_power_of_2(N), max_row_block() // 2)
+            block = block or min(next_pow2(N), max_row_block() // 2)
             chunks, length = split(rows, N, block, 4 if interpreter() and target_programs == TARGET_PROGRAMS
                                    else target_programs)
             pm = torch.empty(rows, chunks, dtype=torch.float32, device=x.device)
@@ -173,7 +173,7 @@ def launch(x: torch.Tensor, dim: int, block: int | None = None, looped: bool | N
                                                    **_warps(block))
             softmax_normalize_kernel[(rows, chunks)](x2, y2, pm, pe, N, length, x2.stride(0), x2.stride(1),
                                                      y2.stride(0), y2.stride(1), BLOCK=block,
-                                                     BLOCK_CH=max(16, triton.next_power_of_2(chunks)),
+                                                     BLOCK_CH=max(16, next_pow2(chunks)),
                                                      **_warps(block))
     if out is None:
         return y2.reshape(xm.shape).movedim(-1, dim)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from codegen.runtime import interpreter, mma_upcast
+from codegen.runtime import cdiv, interpreter, mma_upcast, next_pow2
 from codegen.select import Candidate
 
 
@@ -197,7 +197,7 @@ def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
 
 
 def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
-    v = max(lo, triton.next_power_of_2(max(int(n), 1)))
+    v = max(lo, next_pow2(max(int(n), 1)))
     return min(v, hi) if hi is not None else v
 
 
@@ -270,7 +270,7 @@ def launch(q, k, v, mask, is_causal: bool, reweight: bool, p: float, train_len: 
         blocks = pick_blocks(tq, tk, d, dv, 4 if mma_upcast(q.dtype) else 2, bm=bm)
     if bsz * heads and tq and dv:
         ms = mask.stride() if mask is not None else (0, 0, 0, 0)
-        grid = (triton.cdiv(tq, blocks["BM"]), bsz * heads)
+        grid = (cdiv(tq, blocks["BM"]), bsz * heads)
         softplus_attention_kernel[grid](
             q, k, v, mask if mask is not None else q, o, heads, tq, tk, d, dv,
             math.log(d), float(p), int(train_len), float(eps),

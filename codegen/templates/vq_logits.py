@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from codegen.runtime import interpreter
+from codegen.runtime import cdiv, interpreter, next_pow2
 from codegen.select import Candidate
 from codegen.templates import gemm
 from codegen.templates.gemm import Tiles
@@ -128,13 +128,13 @@ def launch(h, codebook, code_map, bias=None, log_softmax: bool = False, tiles: T
             ls = log_cluster_sizes(code_map, k) if not full else shift
             bml = min(4 if full else 16, gemm.pow2(rows, 1))       # a sweep over V per row: more programs
             bc = 64 if interpreter() else 1024
-            vq_lse_kernel[(triton.cdiv(rows, bml),)](
+            vq_lse_kernel[(cdiv(rows, bml),)](
                 logits, code_map, bias if full else shift, ls, shift, rows, k, vocab, logits.stride(0),
                 logits.stride(1), code_map.stride(0), bias.stride(0) if full else 0,
                 FULL=full, BM=bml, BC=min(bc, gemm.pow2(vocab if full else k)))
         gbm, gbv = gather_blocks(rows, vocab, bv)
         gbm = bm or gbm
-        vq_gather_kernel[(triton.cdiv(vocab, gbv), triton.cdiv(rows, gbm))](
+        vq_gather_kernel[(cdiv(vocab, gbv), cdiv(rows, gbm))](
             logits, code_map, bias if bias is not None else y, shift if shift is not None else y, y, rows, vocab,
             logits.stride(0), logits.stride(1), code_map.stride(0), bias.stride(0) if bias is not None else 0,
             y.stride(0), y.stride(1), HAS_BIAS=bias is not None, HAS_SHIFT=shift is not None, BM=gbm, BV=gbv)
