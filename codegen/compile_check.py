@@ -49,6 +49,7 @@ class Launch:
     grid: tuple
     case: str                 # which case launched it
     tuned_group: tuple | None = None   # (selection call, launch position): a candidate's launch (None: plain)
+    archs: tuple | None = None         # the only archs it is compiled for (None: all): TMA kernels need sm_90
 
     @property
     def name(self) -> str:
@@ -145,7 +146,9 @@ def recording(into: list, case: list, all_configs: bool = True):
         if _GROUP[0] is not None:
             group = (_GROUP[0][0], _GROUP[0][1])
             _GROUP[0][1] += 1
-        into.append(Launch(self, args, dict(kwargs), resolve(grid, bound(self, args, kwargs)), case[0], group))
+        archs = (90,) if self is gemm.tma_gemm_kernel else None
+        into.append(Launch(self, args, dict(kwargs), resolve(grid, bound(self, args, kwargs)), case[0], group,
+                           archs))
 
     def record_dispatch(op, candidates, device, dtype, shape_bucket):
         triton_side = [c for c in candidates if c.kind == "triton"]
@@ -158,10 +161,12 @@ def recording(into: list, case: list, all_configs: bool = True):
     original_jit = saved[0]
     JITFunction.run, select.dispatch, kops.can_launch, gemm.dense_linear = \
         record_jit, record_dispatch, (lambda *tensors: True), no_gemm
+    gemm.RECORD_TMA[0] = True          # the Hopper candidates too (compiled for sm_90 only)
     try:
         yield
     finally:
         JITFunction.run, select.dispatch, kops.can_launch, gemm.dense_linear = saved
+        gemm.RECORD_TMA[0] = False
 
 
 def template_cases(quick: bool):
@@ -362,7 +367,9 @@ def compile_one(launch: Launch, arch: int) -> Result:
 
 
 def check(archs, quick: bool) -> list[Result]:
-    results = [compile_one(launch, arch) for arch in archs for launch in record_all(quick)]
+    launches = record_all(quick)
+    results = [compile_one(launch, arch) for arch in archs for launch in launches
+               if launch.archs is None or arch in launch.archs]
     return prune_candidates(results)
 
 

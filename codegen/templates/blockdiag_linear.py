@@ -94,7 +94,8 @@ def candidates(x, blocks, dense_u, bias, out_features, activation="none", residu
     args = (x, blocks, dense_u, bias, out_features)
     nb, t, p = blocks.shape
     width = max(t, dense_u.shape[0]) if dense_u is not None else t
-    tiles = gemm.candidate_tiles(_rows(x), width, max(p, nb * t if dense_u is not None else p), x.dtype)
+    tiles = gemm.candidate_tiles(_rows(x), width, max(p, nb * t if dense_u is not None else p), x.dtype,
+                                 tma=dense_u is not None and gemm.hopper(x))      # the h·Uᵀ GEMM is a plain one
     out = [Candidate(f"triton[{c.name}]", "triton", lambda c=c: launch(*args, activation, residual, tiles=c))
            for c in tiles]
     out.append(Candidate("aten", "aten", lambda: reference(*args, None, 0, activation, residual)))
@@ -102,7 +103,8 @@ def candidates(x, blocks, dense_u, bias, out_features, activation="none", residu
 
 
 def candidates_lowrank(x, u, v, bias, activation="none", residual=None):
-    tiles = gemm.candidate_tiles(_rows(x), max(u.shape[0], v.shape[0]), max(v.shape[1], v.shape[0]), x.dtype)
+    tiles = gemm.candidate_tiles(_rows(x), max(u.shape[0], v.shape[0]), max(v.shape[1], v.shape[0]), x.dtype,
+                                 tma=gemm.hopper(x))
     out = [Candidate(f"triton[{c.name}]", "triton",
                      lambda c=c: launch_lowrank(x, u, v, bias, activation, residual, tiles=c)) for c in tiles]
     out.append(Candidate("aten", "aten", lambda: reference_lowrank(x, u, v, bias, None, 0, activation, residual)))

@@ -9,7 +9,8 @@ FLOPs and bytes, not a slower main loop — and the rank-r path rides along it:
 
 so the adapter adds 2·rows·r·(K + N) FLOPs (~1 % at r = 16, d = 4096) and one extra read of x for h.
 
-Candidates for codegen.select (`candidates`): the fused kernel in the GEMM template's tile configurations; the
+Candidates for codegen.select (`candidates`): the fused kernel in the GEMM template's tile configurations (on a
+Hopper GPU also with TMA loads and a warp-specialised main loop); the
 "cublas+epilogue" variant (cuBLAS computes x·Wᵀ, then one Triton pass adds h·Bᵀ + b, the activation and the
 residual: the issue's suggested fallback when cuBLAS's main loop beats Triton's); and two aten paths — the op's
 own formula (`reference`: three F.linear, a scale and an add, then the epilogue) and `aten_addmm` (F.linear,
@@ -109,7 +110,7 @@ def candidates(x, weight, bias, lora_a, lora_b, scale, adapter_input=None, activ
     """codegen.select candidates for one call: Triton first (the heuristic default leading), then aten."""
     args = (x, weight, bias, lora_a, lora_b, scale, adapter_input, activation, residual)
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    tiles = gemm.candidate_tiles(M, weight.shape[0], x.shape[-1], x.dtype)
+    tiles = gemm.candidate_tiles(M, weight.shape[0], x.shape[-1], x.dtype, tma=gemm.hopper(x))
     out = [Candidate(f"triton[{t.name}]", "triton", lambda t=t: launch(*args, blocks=t)) for t in tiles]
     out.append(Candidate("cublas+triton-epilogue", "triton", lambda: launch_cublas_epilogue(*args)))
     out.append(Candidate("aten", "aten", lambda: reference(*args)))
