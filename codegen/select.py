@@ -86,6 +86,7 @@ class Decision:
     key: dict
     timings_ms: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
+    kinds: dict = field(default_factory=dict)     # candidate name -> "aten" | "triton"
     source: str = "measured"          # measured | disk | default (nothing measured: see module docstring)
     winner: str = ""
 
@@ -93,8 +94,11 @@ class Decision:
         timed = [(self.timings_ms[n], n) for n in names if n in self.timings_ms]
         return min(timed)[1] if timed else None
 
+    def is_aten(self, name: str) -> bool:
+        return self.kinds.get(name, "aten" if name.startswith("aten") else "triton") == "aten"
+
     def aten_ms(self) -> float | None:
-        ms = [t for n, t in self.timings_ms.items() if n.startswith("aten")]
+        ms = [t for n, t in self.timings_ms.items() if self.is_aten(n)]
         return min(ms) if ms else None
 
     def summary(self) -> str:
@@ -105,8 +109,8 @@ class Decision:
         win = self.timings_ms.get(self.winner)
         if aten is None or win is None:
             return f"{self.winner} ({win:.3g} ms)" if win is not None else self.winner
-        if self.winner.startswith("aten"):
-            others = [t for n, t in self.timings_ms.items() if not n.startswith("aten")]
+        if self.is_aten(self.winner):
+            others = [t for n, t in self.timings_ms.items() if not self.is_aten(n)]
             tail = f"; best triton {aten / min(others):.2f}×" if others else ""
             return f"{self.winner} ({win:.3g} ms{tail})"
         return f"{self.winner} {aten / win:.2f}× vs aten ({win:.3g} ms)"
@@ -243,13 +247,14 @@ def _load(key: dict) -> Decision | None:
     if data.get("key") != key:
         return None
     return Decision(op=key["op"], key=key, timings_ms=dict(data.get("timings_ms", {})),
-                    notes=dict(data.get("notes", {})), source="disk")
+                    notes=dict(data.get("notes", {})), kinds=dict(data.get("kinds", {})), source="disk")
 
 
 def _store(decision: Decision) -> None:
     path = selection_dir() / f"{_key_id(decision.key)}.json"
     text = json.dumps({"key": decision.key, "timings_ms": decision.timings_ms, "notes": decision.notes,
-                       "winner": decision.winner, "time": time.time()}, indent=1, sort_keys=True)
+                       "kinds": decision.kinds, "winner": decision.winner, "time": time.time()}, indent=1,
+                      sort_keys=True)
     try:
         cache.write_atomic(path, text)
     except OSError:
@@ -305,6 +310,7 @@ def _measure(decision: Decision, pool: list[Candidate], timer: Timer, reference:
         except Exception as e:  # noqa: BLE001 — an aten path that fails here is a candidate like any other
             decision.notes[reference.name] = f"failed: {type(e).__name__}: {_first_line(e)}"
     for cand in pool:
+        decision.kinds[cand.name] = cand.kind
         if cand.name in decision.timings_ms or cand.name in decision.notes:
             continue
         try:
