@@ -55,12 +55,22 @@ def _prepare(x, weight, lora_a, adapter_input, residual, out):
     return x2, xa2, y, res2, M, N
 
 
+def adapter_tiles(M: int, R: int, K: int, dtype) -> Tiles:
+    """Tiles of the h GEMM: one column tile (BN ≥ r) and row tiles small enough that the grid has ≥ ~132
+    programs (one per SM of an H100): the GEMM is a streaming read of x (rows × K), so it needs every SM's load
+    bandwidth, not big tiles."""
+    if gemm.interpreter():
+        return gemm.default_tiles(M, R, K, dtype)
+    bm = max(16, min(128, gemm.pow2(M // 132, 1)))
+    return Tiles(bm, 16, 64, 4, 4).clamp(M, R, K) if R <= 16 else Tiles(bm, 64, 64, 4, 4).clamp(M, R, K)
+
+
 def adapter_activation(xa2, lora_a, scale, tiles: Tiles | None = None) -> torch.Tensor:
     """h = s·(x_a·Aᵀ): (rows, r), in gemm.intermediate_dtype."""
     M, R = xa2.shape[0], lora_a.shape[0]
     h = torch.empty(M, R, dtype=gemm.intermediate_dtype(xa2.dtype), device=xa2.device)
     gemm.launch(xa2, lora_a.unsqueeze(0), h, M_out=R, alpha=float(scale),
-                tiles=tiles or gemm.default_tiles(M, R, xa2.shape[1], xa2.dtype))
+                tiles=tiles or adapter_tiles(M, R, xa2.shape[1], xa2.dtype))
     return h
 
 
