@@ -134,8 +134,13 @@ def use_timer(timer: Timer):
 
 
 @functools.lru_cache(maxsize=1)
-def _flush_buffer(device_index: int) -> torch.Tensor:
-    return torch.empty(64 << 20, dtype=torch.int32, device=f"cuda:{device_index}")   # 256 MiB > any L2
+def _flush_buffer(device_index: int) -> torch.Tensor | None:
+    """256 MiB (more than any GPU's L2) to overwrite before each timed repetition; None when the GPU has no room
+    for it (then repetitions run L2-warm, the same for every candidate)."""
+    try:
+        return torch.empty(64 << 20, dtype=torch.int32, device=f"cuda:{device_index}")
+    except torch.cuda.OutOfMemoryError:
+        return None
 
 
 def cuda_timer(candidate: Candidate, budget_ms: float = 20.0) -> float:
@@ -153,7 +158,8 @@ def cuda_timer(candidate: Candidate, budget_ms: float = 20.0) -> float:
     reps = int(min(100, max(5, budget_ms / estimate)))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for s, e in events:
-        flush.zero_()
+        if flush is not None:
+            flush.zero_()
         s.record()
         candidate.run()
         e.record()
