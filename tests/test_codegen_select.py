@@ -249,3 +249,49 @@ def test_lowering_report_without_a_timer_says_why_nothing_was_measured():
     assert len(sites) == 2          # one attention softmax per block
     want = "triton (interpreter: not measured)" if select.interpreter() else "aten (no GPU)"
     assert all(s["impl"] == want for s in sites)
+
+
+def _template_calls():
+    """(name, candidates list) for a small call of every template, fp32."""
+    from codegen import generate
+    from codegen.templates import blockdiag_linear as bd_t
+    from codegen.templates import monarch_linear as mon_t
+    from codegen.templates import shiftadd_linear as sa_t
+    from codegen.templates import softmax as sm_t
+    from codegen.templates import softplus_attention as sp_t
+    from codegen.templates import vq_logits as vq_t
+    from rewriter import bcq
+    g = torch.Generator().manual_seed(8)
+    r = lambda *s: on_device(torch.randn(*s, generator=g) / 3)  # noqa: E731
+    signs = on_device(torch.randint(0, 256, (2, 12, bcq.padded_in(40, 16) // 8), generator=g, dtype=torch.uint8))
+    exps = on_device(torch.randint(-6, 1, (12, bcq.padded_in(40, 16) // 16, 2, 1), generator=g, dtype=torch.int8))
+    code_map = on_device(torch.randint(0, 7, (29,), generator=g))
+    spec = json.dumps({"ops": [{"rule": "add", "args": ["i0", "i1"], "kw": {}},
+                               {"rule": "sigmoid", "args": ["v0"], "kw": {}}],
+                       "reduce": "sum", "keepdim": False, "dtype": "float32"}, sort_keys=True)
+    region_inputs = [r(5, 24), r(24)]
+    return [
+        ("monarch", mon_t.candidates(r(5, 24), r(3, 8, 8), r(3, 6, 8), r(17), 17, "gelu", r(5, 17))),
+        ("blockdense", bd_t.candidates(r(5, 24), r(3, 4, 8), r(10, 12), None, 10, "none", r(5, 10))),
+        ("lowrank", bd_t.candidates_lowrank(r(2, 3, 24), r(10, 5), r(5, 24), r(10))),
+        ("vq", vq_t.candidates(r(5, 16), r(7, 16), code_map, r(29), True)),
+        ("shiftadd", sa_t.candidates(r(2, 40), signs, exps, r(12), 40, 16)),
+        ("softmax", sm_t.candidates(r(3, 50), -1)),
+        ("softplus", sp_t.candidates(r(1, 2, 20, 16), r(1, 2, 20, 16), r(1, 2, 20, 16), None, True, True, 3.0, 0,
+                                     1e-6)),
+        ("region", generate.candidates(region_inputs, generate.parse_spec(spec), spec)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_every_candidate_of_every_template_computes_its_aten_path(i):
+    """Selection may run any candidate: each one (Triton configurations, hybrids) must give what the aten
+    candidate gives (fp32, small shapes: exact dots in the interpreter, 1e-4 relative on a GPU)."""
+    name, cands = _template_calls()[i]
+    aten = [c for c in cands if c.kind == "aten"]
+    assert aten and cands[0].kind == "triton", name
+    want = aten[0].run().cpu().double()
+    for c in cands:
+        got = c.run().cpu().double()
+        assert got.shape == want.shape, (name, c.name)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{name}: {c.name}")
