@@ -9,7 +9,7 @@ Three launches, each doing one thing at the speed of its own bound:
     code logits   the GEMM template (codegen/templates/gemm.py), rows × K in the input dtype — or cuBLAS
                   (F.linear) in the "cublas+gather" candidate: a plain GEMM is cuBLAS's home ground
     vq_lse_kernel (log_softmax only) one program per BM rows: an online (max, sum) over the K codes or over V
-    vq_gather_kernel  grid (V tiles, row tiles): each program loads BV entries of the map once and, for its BM
+    vq_gather_kernel  grid (row tiles, V tiles): each program loads BV entries of the map once and, for its BM
                   rows, gathers l[row, map[v]] (rows · K values: L1/L2-resident), adds bias and −shift in fp32
                   and stores a (BM, BV) tile — the V-wide output is written once and nothing else V-wide is
                   read except the map (and bias), so it runs at the speed of writing that output.
@@ -70,8 +70,8 @@ def vq_lse_kernel(l_ptr, map_ptr, b_ptr, ls_ptr, shift_ptr, M, K, V, slm, slk, s
 @triton.jit
 def vq_gather_kernel(l_ptr, map_ptr, b_ptr, shift_ptr, y_ptr, M, V, slm, slk, smap, sb, sym, syv,
                      HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
-    rv = tl.program_id(0) * BV + tl.arange(0, BV)
-    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)      # row tiles on axis 0 (no 65,535 limit), V tiles on 1
+    rv = tl.program_id(1) * BV + tl.arange(0, BV)
     v_ok = rv < V
     m_ok = rm < M
     idx = tl.load(map_ptr + rv * smap, mask=v_ok, other=0).to(tl.int32)       # the map, read once per tile
@@ -134,7 +134,7 @@ def launch(h, codebook, code_map, bias=None, log_softmax: bool = False, tiles: T
                 FULL=full, BM=bml, BC=min(bc, gemm.pow2(vocab if full else k)))
         gbm, gbv = gather_blocks(rows, vocab, bv)
         gbm = bm or gbm
-        vq_gather_kernel[(cdiv(vocab, gbv), cdiv(rows, gbm))](
+        vq_gather_kernel[(cdiv(rows, gbm), cdiv(vocab, gbv))](
             logits, code_map, bias if bias is not None else y, shift if shift is not None else y, y, rows, vocab,
             logits.stride(0), logits.stride(1), code_map.stride(0), bias.stride(0) if bias is not None else 0,
             y.stride(0), y.stride(1), HAS_BIAS=bias is not None, HAS_SHIFT=shift is not None, BM=gbm, BV=gbv)
