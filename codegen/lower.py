@@ -15,8 +15,9 @@ GraphModule by `rewrite_triton::` ops that launch Triton kernels.
 The report gets one PassResult named "codegen" with a site per lowered node, its kernel and "impl": which
 implementation codegen.select runs there (measured on the first call per shape bucket on a GPU — lowering runs
 the program once on the example inputs so the report can say — with the winner's speed-up over the aten path),
-or why nothing was measured. When the report was verified (rewrite(..., verify=True)), the lowered graph is run on the example inputs and must match the graph
-before lowering within the exact tolerance, else VerificationError.
+or why nothing was measured. When the report was verified (rewrite(..., verify=True)), the lowered graph is run
+on the example inputs and must match the graph before lowering within the exact tolerance, else
+VerificationError.
 """
 from __future__ import annotations
 
@@ -249,25 +250,29 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
     softmax_op = getattr(softmax_pkt, "default", None) if softmax_pkt is not None else None
     same = _same_signature_rules()
     used = set()
-    lowered = []                  # the new rewrite_triton:: node of each site, in site order
+    site_nodes: dict = {}         # site index -> the rewrite_triton:: node that lowering put there
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
+        first = len(result.sites)
+        new = None
         if node.target is lora_op:
-            lowered.append(_lower_lora(gm, node, result, fuse_epilogue))
+            new = _lower_lora(gm, node, result, fuse_epilogue)
             used.add("lora_linear")
         elif softmax_op is not None and node.target is softmax_op:
-            lowered.append(_lower_softmax(gm, node, result))
+            new = _lower_softmax(gm, node, result)
             used.add("softmax")
         elif node.target in same:
             twin, module, kernel = same[node.target]
             if node.target._schema.name.split("::")[-1] in EPILOGUE_OPS:
-                lowered.append(_lower_structured(gm, node, twin, kernel, result, fuse_epilogue))
+                new = _lower_structured(gm, node, twin, kernel, result, fuse_epilogue)
             else:
-                lowered.append(_lower_same(gm, node, twin, kernel, result))
+                new = _lower_same(gm, node, twin, kernel, result)
             used.add(module.__name__.rsplit(".", 1)[1])
+        for i in range(first, len(result.sites)):
+            site_nodes[i] = new
     for region in (find_regions(gm, min_ops=min_region_ops) if regions else []):
-        lowered.append(_lower_region(gm, region, result, dump_dir))
+        site_nodes[len(result.sites)] = _lower_region(gm, region, result, dump_dir)
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, inputs)
@@ -285,7 +290,7 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
     result.nodes_removed = [NodeChange(n.name, str(n.target)) for n in nodes_before if n not in nodes_after]
     result.messages.append(f"codegen: lowered {len(result.sites)} node(s) to Triton kernels "
                            f"({sum(1 for s in result.sites if s['kernel'].startswith('region'))} generated)")
-    keys = [_site_key(n) for n in lowered]
+    keys = [_site_key(site_nodes.get(i)) for i in range(len(result.sites))]
     devices = {k[1] for k in keys if k is not None}
     if before is None and any(select.would_measure(d) for d in devices):
         with torch.no_grad():
@@ -313,10 +318,12 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
 GEMM_TEMPLATES = {"lora_linear", "monarch_linear", "blockdiag_linear", "vq_logits"}
 
 
-def _site_key(node: fx.Node):
+def _site_key(node: fx.Node | None):
     """(op name, device, dtype, shape bucket) under which codegen.select decides for this lowered node, from its
-    arguments' metadata (None when an argument has none). Device and dtype are those of the first tensor
-    argument, as in codegen.ops._run."""
+    arguments' metadata (None when an argument has none, or there is no node). Device and dtype are those of the
+    first tensor argument, as in codegen.ops._run."""
+    if node is None or not hasattr(node.target, "_schema"):
+        return None
     missing, tensors = [], []
 
     def value(a):

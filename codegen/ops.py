@@ -71,6 +71,14 @@ def _run(name: str, refusal, tensors: list, out_numel, candidates, reference, ar
 _CHECKED: dict = {}     # (op, argument signature) -> (refusal or None, device, dtype, shape bucket)
 
 
+def _kernel_or_reference(name: str, reason: str | None, tensors: list, out_numel: int, launch, reference):
+    """For an op with one launch: selection between `launch()` (its template) and `reference()` (its aten path),
+    keyed on the tensors' shapes (the first one's leading dims as rows); the checks of `_run` apply."""
+    return _run(name, lambda: reason, tensors, lambda: out_numel,
+                lambda: [select.Candidate("triton", "triton", launch), select.Candidate("aten", "aten", reference)],
+                reference, tuple(tensors))
+
+
 def _signature(args) -> tuple:
     """Everything about the arguments the checks depend on: tensors' shapes, strides, dtypes and devices, other
     values as they are (floats as their type: a scale's value changes nothing)."""
@@ -105,7 +113,7 @@ def shape_bucket(name: str, args: tuple) -> tuple:
     if name == "region":
         inputs, spec = args
         return generate.region_bucket(list(inputs)), spec
-    return select.bucket(args, ROW_ARGS[name])
+    return select.bucket(args, ROW_ARGS.get(name, (0,)))
 
 
 @torch.library.custom_op("rewrite_triton::lora_linear", mutates_args=())
