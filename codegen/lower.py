@@ -272,7 +272,8 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
         for i in range(first, len(result.sites)):
             site_nodes[i] = new
     for region in (find_regions(gm, min_ops=min_region_ops) if regions else []):
-        site_nodes[len(result.sites)] = _lower_region(gm, region, result, dump_dir)
+        index = len(result.sites)
+        site_nodes[index] = _lower_region(gm, region, result, dump_dir)
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, inputs)
