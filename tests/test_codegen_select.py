@@ -295,3 +295,20 @@ def test_every_candidate_of_every_template_computes_its_aten_path(i):
         got = c.run().cpu().double()
         assert got.shape == want.shape, (name, c.name)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{name}: {c.name}")
+
+
+@cpu_only
+def test_single_launch_ops_registered_the_old_way_go_through_selection():
+    """kops._kernel_or_reference (one template launch vs its reference) is a two-candidate selection."""
+    x = torch.randn(6, 4)
+    runs = []
+    launch = lambda: runs.append("triton") or x * 2  # noqa: E731
+    reference = lambda: runs.append("aten") or x * 2  # noqa: E731
+    with select.use_timer(lambda c: 1.0 if c.kind == "aten" else 3.0):
+        kops._kernel_or_reference("toy_single", None, [x], x.numel(), launch, reference)
+        runs.clear()
+        y = kops._kernel_or_reference("toy_single", None, [x], x.numel(), launch, reference)
+    assert runs == ["aten"] and torch.equal(y, x * 2)
+    runs.clear()
+    kops._kernel_or_reference("toy_single", "dtype float64 has no kernel", [x], x.numel(), launch, reference)
+    assert runs == ["aten"]                 # a refusal runs the reference without selecting
