@@ -310,5 +310,7 @@ def test_single_launch_ops_registered_the_old_way_go_through_selection():
         y = kops._kernel_or_reference("toy_single", None, [x], x.numel(), launch, reference)
     assert runs == ["aten"] and torch.equal(y, x * 2)
     runs.clear()
-    kops._kernel_or_reference("toy_single", "dtype float64 has no kernel", [x], x.numel(), launch, reference)
-    assert runs == ["aten"]                 # a refusal runs the reference without selecting
+    x64 = torch.randn(6, 4, dtype=torch.float64)
+    with select.use_timer(lambda c: 1.0 if c.kind == "triton" else 3.0):    # the template would win…
+        kops._kernel_or_reference("toy_single", "dtype float64 has no kernel", [x64], x64.numel(), launch, reference)
+    assert runs == ["aten"]                 # …but a refusal runs the reference without selecting
