@@ -38,8 +38,13 @@ import torch.nn.functional as F
 
 
 def _bench(fn) -> tuple[float, float, float]:
+    """(p50, p20, p80) ms of fn() under torch.inference_mode (as an inference loop runs it)."""
     import triton.testing
-    p50, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8])
+
+    def run():
+        with torch.inference_mode():
+            return fn()
+    p50, p20, p80 = triton.testing.do_bench(run, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8])
     return p50, p20, p80
 
 
@@ -305,7 +310,6 @@ def main(argv=None) -> int:
     dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else \
         [torch.float16] if args.quick else [torch.float16, torch.bfloat16]
     results = []
-    torch.inference_mode().__enter__()      # for the whole run (see the docstring)
     for dtype in dtypes:
         for name, fn in BENCHES.items():
             if name in wanted and not (name == "shiftadd" and dtype != torch.float16):   # fp16 GEMV baseline
