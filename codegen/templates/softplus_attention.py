@@ -228,13 +228,16 @@ def pick_blocks(tq: int, tk: int, d: int, dv: int, operand_bytes: int, bm: int =
     """Tiles: small under the interpreter; on a GPU flash attention's BM = 128 query rows (`bm`) and the largest
     BN ≤ 64 whose pipelined K/V tiles (≈ 3 stages · BN · (BD + BDV) · operand bytes) fit SHARED_BUDGET, so every
     head dim ≤ 256 launches on an A100 (163 KiB per block) and an H100 (227 KiB) — fp32 with d = 128 at BN = 64
-    would need 176 KiB (`python -m codegen.compile_check` measures them)."""
+    would need 176 KiB; and 64 query rows where the q tile alone would pass 64 KiB (fp32, d 256)
+    (`python -m codegen.compile_check` measures them)."""
     bd, bdv = _pow2(d), _pow2(dv)
     if interpreter():
         return dict(BM=_pow2(tq, hi=32), BN=_pow2(tk, hi=32), BD=bd, BDV=bdv)
     bn = 64
     while bn > 16 and 3 * bn * (bd + bdv) * operand_bytes > SHARED_BUDGET:
         bn //= 2
+    if bm * bd * operand_bytes > 64 * 1024:     # the q tile too (fp32 d 256 at BM 128: 128 KiB, over an A100)
+        bm = 64
     return dict(BM=_pow2(tq, hi=bm), BN=_pow2(tk, hi=bn), BD=bd, BDV=bdv)
 
 
