@@ -287,12 +287,21 @@ def launch(q, k, v, mask, is_causal: bool, reweight: bool, p: float, train_len: 
 
 
 def candidates(q, k, v, mask, is_causal, reweight, p, train_len, eps):
-    """Triton with 128-row query tiles (flash attention's), then 64-row ones (GPU only), then the aten path (the op's
-    reference: the T × T weights materialised)."""
+    """Triton with 128-row query tiles (flash attention's), then 64-row ones (GPU only; one candidate where the
+    tile rules already chose 64), then the aten path (the op's reference: the T × T weights materialised)."""
     args = (q, k, v, mask, is_causal, reweight, p, train_len, eps)
-    out = [Candidate("triton[BM128]" if not interpreter() else "triton", "triton", lambda: launch(*args))]
-    if not interpreter():
-        out.append(Candidate("triton[BM64]", "triton", lambda: launch(*args, bm=64)))
+    out = []
+    if interpreter():
+        out.append(Candidate("triton", "triton", lambda: launch(*args)))
+    else:
+        seen = []
+        for bm in (128, 64):
+            blocks = pick_blocks(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1],
+                                 4 if mma_upcast(q.dtype) else 2, bm=bm)
+            if blocks not in seen:
+                seen.append(blocks)
+                out.append(Candidate(f"triton[BM{blocks['BM']} BN{blocks['BN']}]", "triton",
+                                     lambda blocks=blocks: launch(*args, blocks=blocks)))
     out.append(Candidate("aten", "aten", lambda: reference(*args)))
     return out
 
