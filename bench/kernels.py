@@ -24,8 +24,9 @@ and reports selected / aten (the selection's promise: ≤ 1.05) and selected / b
     region    a generated pointwise (+ reduction) kernel vs eager and inductor. Goal: ≤ 1.2× inductor
 
 Timings: triton.testing.do_bench p50 (p20–p80 in the JSON), under torch.inference_mode (as an inference loop
-runs: the custom ops' autograd wrappers cost host time even when nothing needs a gradient). Needs a CUDA GPU: without one it prints one line and
-exits with status 2 (tests run the harness tiny under the interpreter with the timer stubbed).
+runs: the custom ops' autograd wrappers cost host time even when nothing needs a gradient). Needs a CUDA GPU:
+without one it prints one line and exits with status 2 (tests run the harness tiny under the interpreter with the
+timer stubbed).
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ resources a kernel needs. This check closes that gap without a GPU:
 1. record: the real launch code runs on CPU tensors of GPU-sized shapes — each template's `launch()` at LLM shapes
    in fp16 / bf16 / fp32, and whole lowered demo programs (which add the generated region kernels) — with the
    kernel launch replaced by a recorder. Block sizes are the GPU's (the interpreter is off); every codegen.select
-   call runs all its Triton candidates (tile configurations, variants), so each one a GPU might pick is recorded. Each record is (kernel, arguments, constexprs, launch options, grid).
+   call runs all its Triton candidates (tile configurations, variants), so each one a GPU might pick is
+   recorded. Each record is (kernel, arguments, constexprs, launch options, grid).
 2. compile: each distinct record goes through Triton's own launch-time path (`JITFunction.warmup`: the same
    argument binding, specialisation and options as a launch), with a stand-in driver that names the target GPU,
    down to a cubin (LLVM, then ptxas).

@@ -308,7 +308,8 @@ def vq_logits(h: torch.Tensor, codebook: torch.Tensor, code_map: torch.Tensor, b
               log_softmax: bool = False) -> torch.Tensor:
     args = (h, codebook, code_map, bias, log_softmax)
     return _run("vq_logits", lambda: vq_t.supported(h, codebook, code_map, bias), [h, codebook, code_map, bias],
-                lambda: _rows(h) * code_map.shape[0], lambda: vq_t.candidates(*args), lambda: vq_t.reference(*args), args)
+                lambda: _rows(h) * code_map.shape[0], lambda: vq_t.candidates(*args), lambda: vq_t.reference(*args),
+                args)
 
 
 @vq_logits.register_fake
@@ -323,7 +324,8 @@ def shiftadd_linear(x: torch.Tensor, signs: torch.Tensor, exponents: torch.Tenso
     if not shiftadd_t.lut_pays_off(_rows(x), signs):
         return shiftadd_t.reference(*args)      # by design, not a fallback: many rows → dequantised GEMM
     return _run("shiftadd_linear", lambda: shiftadd_t.supported(*args), [x, signs, exponents, bias],
-                lambda: _rows(x) * signs.shape[1], lambda: shiftadd_t.candidates(*args), lambda: shiftadd_t.reference(*args),
+                lambda: _rows(x) * signs.shape[1], lambda: shiftadd_t.candidates(*args),
+                lambda: shiftadd_t.reference(*args),
                 args)
 
 

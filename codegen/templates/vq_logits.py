@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from codegen.runtime import cdiv, interpreter, next_pow2
+from codegen.runtime import cdiv, interpreter
 from codegen.select import Candidate
 from codegen.templates import gemm
 from codegen.templates.gemm import Tiles
