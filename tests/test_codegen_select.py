@@ -176,7 +176,7 @@ def test_decision_is_written_atomically_and_read_back_in_a_fresh_process(tmp_pat
             t._dispatch(runs, rows=6)
         print(runs[-1], select.decisions()[0].source)
     """)
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
