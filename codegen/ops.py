@@ -370,9 +370,10 @@ def register_cuda_kernels() -> list[str]:
     """Make each Triton kernel the CUDA implementation of the rewrite:: op it lowers, so a program that was never
     lowered (exported, saved, or under torch.compile) runs the kernels on a GPU once `codegen` is imported.
 
-    Each rewrite:: op gets its rewrite_triton:: twin, which launches the template and falls back to the reference
-    for what the kernel does not handle (e.g. float64). Autograd stays the rewrite:: op's own formula (the
-    Autograd key sits above the CUDA key). Returns the ops registered."""
+    Each rewrite:: op gets its rewrite_triton:: twin, so the same codegen.select choice applies: the measured
+    fastest of the template's candidates and its aten path (REWRITE_KERNELS forces a side), and the reference for
+    what the kernel does not handle (e.g. float64). Autograd stays the rewrite:: op's own formula (the Autograd
+    key sits above the CUDA key). Returns the ops registered."""
     import rewriter.ops  # noqa: F401  (defines the rewrite:: ops)
 
     def lora_kernel(x, weight, bias, lora_a, lora_b, scale, adapter_input=None):
