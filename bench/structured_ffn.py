@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.structured_ffn --quick        # 1024→4096→1024 only, fewer repeats, small projection
     .venv/bin/python -m bench.structured_ffn --compile      # also torch.compile'd dense vs monarch
     .venv/bin/python -m bench.structured_ffn --json         # figures as JSON on stdout
+    .venv/bin/python -m bench.structured_ffn --program      # only the saved-program table (below)
 
 FFN: y = fc2(gelu(fc1(x))). Each rewrite replaces both layers by the custom op the pass emits, with the factor
 shapes the pass produces (monarch blocks=4; BlockDense blocks=4 with inner width d/4; low rank r = d/4); factor
@@ -11,6 +12,11 @@ values don't change timings, so they are random. Timings: best of interleaved re
 per round; --median for medians), torch.set_num_threads(2) by default. "speed-up" = dense time / rewrite time; "FLOP ratio" = dense
 FLOPs / rewrite FLOPs. Also: the pre-merge crossover (largest token count at which the dense product beats the
 Monarch factors, per layer shape) and the projection time of a 4096×16384 weight (Monarch blocks=4, BlockDense).
+
+Saved-program table (`program_table`): the path users run — each FFN (dense and the three rewrites, with the
+rewrite:: ops the passes emit) exported, `torch.export.save`d, loaded back with `torch.export.load(...).module()`
+and called on a (1, tokens, d) batch — against the dense FFN as an eager nn.Module, next to the op called
+directly; the issue's goal for Monarch at 2048→8192→2048, 512 tokens: ≥ 2.8× dense through the saved program.
 """
 from __future__ import annotations
 
@@ -127,6 +133,72 @@ def crossover(shapes, tokens_list, repeats, stat: str = "min") -> list[dict]:
     return out
 
 
+class _FFN(torch.nn.Module):
+    """y = fc2(gelu(fc1(x))) with each layer a dense F.linear or the rewrite:: op with the pass's factor shapes."""
+
+    def __init__(self, kind: str, d: int, hidden: int, gen: torch.Generator):
+        super().__init__()
+        self.kind, self.sizes = kind, []
+        for i, (n, m) in enumerate(((d, hidden), (hidden, d))):
+            f = {"w": torch.randn(m, n, generator=gen) / n ** 0.5} if kind == "dense" else \
+                _layer_factors(kind, m, n, gen)
+            for k, v in f.items():
+                self.register_parameter(f"l{i}_{k}", torch.nn.Parameter(v, requires_grad=False))
+            self.register_parameter(f"l{i}_bias", torch.nn.Parameter(torch.zeros(m), requires_grad=False))
+            self.sizes.append(m)
+
+    def layer(self, i, x):
+        p = lambda k: getattr(self, f"l{i}_{k}")  # noqa: E731
+        m = self.sizes[i]
+        if self.kind == "dense":
+            return F.linear(x, p("w"), p("bias"))
+        if self.kind == "monarch":
+            return OPS.monarch_linear(x, p("w1"), p("w2"), p("bias"), m)
+        if self.kind == "blockdiag":
+            return OPS.blockdiag_linear(x, p("blocks"), p("u"), p("bias"), m)
+        return OPS.lowrank_linear(x, p("u"), p("v"), p("bias"))
+
+    def forward(self, x):
+        return self.layer(1, F.gelu(self.layer(0, x)))
+
+
+def saved_program(module: torch.nn.Module, x: torch.Tensor):
+    """`module` exported on x, saved to a .pt2 file and loaded back as a user does: torch.export.load(f).module()."""
+    import os
+    import tempfile
+    program = torch.export.export(module, (x,))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ffn.pt2")
+        torch.export.save(program, path)
+        return torch.export.load(path).module()
+
+
+def program_table(shapes, tokens_list, repeats, stat: str = "min") -> list[dict]:
+    """Per FFN shape and token count: the dense eager FFN vs each rewrite as a saved and loaded program and as the
+    op called directly (the same parameters), side by side."""
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for d, hidden in shapes:
+        modules = {k: _FFN(k, d, hidden, gen).eval() for k in ("dense", "monarch", "blockdiag", "lowrank")}
+        for tokens in tokens_list:
+            x = torch.randn(1, tokens, d, generator=gen)
+            programs = {k: saved_program(m, x) for k, m in modules.items()}
+            fns = {"dense": lambda: modules["dense"](x)}
+            for k in ("monarch", "blockdiag", "lowrank"):
+                fns[f"{k}_program"] = lambda k=k: programs[k](x)
+                fns[f"{k}_op"] = lambda k=k: modules[k](x)
+            fns["dense_program"] = lambda: programs["dense"](x)
+            times = time_side_by_side(fns, repeats, stat)
+            row = {"ffn": f"{d}->{hidden}->{d}", "tokens": tokens, "dense_ms": times["dense"] * 1e3,
+                   "dense_program_ms": times["dense_program"] * 1e3}
+            for k in ("monarch", "blockdiag", "lowrank"):
+                row[f"{k}_program_ms"] = times[f"{k}_program"] * 1e3
+                row[f"{k}_program_speedup"] = times["dense"] / times[f"{k}_program"]
+                row[f"{k}_op_speedup"] = times["dense"] / times[f"{k}_op"]
+            rows.append(row)
+    return rows
+
+
 def projection_time(m: int, n: int) -> dict:
     w = torch.randn(m, n, generator=torch.Generator().manual_seed(2))
     t0 = time.perf_counter()
@@ -146,11 +218,31 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-projection", action="store_true")
     ap.add_argument("--median", action="store_true", help="median instead of best round")
+    ap.add_argument("--program", action="store_true", help="only the saved-program table")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    stat = "median" if args.median else "min"
+    if args.program:
+        shapes = [(1024, 4096)] if args.quick else [(1024, 4096), (2048, 8192)]
+        rows = program_table(shapes, [16, 512], 5 if args.quick else 7, stat)
+        if args.json:
+            print(json.dumps({"stat": stat, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                              "program": rows}, indent=2))
+            return
+        print(f"## Saved and loaded programs vs the dense eager FFN, {torch.get_num_threads()} threads, torch "
+              f"{torch.__version__}, {stat} of interleaved rounds (speed-up over dense; the op called directly "
+              f"in brackets)\n")
+        print("| FFN | tokens | dense ms | dense program ms | monarch | blockdense | lowrank |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            cells = [r["ffn"], str(r["tokens"]), f"{r['dense_ms']:.3f}", f"{r['dense_program_ms']:.3f}"]
+            cells += [f"{r[k + '_program_speedup']:.2f}× ({r[k + '_op_speedup']:.2f}×)"
+                      for k in ("monarch", "blockdiag", "lowrank")]
+            print("| " + " | ".join(cells) + " |")
+        print("\n```json\n" + json.dumps(rows) + "\n```")
+        return
     shapes = [(1024, 4096)] if args.quick else [(1024, 4096), (2048, 8192)]
     repeats = 5 if args.quick else 11
-    stat = "median" if args.median else "min"
     rows = ffn_table(shapes, [1, 16, 512], repeats, args.compile, stat)
     cross = crossover([(1024, 4096), (256, 1024), (64, 256)], [1, 2, 4, 8, 16, 32, 64], repeats, stat)
     proj = None if args.no_projection else (projection_time(4096, 1024) if args.quick

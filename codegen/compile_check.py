@@ -8,8 +8,9 @@ resources a kernel needs. This check closes that gap without a GPU:
 
 1. record: the real launch code runs on CPU tensors of GPU-sized shapes — each template's `launch()` at LLM shapes
    in fp16 / bf16 / fp32, and whole lowered demo programs (which add the generated region kernels) — with the
-   kernel launch replaced by a recorder. Block sizes are the GPU's (the interpreter is off); an autotuned kernel
-   records every one of its configs. Each record is (kernel, arguments, constexprs, launch options, grid).
+   kernel launch replaced by a recorder. Block sizes are the GPU's (the interpreter is off); every codegen.select
+   call runs all its Triton candidates (tile configurations, variants), so each one a GPU might pick is
+   recorded. Each record is (kernel, arguments, constexprs, launch options, grid).
 2. compile: each distinct record goes through Triton's own launch-time path (`JITFunction.warmup`: the same
    argument binding, specialisation and options as a launch), with a stand-in driver that names the target GPU,
    down to a cubin (LLVM, then ptxas).
@@ -48,7 +49,8 @@ class Launch:
     kwargs: dict              # constexprs and launch options (num_warps, num_stages)
     grid: tuple
     case: str                 # which case launched it
-    tuned_group: int | None = None   # the autotuner call it is one config of (None: a plain launch)
+    tuned_group: tuple | None = None   # (selection call, launch position): a candidate's launch (None: plain)
+    archs: tuple | None = None         # the only archs it is compiled for (None: all): TMA kernels need sm_90
 
     @property
     def name(self) -> str:
@@ -84,7 +86,7 @@ class Result:
     num_warps: int | None = None
     num_stages: int | None = None
     problems: list = field(default_factory=list)
-    pruned: bool = False      # an autotune config over a limit: the autotuner skips it, another config runs
+    pruned: bool = False      # a candidate over a limit: selection skips it, another candidate runs
 
     def row(self) -> dict:
         return dict(kernel=self.launch.name, arch=f"sm_{self.arch}", spec=self.launch.describe(),
@@ -96,15 +98,36 @@ class Result:
 
 # ----------------------------------------------------------------------------------------------------- recording
 
+_CALLS = [0]
+_GROUP: list = [None]         # [call id, launches so far] while the candidates of one selection call run
+
+
+def run_all_triton(candidates, limit: int | None = None) -> torch.Tensor | None:
+    """Run every Triton candidate of one codegen.select call (inside `recording`: each launch is recorded, tagged
+    with (call, position within its candidate) so a configuration over a limit counts as skipped when another
+    candidate's launch in the same position fits — as selection skips a failing candidate)."""
+    _CALLS[0] += 1
+    result = None
+    for cand in [c for c in candidates if c.kind == "triton"][:limit]:
+        _GROUP[0] = [_CALLS[0], 0]
+        try:
+            result = cand.run()
+        finally:
+            _GROUP[0] = None
+    return result
+
+
 @contextlib.contextmanager
 def recording(into: list, case: list, all_configs: bool = True):
-    """Within: every Triton launch is recorded into `into` instead of run (autotuned kernels: one record per
-    config, or only the first without `all_configs`), and the rewrite_triton ops take their kernel path on CPU
+    """Within: every Triton launch is recorded into `into` instead of run; every codegen.select call runs all its
+    Triton candidates (only the first without `all_configs`); the cuBLAS GEMM of the hybrid candidates returns an
+    uninitialised tensor (nothing is computed here); and the rewrite_triton ops take their kernel path on CPU
     tensors."""
-    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     import codegen.ops as kops
+    from codegen import select
+    from codegen.templates import gemm
 
     def bound(fn, args, kwargs):
         named = dict(zip(fn.arg_names, args))
@@ -118,29 +141,36 @@ def recording(into: list, case: list, all_configs: bool = True):
     def record_jit(self, *args, grid, warmup, **kwargs):
         if warmup:
             return original_jit(self, *args, grid=grid, warmup=warmup, **kwargs)
-        into.append(Launch(self, args, dict(kwargs), resolve(grid, bound(self, args, kwargs)), case[0]))
+        group = None
+        if _GROUP[0] is not None:
+            group = (_GROUP[0][0], _GROUP[0][1])
+            _GROUP[0][1] += 1
+        archs = (90,) if self is gemm.tma_gemm_kernel else None
+        into.append(Launch(self, args, dict(kwargs), resolve(grid, bound(self, args, kwargs)), case[0], group,
+                           archs))
 
-    def record_tuned(self, *args, **kwargs):
-        grid = kwargs.pop("grid")
-        kwargs.pop("warmup", None)
-        group = len(into)
-        for config in self.configs if all_configs else self.configs[:1]:
-            kw = {**kwargs, **config.all_kwargs()}
-            kw = {k: v for k, v in kw.items() if k in self.fn.arg_names or k in ("num_warps", "num_stages")}
-            into.append(Launch(self.fn, args, kw, resolve(grid, bound(self.fn, args, kw)), case[0], group))
+    def record_dispatch(op, candidates, device, dtype, shape_bucket):
+        triton_side = [c for c in candidates if c.kind == "triton"]
+        return run_all_triton(triton_side if all_configs else triton_side[:1])
 
-    original_jit, original_tuned, original_can = JITFunction.run, Autotuner.run, kops.can_launch
-    JITFunction.run, Autotuner.run = record_jit, record_tuned
-    kops.can_launch = lambda *tensors: True
+    def no_gemm(x, w):
+        return torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+
+    saved = (JITFunction.run, select.dispatch, kops.can_launch, gemm.dense_linear)
+    original_jit = saved[0]
+    JITFunction.run, select.dispatch, kops.can_launch, gemm.dense_linear = \
+        record_jit, record_dispatch, (lambda *tensors: True), no_gemm
+    gemm.RECORD_TMA[0] = True          # the Hopper candidates too (compiled for sm_90 only)
     try:
         yield
     finally:
-        JITFunction.run, Autotuner.run, kops.can_launch = original_jit, original_tuned, original_can
+        JITFunction.run, select.dispatch, kops.can_launch, gemm.dense_linear = saved
+        gemm.RECORD_TMA[0] = False
 
 
 def template_cases(quick: bool):
-    """(name, thunk) pairs: each template's launch at LLM-sized shapes. Tensors are torch.empty: nothing runs,
-    only shapes, strides, dtypes and alignment matter."""
+    """(name, thunk) pairs: every Triton candidate of each template at LLM-sized shapes. Tensors are torch.empty:
+    nothing runs, only shapes, strides, dtypes and alignment matter."""
     from codegen.templates import blockdiag_linear as bd_t
     from codegen.templates import lora_batch as lb_t
     from codegen.templates import lora_linear as lora_t
@@ -152,19 +182,23 @@ def template_cases(quick: bool):
     E = torch.empty
     dtypes = (torch.float16,) if quick else DTYPES
     cases = []
+
+    def add(name, module_candidates, *args, **kwargs):
+        # --quick: every candidate of the LoRA call (the GEMM template's tile and TMA configurations, the cuBLAS
+        # epilogue variant), the first two elsewhere
+        limit = 2 if quick and not name.startswith("lora") else None
+        cases.append((name, lambda: run_all_triton(module_candidates(*args, **kwargs), limit)))
+
     for dt in dtypes:
         tag = str(dt).replace("torch.", "")
         d, r = 4096, 16
         for m in (1, 512) if not quick else (512,):
-            cases.append((f"lora {tag} {m}x{d} r{r} +bias+gelu+residual",
-                          lambda dt=dt, m=m: lora_t.launch(E(m, d, dtype=dt), E(d, d, dtype=dt), E(d, dtype=dt),
-                                                           E(r, d, dtype=dt), E(d, r, dtype=dt), 2.0,
-                                                           activation="gelu", residual=E(m, d, dtype=dt))))
+            add(f"lora {tag} {m}x{d} r{r} +bias+gelu+residual", lora_t.candidates, E(m, d, dtype=dt),
+                E(d, d, dtype=dt), E(d, dtype=dt), E(r, d, dtype=dt), E(d, r, dtype=dt), 2.0, None, "gelu",
+                E(m, d, dtype=dt))
         if not quick:
-            cases.append((f"lora {tag} dropout input, no bias",
-                          lambda dt=dt: lora_t.launch(E(64, 1024, dtype=dt), E(768, 1024, dtype=dt), None,
-                                                      E(8, 1024, dtype=dt), E(768, 8, dtype=dt), 0.5,
-                                                      adapter_input=E(64, 1024, dtype=dt))))
+            add(f"lora {tag} dropout input, no bias", lora_t.candidates, E(64, 1024, dtype=dt),
+                E(768, 1024, dtype=dt), None, E(8, 1024, dtype=dt), E(768, 8, dtype=dt), 0.5, E(64, 1024, dtype=dt))
         for m, n_ad in ((8, 8), (512, 8)) if not quick else ((512, 8),):   # mixed-adapter batches, 8 adapters
             cases.append((f"lora_batch {tag} {m}x{d} {n_ad} adapters r{r}",
                           lambda dt=dt, m=m, n_ad=n_ad: lb_t.launch(
@@ -177,58 +211,41 @@ def template_cases(quick: bool):
                                                     [E(8, 1024, dtype=dt)] * 2, [E(768, 8, dtype=dt)] * 2,
                                                     [1.0, 0.5], torch.arange(64) % 3 - 1,
                                                     adapter_input=E(64, 1024, dtype=dt))))
-        for rows, n in ((4096, 1024), (64, 32768)):
-            cases.append((f"softmax {tag} {rows}x{n}", lambda dt=dt, rows=rows, n=n: sm_t.launch(E(rows, n, dtype=dt),
-                                                                                            -1)))
+        for rows, n in ((4096, 1024), (8192, 512), (64, 32768), (4, 131072)):
+            add(f"softmax {tag} {rows}x{n}", sm_t.candidates, E(rows, n, dtype=dt), -1)
         for d, nb in ((4096, 64), (1024, 4)):
             p = d // nb
-            cases.append((f"monarch {tag} 512x{d} b{nb}",
-                          lambda dt=dt, d=d, nb=nb, p=p: mon_t.launch(E(512, d, dtype=dt), E(nb, p, p, dtype=dt),
-                                                                      E(nb, p, p, dtype=dt), E(d, dtype=dt), d)))
+            add(f"monarch {tag} 512x{d} b{nb}", mon_t.candidates, E(512, d, dtype=dt), E(nb, p, p, dtype=dt),
+                E(nb, p, p, dtype=dt), E(d, dtype=dt), d)
         # a structured FFN: up-projection + GELU folded in, down-projection + the residual add folded in
-        cases.append((f"monarch {tag} 512x4096 b64 +bias+gelu+residual",
-                      lambda dt=dt: mon_t.launch(E(512, 4096, dtype=dt), E(64, 64, 64, dtype=dt),
-                                                 E(64, 64, 64, dtype=dt), E(4096, dtype=dt), 4096,
-                                                 activation="gelu", residual=E(512, 4096, dtype=dt))))
-        cases.append((f"blockdiag {tag} 512x4096 b4",
-                      lambda dt=dt: bd_t.launch(E(512, 4096, dtype=dt), E(4, 1024, 1024, dtype=dt), None,
-                                                E(4096, dtype=dt), 4096)))
-        cases.append((f"blockdiag {tag} 512x4096 b4 +bias+gelu+residual",
-                      lambda dt=dt: bd_t.launch(E(512, 4096, dtype=dt), E(4, 1024, 1024, dtype=dt), None,
-                                                E(4096, dtype=dt), 4096, activation="gelu",
-                                                residual=E(512, 4096, dtype=dt))))
-        cases.append((f"blockdense {tag} 512x4096 b4 → 11008",
-                      lambda dt=dt: bd_t.launch(E(512, 4096, dtype=dt), E(4, 256, 1024, dtype=dt),
-                                                E(11008, 1024, dtype=dt), None, 11008)))
-        cases.append((f"blockdense {tag} 512x4096 b4 → 11008 +gelu+residual",
-                      lambda dt=dt: bd_t.launch(E(512, 4096, dtype=dt), E(4, 256, 1024, dtype=dt),
-                                                E(11008, 1024, dtype=dt), None, 11008, activation="gelu",
-                                                residual=E(512, 11008, dtype=dt))))
-        cases.append((f"lowrank {tag} 512x4096 r256",
-                      lambda dt=dt: bd_t.launch_lowrank(E(512, 4096, dtype=dt), E(4096, 256, dtype=dt),
-                                                        E(256, 4096, dtype=dt), E(4096, dtype=dt))))
-        cases.append((f"lowrank {tag} 512x4096 r256 +bias+gelu+residual",
-                      lambda dt=dt: bd_t.launch_lowrank(E(512, 4096, dtype=dt), E(4096, 256, dtype=dt),
-                                                        E(256, 4096, dtype=dt), E(4096, dtype=dt),
-                                                        activation="gelu", residual=E(512, 4096, dtype=dt))))
+        add(f"monarch {tag} 512x4096 b64 +bias+gelu+residual", mon_t.candidates, E(512, 4096, dtype=dt),
+            E(64, 64, 64, dtype=dt), E(64, 64, 64, dtype=dt), E(4096, dtype=dt), 4096, "gelu",
+            E(512, 4096, dtype=dt))
+        add(f"monarch {tag} 4096x2048→8192 b4 +bias+gelu", mon_t.candidates, E(4096, 2048, dtype=dt),
+            E(4, 2048, 512, dtype=dt), E(4, 2048, 2048, dtype=dt), E(8192, dtype=dt), 8192, "gelu")
+        add(f"blockdiag {tag} 512x4096 b4", bd_t.candidates, E(512, 4096, dtype=dt), E(4, 1024, 1024, dtype=dt),
+            None, E(4096, dtype=dt), 4096)
+        add(f"blockdiag {tag} 512x4096 b4 +bias+gelu+residual", bd_t.candidates, E(512, 4096, dtype=dt),
+            E(4, 1024, 1024, dtype=dt), None, E(4096, dtype=dt), 4096, "gelu", E(512, 4096, dtype=dt))
+        add(f"blockdense {tag} 512x4096 b4 → 11008 +gelu+residual", bd_t.candidates, E(512, 4096, dtype=dt),
+            E(4, 256, 1024, dtype=dt), E(11008, 1024, dtype=dt), None, 11008, "gelu", E(512, 11008, dtype=dt))
+        add(f"lowrank {tag} 512x4096 r256 +bias+gelu+residual", bd_t.candidates_lowrank, E(512, 4096, dtype=dt),
+            E(4096, 256, dtype=dt), E(256, 4096, dtype=dt), E(4096, dtype=dt), "gelu", E(512, 4096, dtype=dt))
         for m in (1, 16):
-            cases.append((f"shiftadd {tag} {m}x4096→4096 q3 g128",
-                          lambda dt=dt, m=m: sa_t.launch(E(m, 4096, dtype=dt),
-                                                         E(3, 4096, 512, dtype=torch.uint8),
-                                                         E(4096, 32, 3, 1, dtype=torch.int8), None, 4096, 128)))
-        for log_softmax, bias in ((False, False), (True, False), (True, True)):
-            cases.append((f"vq {tag} 512x768 V50257 K1024 log_softmax={log_softmax} bias={bias}",
-                          lambda dt=dt, ls=log_softmax, b=bias: vq_t.launch(
-                              E(512, 768, dtype=dt), E(1024, 768, dtype=dt),
-                              torch.zeros(50257, dtype=torch.int64), E(50257, dtype=dt) if b else None,
-                              log_softmax=ls)))
-        for causal, mask, reweight in ((True, False, False), (False, True, False), (True, False, True)):
+            add(f"shiftadd {tag} {m}x4096→4096 q3 g128", sa_t.candidates, E(m, 4096, dtype=dt),
+                E(3, 4096, 512, dtype=torch.uint8), E(4096, 32, 3, 1, dtype=torch.int8), None, 4096, 128)
+        for rows in (1, 512):
+            for log_softmax, bias in ((False, False), (True, False), (True, True)):
+                add(f"vq {tag} {rows}x768 V50257 K1024 log_softmax={log_softmax} bias={bias}", vq_t.candidates,
+                    E(rows, 768, dtype=dt), E(1024, 768, dtype=dt), torch.zeros(50257, dtype=torch.int64),
+                    E(50257, dtype=dt) if bias else None, log_softmax)
+        for causal, mask, reweight in ((True, False, False), (False, False, False), (False, True, False),
+                                       (True, False, True)):
             for d in (64,) if quick else (64, 128, 256):
-                cases.append((f"softplus-attn {tag} 2x8x1024x{d} causal={causal} mask={mask} reweight={reweight}",
-                              lambda dt=dt, c=causal, mk=mask, rw=reweight, d=d: sp_t.launch(
-                                  E(2, 8, 1024, d, dtype=dt), E(2, 8, 1024, d, dtype=dt),
-                                  E(2, 8, 1024, d, dtype=dt), torch.ones(1024, 1024, dtype=torch.bool) if mk else None,
-                                  c, rw, 1.0, 512, 1e-6)))
+                add(f"softplus-attn {tag} 2x8x1024x{d} causal={causal} mask={mask} reweight={reweight}",
+                    sp_t.candidates, E(2, 8, 1024, d, dtype=dt), E(2, 8, 1024, d, dtype=dt),
+                    E(2, 8, 1024, d, dtype=dt), torch.ones(1024, 1024, dtype=torch.bool) if mask else None,
+                    causal, reweight, 1.0, 512, 1e-6)
     return cases
 
 
@@ -286,7 +303,7 @@ def record_all(quick: bool) -> list[Launch]:
     for kind, cases in (("program", program_cases(quick)), ("template", template_cases(quick) + region_cases(quick))):
         for name, thunk in cases:
             case[0] = name
-            # --quick: the autotuner's configs are compiled at the templates' LLM shapes, not again per program
+            # --quick: every candidate is compiled at the templates' LLM shapes, not again per program
             with recording(launches, case, all_configs=not (quick and kind == "program")):
                 thunk()
     unique: dict = {}
@@ -365,13 +382,16 @@ def compile_one(launch: Launch, arch: int) -> Result:
 
 
 def check(archs, quick: bool) -> list[Result]:
-    results = [compile_one(launch, arch) for arch in archs for launch in record_all(quick)]
-    return prune_autotune_configs(results)
+    launches = record_all(quick)
+    results = [compile_one(launch, arch) for arch in archs for launch in launches
+               if launch.archs is None or arch in launch.archs]
+    return prune_candidates(results)
 
 
-def prune_autotune_configs(results: list[Result]) -> list[Result]:
-    """An autotune config over a resource limit is not a failure when another config of the same call fits:
-    Triton's autotuner skips configs that raise OutOfResources. Compile errors still fail."""
+def prune_candidates(results: list[Result]) -> list[Result]:
+    """A candidate's launch over a resource limit is not a failure when another candidate's launch in the same
+    position of the same selection call fits: codegen.select skips a candidate that raises OutOfResources.
+    Compile errors still fail."""
     groups: dict = {}
     for r in results:
         if r.launch.tuned_group is not None:
@@ -406,7 +426,7 @@ def print_table(results: list[Result]) -> None:
         table.add_column(col, overflow="fold")
     for r in results:
         status = "; ".join(r.problems + ([r.error] if r.error else [])) or "ok"
-        status = f"autotuner skips it: {status}" if r.pruned else status
+        status = f"selection skips it: {status}" if r.pruned else status
         table.add_row(r.launch.name, f"sm_{r.arch}", r.launch.describe(), str(r.num_warps), str(r.num_stages),
                       str(r.regs), str(r.local_bytes), f"{r.shared_bytes / 1024:.1f}" if r.shared_bytes is not None
                       else "-", "×".join(map(str, r.launch.grid)), status)
@@ -417,7 +437,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
                         help="compute capability ×10: 90 (H100/H200), 80 (A100), 86/89 (RTX 30/40); default 90")
-    parser.add_argument("--quick", action="store_true", help="fp16 only, fewer shapes")
+    parser.add_argument("--quick", action="store_true", help="fp16 only, fewer shapes, every candidate only for LoRA "
+                        "(two elsewhere)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
     reason = _cannot_run()
@@ -436,8 +457,8 @@ def main(argv=None) -> int:
         spills = [r for r in results if r.local_bytes]
         pruned = [r for r in results if r.pruned]
         print(f"{len(results)} specialisations compiled for {', '.join(f'sm_{a}' for a in archs)} with triton "
-              f"{triton.__version__}: {len(failed)} failed, {len(pruned)} autotune configs over a limit (skipped by "
-              f"the autotuner), {len(spills)} spill registers")
+              f"{triton.__version__}: {len(failed)} failed, {len(pruned)} candidate launches over a limit (skipped by "
+              f"codegen.select), {len(spills)} spill registers")
     return 1 if failed else 0
 
 

@@ -22,7 +22,7 @@ import triton
 
 from . import cache
 from .pointwise_table import BY_NAME, REDUCTION_OPS, literal
-from .runtime import interpreter
+from .runtime import cdiv, interpreter, next_pow2
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -96,7 +96,23 @@ def kernel_source(spec: dict, n_inputs: int, ndim: int) -> str:
 
 
 def iteration_shape(inputs) -> torch.Size:
-    return torch.broadcast_shapes(*[t.shape for t in inputs])
+    return torch.Size(_broadcast(tuple(tuple(t.shape) for t in inputs)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _broadcast(shapes: tuple) -> tuple:
+    """The broadcast of shapes (numpy rules; plain Python: torch.broadcast_shapes costs ~150 µs a call, more
+    than a small region's kernel takes on a GPU)."""
+    out: list = []
+    for shape in shapes:
+        for i, n in enumerate(reversed(shape)):
+            if i == len(out):
+                out.append(n)
+            elif out[i] == 1:
+                out[i] = n
+            elif n != 1 and n != out[i]:
+                raise RuntimeError(f"shapes {shapes} do not broadcast")
+    return tuple(reversed(out))
 
 
 def output_shape(spec: dict, shape) -> list:
@@ -106,10 +122,18 @@ def output_shape(spec: dict, shape) -> list:
     return shape[:-1] + [1] if spec.get("keepdim") else shape[:-1]
 
 
-def blocks(R: int, C: int) -> tuple[int, int]:
-    cap = 128 if interpreter() else 1024
-    bc = min(triton.next_power_of_2(max(C, 1)), cap)
-    br = min(triton.next_power_of_2(max(R, 1)), max(1, (4096 if interpreter() else 4096) // bc))
+def blocks(R: int, C: int, tile: int | None = None) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C): a tile of `tile` elements (default 4096 on a GPU, shrunk for small tensors so the grid
+    still has ~1024 programs: launch sizes that fill the GPU), BLOCK_C ≤ 1024 columns."""
+    if interpreter():
+        tile = tile or 4096
+        cap = 128
+    else:
+        total = R * C
+        tile = tile or max(1024, min(4096, next_pow2(max(total // 1024, 1))))
+        cap = 1024
+    bc = min(next_pow2(max(C, 1)), cap)
+    br = min(next_pow2(max(R, 1)), max(1, tile // bc))
     return br, bc
 
 
@@ -127,27 +151,71 @@ def parse_spec(spec_text: str) -> dict:
     return json.loads(spec_text)
 
 
-def launch(inputs: list, spec: dict, dump_dir=None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the region kernel; `out` (contiguous, the output shape) receives the result (tests pass guarded views)."""
-    shape = iteration_shape(inputs)
+@functools.lru_cache(maxsize=4096)
+def _plan(spec_text: str, shapes: tuple, strides: tuple, device, tile):
+    """Everything about a launch that depends only on the spec and the inputs' shapes and strides (memoised: a
+    repeated call only allocates its output and launches — the host cost of a region is what a small tensor's
+    time is made of)."""
+    spec = parse_spec(spec_text)
+    shape = list(_broadcast(shapes))
     ndim = max(len(shape), 1)
-    shape = list(shape) or [1]
+    shape = shape or [1]
     C = shape[-1]
     R = 1
-    for s in shape[:-1]:
-        R *= s
+    for n in shape[:-1]:
+        R *= n
+    bstrides = []
+    for sh, st in zip(shapes, strides):
+        pad = ndim - len(sh)
+        bstrides += [0] * pad + [0 if n == 1 else s_ for n, s_ in zip(sh, st)]
+    br, bc = blocks(R, C, tile)
+    return (R, C, tuple(shape[:-1]), tuple(bstrides), br, bc, cdiv(R, br) if R else 0,
+            tuple(output_shape(spec, shape)), ndim)
+
+
+def launch(inputs: list, spec: dict, dump_dir=None, out: torch.Tensor | None = None, spec_text: str | None = None,
+           tile: int | None = None) -> torch.Tensor:
+    """Run the region kernel; `out` (contiguous, the output shape) receives the result (tests pass guarded views);
+    `tile` overrides the elements per program."""
+    spec_text = spec_text or json.dumps(spec, sort_keys=True)
+    R, C, lead, bstrides, br, bc, programs, oshape, ndim = _plan(
+        spec_text, tuple(tuple(t.shape) for t in inputs), tuple(tuple(t.stride()) for t in inputs),
+        inputs[0].device, tile)
     if out is None:
-        out = torch.empty(output_shape(spec, shape), dtype=DTYPES[spec["dtype"]], device=inputs[0].device)
+        out = torch.empty(oshape, dtype=DTYPES[spec["dtype"]], device=inputs[0].device)
     assert out.is_contiguous(), "region kernels write a contiguous output"
     if R == 0 or C == 0:                 # empty: no launch (a sum over an empty dim is still 0)
         if out.numel():
             out.copy_(reference(inputs, spec))
         return out
-    views = [t.reshape([1] * (ndim - t.dim()) + list(t.shape)).broadcast_to(shape) for t in inputs]
-    kernel = compiled(json.dumps(spec, sort_keys=True), len(inputs), ndim, dump_dir)
-    strides = [s for v in views for s in v.stride()]
-    br, bc = blocks(R, C)
-    kernel[(triton.cdiv(R, br),)](*views, out, R, C, *shape[:-1], *strides, BLOCK_R=br, BLOCK_C=bc)
+    kernel = compiled(json.dumps(spec, sort_keys=True) if dump_dir is not None else _canonical(spec_text),
+                      len(inputs), ndim, dump_dir)
+    opts = {} if interpreter() or br * bc < 8192 else {"num_warps": 8}
+    kernel[(programs,)](*inputs, out, R, C, *lead, *bstrides, BLOCK_R=br, BLOCK_C=bc, **opts)
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical(spec_text: str) -> str:
+    return json.dumps(json.loads(spec_text), sort_keys=True)
+
+
+def region_bucket(inputs: list) -> tuple:
+    """codegen.select's shape bucket of a region call: per input its rows rounded up to a power of two, its last
+    dim, contiguity and dtype."""
+    from .select import bucket
+    return tuple((bucket([t], (0,))[0], str(t.dtype)) for t in inputs)
+
+
+def candidates(inputs: list, spec: dict, spec_text: str):
+    """codegen.select candidates: the generated kernel with its default tile, with 4× that tile (GPU only), and the
+    region's aten ops."""
+    from .select import Candidate
+    out = [Candidate("triton[region]", "triton", lambda: launch(inputs, spec, spec_text=spec_text))]
+    if not interpreter():
+        out.append(Candidate("triton[region tile16k]", "triton",
+                             lambda: launch(inputs, spec, spec_text=spec_text, tile=16384)))
+    out.append(Candidate("aten", "aten", lambda: reference(inputs, spec)))
     return out
 
 

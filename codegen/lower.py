@@ -12,9 +12,12 @@ GraphModule by `rewrite_triton::` ops that launch Triton kernels.
         (rule "template:<kernel>")
     pointwise ops … [-> sum/amax/mean(dim=-1)] -> rewrite_triton.region([inputs], spec)   (rule "generated:region")
 
-The report gets one PassResult named "codegen" with a site per lowered node and its kernel. When the report was
-verified (rewrite(..., verify=True)), the lowered graph is run on the example inputs and must match the graph
-before lowering within the exact tolerance, else VerificationError.
+The report gets one PassResult named "codegen" with a site per lowered node, its kernel and "impl": which
+implementation codegen.select runs there (measured on the first call per shape bucket on a GPU — lowering runs
+the program once on the example inputs so the report can say — with the winner's speed-up over the aten path),
+or why nothing was measured. When the report was verified (rewrite(..., verify=True)), the lowered graph is run
+on the example inputs and must match the graph before lowering within the exact tolerance, else
+VerificationError.
 """
 from __future__ import annotations
 
@@ -31,12 +34,13 @@ from rewriter.ir import insert_call
 from rewriter.pass_manager import NodeChange, PassResult
 from rewriter.verify import exact_tolerance, propagate_shapes, relative_error, run_graph
 
-from . import cache, generate
+from . import cache, generate, select
 from . import ops as kops
 from .pointwise_table import pointwise_rule
 from .regions import find_regions
 from .runtime import backend_note
 from .templates import blockdiag_linear as blockdiag_t
+from .templates import gemm as gemm_t
 from .templates import lora_batch as lora_batch_t
 from .templates import lora_linear as lora_t
 from .templates import monarch_linear as monarch_t
@@ -109,18 +113,19 @@ def _lower_with_epilogue(gm, node, twin, args: tuple, kernel: str, result, fuse_
     epi = ",".join(x for x in (activation if activation != "none" else "", "+residual" if residual else "") if x)
     result.sites.append({"site": node.name, "status": "rewritten", "kernel": kernel + (f"[{epi}]" if epi else ""),
                          "folded": [n.name for n in folded]})
+    return new
 
 
 def _lower_lora(gm, node, result, fuse_epilogue: bool = True) -> None:
     b = _bound(node)
     args = (b["x"], b["weight"], b["bias"], b["lora_a"], b["lora_b"], b["scale"], b["adapter_input"])
-    _lower_with_epilogue(gm, node, kops.LORA, args, "lora_linear", result, fuse_epilogue)
+    return _lower_with_epilogue(gm, node, kops.LORA, args, "lora_linear", result, fuse_epilogue)
 
 
 def _lower_structured(gm, node, twin, kernel: str, result, fuse_epilogue: bool = True) -> None:
     """A structured linear: its arguments in schema order (defaults filled in), then the folded epilogue."""
     args = tuple(_bound(node).values())
-    _lower_with_epilogue(gm, node, twin, args, kernel, result, fuse_epilogue)
+    return _lower_with_epilogue(gm, node, twin, args, kernel, result, fuse_epilogue)
 
 
 def _lower_softmax(gm, node, result) -> None:
@@ -131,6 +136,7 @@ def _lower_softmax(gm, node, result) -> None:
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     result.sites.append({"site": node.name, "status": "rewritten", "kernel": "two_pass_softmax"})
+    return new
 
 
 # rewrite:: op name -> (its rewrite_triton:: twin with the same schema, template module, kernel name for sites)
@@ -167,6 +173,7 @@ def _lower_same(gm, node, twin, kernel: str, result) -> None:
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     result.sites.append({"site": node.name, "status": "rewritten", "kernel": kernel})
+    return new
 
 
 def region_spec(region) -> dict:
@@ -211,6 +218,7 @@ def _lower_region(gm, region, result, dump_dir) -> None:
     ops_text = "+".join(o["rule"] for o in spec["ops"]) + (f"→{region.reduce}" if region.reduce else "")
     result.sites.append({"site": sink.name, "status": "rewritten", "kernel": f"region_{key}", "ops": ops_text,
                          "nodes": [n.name for n in region.nodes]})
+    return new
 
 
 def _float64_outputs(gm: fx.GraphModule, inputs: list) -> list:
@@ -244,24 +252,30 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
     softmax_op = getattr(softmax_pkt, "default", None) if softmax_pkt is not None else None
     same = _same_signature_rules()
     used = set()
+    site_nodes: dict = {}         # site index -> the rewrite_triton:: node that lowering put there
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
+        first = len(result.sites)
+        new = None
         if node.target is lora_op:
-            _lower_lora(gm, node, result, fuse_epilogue)
+            new = _lower_lora(gm, node, result, fuse_epilogue)
             used.add("lora_linear")
         elif softmax_op is not None and node.target is softmax_op:
-            _lower_softmax(gm, node, result)
+            new = _lower_softmax(gm, node, result)
             used.add("softmax")
         elif node.target in same:
             twin, module, kernel = same[node.target]
             if node.target._schema.name.split("::")[-1] in EPILOGUE_OPS:
-                _lower_structured(gm, node, twin, kernel, result, fuse_epilogue)
+                new = _lower_structured(gm, node, twin, kernel, result, fuse_epilogue)
             else:
-                _lower_same(gm, node, twin, kernel, result)
+                new = _lower_same(gm, node, twin, kernel, result)
             used.add(module.__name__.rsplit(".", 1)[1])
+        for i in range(first, len(result.sites)):
+            site_nodes[i] = new
     for region in (find_regions(gm, min_ops=min_region_ops) if regions else []):
-        _lower_region(gm, region, result, dump_dir)
+        index = len(result.sites)
+        site_nodes[index] = _lower_region(gm, region, result, dump_dir)
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, inputs)
@@ -272,12 +286,19 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
         for name, module in templates:
             if name in used:
                 cache.dump(dump_dir, f"template_{name}", inspect.getsource(module))
+        if used & GEMM_TEMPLATES:
+            cache.dump(dump_dir, "template_gemm", inspect.getsource(gemm_t))
     nodes_after = set(gm.graph.nodes)
     result.nodes_added = [NodeChange(n.name, str(n.target), "codegen") for n in gm.graph.nodes
                           if n not in nodes_before]
     result.nodes_removed = [NodeChange(n.name, str(n.target)) for n in nodes_before if n not in nodes_after]
     result.messages.append(f"codegen: lowered {len(result.sites)} node(s) to Triton kernels "
                            f"({sum(1 for s in result.sites if s['kernel'].startswith('region'))} generated)")
+    keys = [_site_key(site_nodes.get(i)) for i in range(len(result.sites))]
+    devices = {k[1] for k in keys if k is not None}
+    if before is None and any(select.would_measure(d) for d in devices):
+        with torch.no_grad():
+            run_graph(gm, inputs)             # selection measures every site's candidates on its first call
     if before is not None:
         after = run_graph(gm, inputs)
         result.error_vs_previous = relative_error(before, after)
@@ -292,6 +313,49 @@ def lower(gm: fx.GraphModule, inputs: list, report, *, dump_dir=None, min_region
                 raise VerificationError(f"codegen changed the outputs: relative error {result.error_vs_previous:.3g} "
                                         f"> {result.tolerance:.3g} (vs float64: kernels {err_kernels:.3g}, "
                                         f"eager {err_eager:.3g})")
+    _report_selection(result, keys)
     result.seconds = time.perf_counter() - start
     report.passes.append(result)
     return result
+
+
+GEMM_TEMPLATES = {"lora_linear", "monarch_linear", "blockdiag_linear", "vq_logits"}
+
+
+def _site_key(node: fx.Node | None):
+    """(op name, device, dtype, shape bucket) under which codegen.select decides for this lowered node, from its
+    arguments' metadata (None when an argument has none, or there is no node). Device and dtype are those of the
+    first tensor argument, as in codegen.ops._run."""
+    if node is None or not hasattr(node.target, "_schema"):
+        return None
+    missing, tensors = [], []
+
+    def value(a):
+        if isinstance(a, fx.Node):
+            v = _val(a)
+            if v is None:
+                missing.append(a)
+            else:
+                tensors.append(v)
+            return v
+        if isinstance(a, (list, tuple)):
+            return [value(x) for x in a]
+        return a
+    args = tuple(value(a) for a in _bound(node).values())
+    if missing or not tensors:
+        return None
+    name = node.target._schema.name.split("::")[-1]
+    return name, tensors[0].device, tensors[0].dtype, kops.shape_bucket(name, args)
+
+
+def _report_selection(result: PassResult, keys: list) -> None:
+    """Each site's "impl": which implementation codegen.select runs there and by how much it beat the aten path
+    (inserted right after "kernel" so the report's table shows it)."""
+    for i, (site, key) in enumerate(zip(result.sites, keys)):
+        impl = select.site_summary(key[0], key[1], key[2], key[3]) if key is not None else "unknown (no metadata)"
+        ordered = {}
+        for k, v in site.items():
+            ordered[k] = v
+            if k == "kernel":
+                ordered["impl"] = impl
+        result.sites[i] = ordered

@@ -15,8 +15,29 @@ _NOTICED: set[str] = set()
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ on the host. (triton.cdiv and triton.next_power_of_2 are constexpr functions costing ~9 µs a call
+    in triton 3.9 — launch code calls them a dozen times per op, more than a small kernel runs.)"""
+    return -(-int(a) // int(b))
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1), on the host."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels in its interpreter. Read once: triton reads TRITON_INTERPRET when a kernel is
+    first defined, so it cannot change meaning later in a process (and the launch path asks several times a
+    call)."""
+    global _INTERPRETER
+    if _INTERPRETER is None:
+        _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRETER
+
+
+_INTERPRETER: bool | None = None
 
 
 def triton_available() -> bool:

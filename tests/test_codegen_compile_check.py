@@ -11,8 +11,8 @@ import pytest
 from codegen.compile_check import GRID_LIMIT, SHARED_LIMIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPECTED_KERNELS = {"lora_linear_kernel", "softmax_row_kernel", "softmax_looped_kernel", "monarch_linear_kernel",
-                    "blockdiag_linear_kernel", "lut_build_kernel", "lut_gemv_kernel", "vq_logits_kernel",
+EXPECTED_KERNELS = {"block_gemm_kernel", "softmax_row_kernel", "softmax_partial_kernel", "softmax_normalize_kernel",
+                    "lut_gemv_kernel", "lut_reduce_kernel", "vq_lse_kernel", "vq_gather_kernel",
                     "softplus_attention_kernel", "region_kernel"}
 
 try:
@@ -45,10 +45,13 @@ def test_every_kernel_compiles_for_sm90_within_limits(tmp_path):
         assert r["regs"] is None or 0 < r["regs"] <= 255, r
         assert 0 <= r["shared_bytes"] <= SHARED_LIMIT[90], r
         assert all(g <= lim for g, lim in zip(r["grid"], GRID_LIMIT)), r
-    # the autotuned LoRA kernel is compiled in every one of its configs, with GPU (not interpreter) tiles
-    lora_tiles = {(r["spec"]) for r in rows if r["kernel"] == "lora_linear_kernel" and "float16" in r["spec"]}
-    assert len(lora_tiles) >= 8
-    assert any("BM=128" in s for s in lora_tiles)
+    # the GEMM template is compiled in every candidate configuration selection may pick, with GPU (not
+    # interpreter) tiles: 128×256 and 128×128 with K step 64 among them, the LoRA adapter loop and the
+    # cuBLAS-epilogue variant (HAS_C) too
+    gemm = {r["spec"] for r in rows if r["kernel"] == "block_gemm_kernel" and "float16" in r["spec"]}
+    assert len(gemm) >= 8
+    assert any("BM=128,BN=256,BK=64" in s for s in gemm) and any("BM=128,BN=128,BK=64" in s for s in gemm)
+    assert any("HAS_EXTRA=True" in s for s in gemm) and any("HAS_C=True" in s for s in gemm)
 
 
 BAD_KERNEL = '''
@@ -116,18 +119,18 @@ def test_refuses_to_run_under_the_interpreter(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "TRITON_INTERPRET" in proc.stderr
 
 
-def test_an_autotune_config_over_a_limit_is_skipped_not_failed_unless_all_are():
-    from codegen.compile_check import Launch, Result, prune_autotune_configs
+def test_a_candidate_over_a_limit_is_skipped_not_failed_unless_all_are():
+    from codegen.compile_check import Launch, Result, prune_candidates
 
     def result(group, problems=(), error=""):
         launch = Launch(kernel=None, args=(), kwargs={}, grid=(1,), case="c", tuned_group=group)
         return Result(launch, 80, ok=not problems and not error, error=error, problems=list(problems))
 
     over = ["shared memory 204800 B > 166912 B per block on sm_80"]
-    fits, big, broken = result(0), result(0, over), result(0, error="CompilationError: K >= 16")
-    alone_big, plain_big = result(7, over), result(None, over)
-    prune_autotune_configs([fits, big, broken, alone_big, plain_big])
-    assert big.ok and big.pruned                     # another config of its call fits: the autotuner skips it
+    fits, big, broken = result((0, 0)), result((0, 0), over), result((0, 0), error="CompilationError: K >= 16")
+    alone_big, plain_big = result((7, 0), over), result(None, over)
+    prune_candidates([fits, big, broken, alone_big, plain_big])
+    assert big.ok and big.pruned                     # another candidate of its call fits: selection skips it
     assert not broken.ok                             # a compile error is never skipped
     assert not alone_big.ok and not alone_big.pruned     # every config of its call is over: a real failure
     assert not plain_big.ok                          # a plain launch has no alternative

@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codegen.runtime import mma_upcast
+from codegen.templates import gemm
 from codegen.templates import lora_linear as lora_t
+from codegen.templates.gemm import Tiles
 from codegen.testing import LaunchSpy, guard_intact, guarded, guarded_output, on_device
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=2e-2),
@@ -44,7 +46,7 @@ def test_lora_kernel_matches_float64(rows, k, n, r, dtype, has_bias, has_xa, act
     gxa = guarded(xa, strided=strided) if xa is not None else None
     gres = guarded(res, strided=strided) if res is not None else None
     out = guarded_output((rows, n), dtype, strided=strided)
-    blocks = dict(BM=16, BN=16, BK=16, BR=max(16, 1 << (r - 1).bit_length())) if small_blocks else None
+    blocks = Tiles(16, 16, 16) if small_blocks else None
     lora_t.launch(gx, gw, gb, ga, gbb, scale, gxa, act, gres, blocks=blocks, out=out)
     want = _ref64(x, w, b, a, bb, scale, xa, act, res)
     assert guard_intact(out), "write outside the output"
@@ -58,7 +60,7 @@ def test_lora_kernel_multi_tile_and_3d_input():
     x = torch.randn(2, 19, 40)
     w, b, a, bb = torch.randn(45, 40), torch.randn(45), torch.randn(5, 40), torch.randn(45, 5)
     y = lora_t.launch(*map(on_device, (x, w, b, a, bb)), 0.5,
-                      blocks=dict(BM=16, BN=16, BK=16, BR=16)).cpu()   # 3×3 tiles, 3 K steps
+                      blocks=Tiles(16, 16, 16)).cpu()   # 3×3 tiles, 3 K steps
     torch.testing.assert_close(y.double(), _ref64(x, w, b, a, bb, 0.5, None, "none", None), rtol=1e-5, atol=1e-5)
     assert y.shape == (2, 19, 45)
 
@@ -116,18 +118,18 @@ def test_lowered_op_trains_like_the_reference(act, res, xa):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lora_low_precision_rounds_only_the_scaled_adapter_activation(dtype, monkeypatch):
-    """UPCAST = mma_upcast(dtype); without it s·(x_a·Aᵀ) is rounded to the input dtype before ·Bᵀ and nothing
-    else is: an fp32 output buffer (the fp32 accumulator) matches that float64 emulation far tighter than the
-    unrounded one."""
-    spy = LaunchSpy(lora_t.lora_linear_kernel)
-    monkeypatch.setattr(lora_t, "lora_linear_kernel", spy)
+    """UPCAST = mma_upcast(dtype) in both GEMMs (h = s·x_a·Aᵀ, then the output); without it h is rounded to the
+    input dtype before ·Bᵀ and nothing else is: an fp32 output buffer (the fp32 accumulator) matches that float64
+    emulation far tighter than the unrounded one."""
+    spy = LaunchSpy(gemm.block_gemm_kernel)
+    monkeypatch.setattr(gemm, "block_gemm_kernel", spy)
     g = torch.Generator().manual_seed(9)
     mk = lambda fan_in, *s: (torch.randn(*s, generator=g) / fan_in ** 0.5).to(dtype)  # noqa: E731
     x, w, b, a, bb = mk(1, 16, 64), mk(64, 48, 64), mk(1, 48), mk(64, 8, 64), mk(1, 48, 8)
     out = guarded_output((16, 48), torch.float32)
     lora_t.launch(guarded(x), guarded(w), guarded(b), guarded(a), guarded(bb), 1.5,
-                  blocks=dict(BM=16, BN=16, BK=16, BR=16), out=out)   # explicit blocks: no autotuner on GPU
-    assert [c["UPCAST"] for c in spy.calls] == [mma_upcast(dtype)]
+                  blocks=Tiles(16, 16, 16), out=out)
+    assert [c["UPCAST"] for c in spy.calls] == [mma_upcast(dtype)] * 2
     rnd = None if mma_upcast(dtype) else dtype
 
     def emulate(r):
@@ -141,24 +143,17 @@ def test_lora_low_precision_rounds_only_the_scaled_adapter_activation(dtype, mon
     assert (other - want).abs().max().item() > 10 * tight
 
 
-def test_autotuned_launch_picks_a_config_per_key_and_every_config_is_right(monkeypatch):
-    """Without explicit blocks, launch() goes through the autotuner (two small configs timed on the CPU under the
-    interpreter; the GPU's list on a GPU): it benchmarks once per key, caches the winner, and whichever config
-    it picks gives the reference's result."""
-    tuned = lora_t.autotuned()
-    tuned.cache.clear()
-    benched = []
-    real_bench = tuned._bench
-    monkeypatch.setattr(tuned, "_bench", lambda *a, **k: benched.append(k["config"]) or real_bench(*a, **k))
+def test_every_selection_candidate_computes_the_op(monkeypatch):
+    """codegen.select may run any of the op's candidates — each Triton tile configuration, cuBLAS + the Triton
+    epilogue pass, the two aten paths — so each must give the reference's result (fp32: exact dots), epilogue
+    included."""
     g = torch.Generator().manual_seed(4)
-    x, w, a, bb = (torch.randn(*s, generator=g) for s in ((40, 72), (56, 72), (4, 72), (56, 4)))
-    want = x.double() @ w.double().t() + 0.5 * (x.double() @ a.double().t()) @ bb.double().t()
-    for _ in range(2):
-        y = lora_t.launch(*map(on_device, (x, w, None, a, bb)), 0.5).cpu()
-        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
-    assert benched == tuned.configs and len(tuned.cache) == 1        # each config timed once, then cached
-    assert tuned.best_config in tuned.configs
-    for config in tuned.configs:          # every candidate, not just the winner, computes the same thing
-        blocks = dict(config.kwargs, BR=lora_t.rank_block(4))
-        y = lora_t.launch(*map(on_device, (x, w, None, a, bb)), 0.5, blocks=blocks).cpu()
-        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    x, w, b, a, bb, res = (torch.randn(*s, generator=g) for s in ((40, 72), (56, 72), (56,), (4, 72), (56, 4),
+                                                                   (40, 56)))
+    want = _ref64(x, w, b, a, bb, 0.5, None, "gelu", res)
+    cands = lora_t.candidates(*map(on_device, (x, w, b, a, bb)), 0.5, None, "gelu", on_device(res))
+    kinds = [c.kind for c in cands]
+    assert kinds[0] == "triton" and kinds.count("aten") == 2 and "cublas+triton-epilogue" in [c.name for c in cands]
+    assert len({c.name for c in cands}) == len(cands)
+    for c in cands:
+        torch.testing.assert_close(c.run().cpu().double(), want, rtol=1e-5, atol=1e-5, msg=c.name)

@@ -97,8 +97,8 @@ def test_shiftadd_pass_lowers_end_to_end():
 
 
 def test_many_rows_take_the_dequantised_gemm_few_rows_the_lut(monkeypatch):
-    """The tables cost rows · in/8 · 1 KiB: past LUT_BYTES_MAX the op runs dequantise + one GEMM (no notice: by
-    design); below it, the LUT kernel. Both give the quantised layer's output."""
+    """Every row re-reads the signs: past LUT_ROWS_MAX rows the op runs dequantise + one GEMM (no notice: by
+    design); up to it, the LUT kernel. Both give the quantised layer's output."""
     layer_4096 = torch.empty(3, 4096, 512, dtype=torch.uint8, device="meta")    # 4096 → 4096, 3 bits
     assert sa_t.lut_pays_off(16, layer_4096) and not sa_t.lut_pays_off(512, layer_4096)
     g = torch.Generator().manual_seed(5)
@@ -106,7 +106,7 @@ def test_many_rows_take_the_dequantised_gemm_few_rows_the_lut(monkeypatch):
     launched = []
     real_launch = sa_t.launch
     monkeypatch.setattr(sa_t, "launch", lambda *a, **k: launched.append(a[0].shape) or real_launch(*a, **k))
-    monkeypatch.setattr(sa_t, "LUT_BYTES_MAX", 3 * (32 // 8) * 256 * 4)      # the tables of 3 rows
+    monkeypatch.setattr(sa_t, "LUT_ROWS_MAX", 3)
     want = lambda x: x.double() @ bcq.dequantize(signs, exps, 32, 16).double().t()  # noqa: E731
     for rows, lut in ((3, True), (4, False)):
         x = torch.randn(rows, 32, generator=g)

@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import codegen.ops as kops
+from codegen.templates import gemm
 from codegen.templates import vq_logits as vq_t
+from codegen.templates.gemm import Tiles
 from codegen.runtime import interpreter, mma_upcast
 from codegen.testing import LaunchSpy, guard_intact, guarded, guarded_output, kernel_device, on_device
 from rewriter.ops import vq_logits as vq_op
@@ -34,7 +36,7 @@ def test_vq_kernel_matches_float64(rows, d, k, vocab, dtype, has_bias, log_softm
     code_map = torch.randint(0, k, (vocab,), generator=g).to(map_dtype)
     bias = torch.randn(vocab, generator=g).to(dtype) if has_bias else None
     out = guarded_output((rows, vocab), dtype, strided=strided)
-    blocks = dict(BM=16, BD=16, BC=16, BV=16) if small else None
+    tiles = Tiles(16, 16, 16) if small else None
     gmap = code_map
     if strided:   # a non-contiguous map (stride 2) in a buffer of out-of-range codes: misaddressing reads garbage
         gmap = torch.full((2 * vocab + 6,), 10 ** 6, dtype=map_dtype, device=kernel_device())[3:3 + 2 * vocab:2]
@@ -42,7 +44,7 @@ def test_vq_kernel_matches_float64(rows, d, k, vocab, dtype, has_bias, log_softm
     else:
         gmap = on_device(code_map)
     vq_t.launch(guarded(h, strided), guarded(codebook, strided), gmap, guarded(bias) if bias is not None else None,
-                log_softmax, blocks=blocks, v_chunk=32 if small else None, out=out)
+                log_softmax, tiles=tiles, bv=16 if small else None, bm=2 if small else None, out=out)
     want = vq_op.reference(_d(h), _d(codebook), code_map, _d(bias), log_softmax)
     assert not torch.isnan(out).any(), "NaN leaked from a guard region: out-of-bounds read"
     assert guard_intact(out), "write outside the output"
@@ -74,8 +76,8 @@ def test_low_precision_operands_reach_the_dot_and_code_logits_round_to_the_input
     h = torch.randn(16, 48, generator=g).to(dtype)
     codebook = (torch.randn(24, 48, generator=g) / 48 ** 0.5).to(dtype)
     code_map = torch.randint(0, 24, (40,), generator=g)
-    spy = LaunchSpy(vq_t.vq_logits_kernel)
-    monkeypatch.setattr(vq_t, "vq_logits_kernel", spy)
+    spy = LaunchSpy(gemm.block_gemm_kernel)
+    monkeypatch.setattr(gemm, "block_gemm_kernel", spy)
     out = guarded_output((16, 40), torch.float32)
     vq_t.launch(guarded(h), guarded(codebook), on_device(code_map), out=out)
     assert [c["UPCAST"] for c in spy.calls] == [mma_upcast(dtype)]

@@ -7,9 +7,18 @@
     pass 2:  yᵢ = pᵢ / S_m · 2^(nᵢ − S_e)
 
 Vectorised, a chunk of the row folds in at once: e_c = max nᵢ over the chunk, S_c = Σ pᵢ·2^(nᵢ−e_c), then one
-(S_m, S_e) update with (S_c, e_c). Two kernels: `softmax_row_kernel` keeps a whole row in one block (reads x once,
-writes once); `softmax_looped_kernel` walks rows longer than a block in chunks (reads x twice, writes once).
-x = −∞ gives p = 0 (masked lanes load −∞). One program per row; loads are upcast to fp32.
+(S_m, S_e) update with (S_c, e_c); two partial sums combine the same way. x = −∞ gives p = 0 (masked lanes load
+−∞). Loads are upcast to fp32.
+
+Kernels (the goal on a GPU: move bytes at copy speed — one read per pass, one write):
+    softmax_row_kernel        rows ≤ max_row_block(): BLOCK_R whole rows per program (x read once, y written
+                              once); several short rows per program so each moves ≥ 4096 elements
+    softmax_partial_kernel    long rows, pass 1: grid (rows, chunks) — each program folds one chunk of one row
+                              into a partial (S_m, S_e); chunks are chosen so rows × chunks fills the GPU even
+                              for a few 131k-long rows (one program per row left most SMs idle)
+    softmax_normalize_kernel  pass 2, same grid: each program combines its row's partials (≤ 1024 of them) and
+                              writes yᵢ for its chunk (x read a second time)
+Candidates for codegen.select: the kernels above (for long rows also with half as many chunks) and torch.softmax.
 """
 from __future__ import annotations
 
@@ -17,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from codegen.runtime import interpreter
+from codegen.runtime import cdiv, interpreter, next_pow2
+from codegen.select import Candidate
 
 LOG2E = 1.4426950408889634
 LN2_HI = 0.693359375               # 9 significant bits: n·LN2_HI is exact in fp32 for |n| < 2^15
@@ -41,27 +51,31 @@ def _finite_or_zero(e):
 
 
 @triton.jit
-def softmax_row_kernel(x_ptr, y_ptr, N, sxr, sxc, syr, syc, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+def softmax_row_kernel(x_ptr, y_ptr, R, N, sxr, sxc, syr, syc, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    x = tl.load(x_ptr + row * sxr + cols * sxc, mask=mask, other=float("-inf")).to(tl.float32)
+    mask = (rows < R)[:, None] & (cols < N)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * sxr + cols[None, :] * sxc, mask=mask, other=float("-inf")).to(tl.float32)
     p, n = _mantissa_exponent(x)
-    s_e = tl.max(n, axis=0)
-    s_m = tl.sum(p * tl.exp2(n - s_e), axis=0)
-    y = p / s_m * tl.exp2(n - s_e)
-    tl.store(y_ptr + row * syr + cols * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
+    s_e = tl.max(n, axis=1)
+    scale = tl.exp2(n - s_e[:, None])
+    s_m = tl.sum(p * scale, axis=1)
+    y = p / s_m[:, None] * scale
+    tl.store(y_ptr + rows[:, None] * syr + cols[None, :] * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def softmax_looped_kernel(x_ptr, y_ptr, N, sxr, sxc, syr, syc, BLOCK: tl.constexpr):
+def softmax_partial_kernel(x_ptr, pm_ptr, pe_ptr, N, CHUNK, sxr, sxc, BLOCK: tl.constexpr):
     row = tl.program_id(0)
+    ch = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
     s_m = tl.sum(tl.zeros((BLOCK,), dtype=tl.float32), axis=0)
     s_e = s_m + float("-inf")
-    for c0 in range(0, N, BLOCK):
+    lo = ch * CHUNK
+    hi = tl.minimum(lo + CHUNK, N)
+    for c0 in range(lo, hi, BLOCK):
         c = c0 + cols
-        x = tl.load(x_ptr + row * sxr + c * sxc, mask=c < N, other=float("-inf")).to(tl.float32)
+        x = tl.load(x_ptr + row * sxr + c * sxc, mask=c < hi, other=float("-inf")).to(tl.float32)
         p, n = _mantissa_exponent(x)
         e_c = tl.max(n, axis=0)
         # an all −∞ chunk has e_c = −∞: measure against 0 instead so 2^(−∞ − e) stays 0, never NaN
@@ -70,9 +84,28 @@ def softmax_looped_kernel(x_ptr, y_ptr, N, sxr, sxc, syr, syc, BLOCK: tl.constex
         e_ref = _finite_or_zero(e_new)
         s_m = s_m * tl.exp2(s_e - e_ref) + s_c * tl.exp2(e_c - e_ref)
         s_e = e_new
-    for c0 in range(0, N, BLOCK):
+    chunks = tl.num_programs(1)
+    tl.store(pm_ptr + row * chunks + ch, s_m)
+    tl.store(pe_ptr + row * chunks + ch, s_e)
+
+
+@triton.jit
+def softmax_normalize_kernel(x_ptr, y_ptr, pm_ptr, pe_ptr, N, CHUNK, sxr, sxc, syr, syc, BLOCK: tl.constexpr,
+                             BLOCK_CH: tl.constexpr):
+    row = tl.program_id(0)
+    ch = tl.program_id(1)
+    chunks = tl.num_programs(1)
+    rc = tl.arange(0, BLOCK_CH)
+    pm = tl.load(pm_ptr + row * chunks + rc, mask=rc < chunks, other=0.0)
+    pe = tl.load(pe_ptr + row * chunks + rc, mask=rc < chunks, other=float("-inf"))
+    s_e = tl.max(pe, axis=0)
+    s_m = tl.sum(pm * tl.exp2(pe - _finite_or_zero(s_e)), axis=0)
+    cols = tl.arange(0, BLOCK)
+    lo = ch * CHUNK
+    hi = tl.minimum(lo + CHUNK, N)
+    for c0 in range(lo, hi, BLOCK):
         c = c0 + cols
-        mask = c < N
+        mask = c < hi
         x = tl.load(x_ptr + row * sxr + c * sxc, mask=mask, other=float("-inf")).to(tl.float32)
         p, n = _mantissa_exponent(x)
         y = p / s_m * tl.exp2(n - s_e)
@@ -89,10 +122,25 @@ def supported(x: torch.Tensor) -> str | None:
     return None
 
 
+TARGET_PROGRAMS = 1024      # long rows: split each into chunks until rows × chunks reaches this (~8 per SM)
+
+
+def split(rows: int, n: int, block: int, target: int = TARGET_PROGRAMS) -> tuple[int, int]:
+    """(chunks per row, chunk length — a multiple of block) for the two-kernel path."""
+    blocks = cdiv(n, block)
+    chunks = max(1, min(blocks, 1024, cdiv(target, max(rows, 1))))
+    length = cdiv(blocks, chunks) * block
+    return cdiv(n, length), length
+
+
+def _warps(block: int) -> dict:
+    return {} if interpreter() else {"num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16}
+
+
 def launch(x: torch.Tensor, dim: int, block: int | None = None, looped: bool | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(x, dim). `block`/`looped` override the choice (tests use them to force the looped kernel);
-    `out` (x's shape, any strides) receives the result."""
+           out: torch.Tensor | None = None, target_programs: int = TARGET_PROGRAMS) -> torch.Tensor:
+    """softmax(x, dim). `block`/`looped` override the choice (tests use them to force the two-kernel path with
+    small chunks); `out` (x's shape, any strides) receives the result."""
     if x.dim() == 0:
         return torch.ones_like(x)
     dim = dim % x.dim()
@@ -109,11 +157,24 @@ def launch(x: torch.Tensor, dim: int, block: int | None = None, looped: bool | N
     if rows and N:
         if looped is None:
             looped = N > max_row_block()
-        if block is None:
-            block = min(triton.next_power_of_2(N), max_row_block()) if looped else triton.next_power_of_2(N)
-        kernel = softmax_looped_kernel if looped else softmax_row_kernel
-        extra = {} if interpreter() else {"num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16}
-        kernel[(rows,)](x2, y2, N, x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1), BLOCK=block, **extra)
+        if not looped:
+            block = block or next_pow2(N)
+            block_r = 1 if interpreter() else max(1, min(16, 4096 // block))
+            softmax_row_kernel[(cdiv(rows, block_r),)](
+                x2, y2, rows, N, x2.stride(0), x2.stride(1), y2.stride(0), y2.stride(1), BLOCK_R=block_r,
+                BLOCK=block, **_warps(block * block_r))
+        else:
+            block = block or min(next_pow2(N), max_row_block() // 2)
+            chunks, length = split(rows, N, block, 4 if interpreter() and target_programs == TARGET_PROGRAMS
+                                   else target_programs)
+            pm = torch.empty(rows, chunks, dtype=torch.float32, device=x.device)
+            pe = torch.empty(rows, chunks, dtype=torch.float32, device=x.device)
+            softmax_partial_kernel[(rows, chunks)](x2, pm, pe, N, length, x2.stride(0), x2.stride(1), BLOCK=block,
+                                                   **_warps(block))
+            softmax_normalize_kernel[(rows, chunks)](x2, y2, pm, pe, N, length, x2.stride(0), x2.stride(1),
+                                                     y2.stride(0), y2.stride(1), BLOCK=block,
+                                                     BLOCK_CH=max(16, next_pow2(chunks)),
+                                                     **_warps(block))
     if out is None:
         return y2.reshape(xm.shape).movedim(-1, dim)
     if copy_back:
@@ -123,3 +184,13 @@ def launch(x: torch.Tensor, dim: int, block: int | None = None, looped: bool | N
 
 def reference(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.softmax(x, dim)
+
+
+def candidates(x: torch.Tensor, dim: int):
+    out = [Candidate("triton[two-pass]", "triton", lambda: launch(x, dim))]
+    n = x.shape[dim] if x.dim() else 1
+    if n > max_row_block() and not interpreter():
+        out.append(Candidate("triton[two-pass, half the chunks]", "triton",
+                             lambda: launch(x, dim, target_programs=TARGET_PROGRAMS // 2)))
+    out.append(Candidate("aten", "aten", lambda: reference(x, dim)))
+    return out

@@ -2,8 +2,13 @@
 
     aᵢⱼ = softplus(log d · log Nᵢ · q̂ᵢ·k̂ⱼ)·keepᵢⱼ,   out = Σⱼ aᵢⱼ vⱼ / (Σⱼ aᵢⱼ + eps)
 
-The weights are never materialised: one program owns BM query rows of one (batch, head) and walks the keys in
-BN blocks, recomputing q̂·k̂ᵀ with tl.dot (rows normalised in registers, F.normalize's max(‖x‖, eps)).
+The structure of a flash-attention forward: the weights are never materialised; one program owns BM = 128
+query rows of one (batch, head) (64 in the second candidate) and walks the keys in BN blocks (K/V loads
+pipelined over 3 stages), recomputing q̂·k̂ᵀ with tl.dot (rows normalised in registers, F.normalize's
+max(‖x‖, eps)). Causal: a tile stops at the key block holding its last row (the upper triangle is never
+computed: half the work of a dense sweep), the blocks wholly below the diagonal run without any mask arithmetic,
+only the diagonal blocks (and the key tail) are masked; programs start with the longest rows so the launch's
+tail is short.
 softplus needs no running max (|q̂·k̂| ≤ 1 bounds the scores), so LSSA is one sweep accumulating Σa·v and Σa.
 Nᵢ is min(i+1, Tk) (causal), Tk, or — with a mask — counted in a first sweep over the mask row.
 LSSAR (reweight) adds a sweep: sweep A gets Sᵢ = Σa and maxⱼ aᵢⱼ (max r = ReLU(max a/(S+eps)·N − O) since the
@@ -28,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from codegen.runtime import interpreter, mma_upcast
+from codegen.runtime import cdiv, interpreter, mma_upcast, next_pow2
+from codegen.select import Candidate
 
 
 @triton.jit
@@ -68,15 +74,44 @@ def _scores(q, rq, k_ptr, koff, rn, TK, D, skn, skd, eps, UPCAST: tl.constexpr, 
 
 
 @triton.jit
+def _weights(q, rq, scale, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
+             HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+             IEEE: tl.constexpr, BD: tl.constexpr):
+    """The LSSA weights of a (BM, BN) tile; MASKED = False for tiles wholly inside the causal triangle and the
+    key range (no mask arithmetic at all)."""
+    s = _scores(q, rq, k_ptr, koff, rn, TK, D, skt, skd, eps, UPCAST, IEEE, BD)
+    a = _softplus(scale[:, None] * s)
+    if MASKED:
+        a = tl.where(_keep(m_ptr, moff, rm, rn, TQ, TK, smq, smk, HAS_MASK, CAUSAL), a, 0.0)
+    return a
+
+
+@triton.jit
+def _accumulate(acc, a, v_ptr, voff, rn, re, TK, DV, svt, svd, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a·v for one key block: a rounded to the input dtype for the dot (as flash attention does with P)."""
+    v = tl.load(v_ptr + voff + rn[:, None] * svt + re[None, :] * svd, mask=(rn < TK)[:, None] & (re < DV)[None, :],
+                other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+        ad = a
+    else:
+        ad = a.to(v_ptr.dtype.element_ty)
+    if IEEE:
+        return tl.dot(ad, v, acc, input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(ad, v, acc, out_dtype=tl.float32)
+
+
+@triton.jit
 def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
                               H, TQ, TK, D, DV, log_d, p, train_len, eps,
                               sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                               smb, smh, smq, smk, sob, soh, sot, sod,
                               HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr,
                               UPCAST: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                              BD: tl.constexpr,
-                              BDV: tl.constexpr):
+                              BD: tl.constexpr, BDV: tl.constexpr):
     pid_m = tl.program_id(0)
+    if CAUSAL:                      # the longest rows (most key blocks) first: the tail of the launch is short
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -94,9 +129,18 @@ def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
     rq = 1.0 / tl.maximum(tl.sqrt(tl.sum(qf * qf, axis=1)), eps)
     if UPCAST:
         q = qf
+    # key blocks: [0, full) need no mask (every key < TK and, causal, ≤ the tile's first row); [full, hi) do;
+    # causal tiles stop at their last row (block skipping: the upper triangle is never computed)
+    hi = TK
+    if CAUSAL:
+        hi = tl.minimum(TK, (pid_m + 1) * BM)
+    full = (TK // BN) * BN
+    if CAUSAL:
+        full = tl.minimum(full, ((pid_m * BM + 1) // BN) * BN)
     if HAS_MASK:
+        full = 0
         n = tl.zeros((BM,), dtype=tl.float32)
-        for n0 in range(0, TK, BN):
+        for n0 in range(0, hi, BN):
             rn = n0 + tl.arange(0, BN)
             keep = _keep(m_ptr, moff, rm, rn, TQ, TK, smq, smk, HAS_MASK, CAUSAL)
             n += tl.sum(keep.to(tl.float32), axis=1)
@@ -106,52 +150,42 @@ def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
         n = tl.zeros((BM,), dtype=tl.float32) + TK
     scale = log_d * tl.log(tl.maximum(n, 1.0))
     total = tl.zeros((BM,), dtype=tl.float32)
-    if REWEIGHT:   # sweep A: row sums and row maxima of the LSSA weights
+    acc = tl.zeros((BM, BDV), dtype=tl.float32)
+    if REWEIGHT:   # sweep A: row sums and row maxima of the LSSA weights; sweep B below
         a_max = tl.zeros((BM,), dtype=tl.float32)
-        for n0 in range(0, TK, BN):
+        for n0 in range(0, hi, BN):
             rn = n0 + tl.arange(0, BN)
-            keep = _keep(m_ptr, moff, rm, rn, TQ, TK, smq, smk, HAS_MASK, CAUSAL)
-            s = _scores(q, rq, k_ptr, koff, rn, TK, D, skt, skd, eps, UPCAST, IEEE, BD)
-            a = tl.where(keep, _softplus(scale[:, None] * s), 0.0)
+            a = _weights(q, rq, scale, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
+                         HAS_MASK, CAUSAL, True, UPCAST, IEEE, BD)
             total += tl.sum(a, axis=1)
             a_max = tl.maximum(a_max, tl.max(a, axis=1))
         offset = tl.where(n > 1.0, 1.0, 0.0)
         r_max = tl.maximum(a_max / (total + eps) * n - offset, 0.0)
         r_sum = tl.zeros((BM,), dtype=tl.float32)
         acc_r = tl.zeros((BM, BDV), dtype=tl.float32)
-        total_a = total
-    acc = tl.zeros((BM, BDV), dtype=tl.float32)
-    for n0 in range(0, TK, BN):
-        rn = n0 + tl.arange(0, BN)
-        keep = _keep(m_ptr, moff, rm, rn, TQ, TK, smq, smk, HAS_MASK, CAUSAL)
-        s = _scores(q, rq, k_ptr, koff, rn, TK, D, skt, skd, eps, UPCAST, IEEE, BD)
-        a = tl.where(keep, _softplus(scale[:, None] * s), 0.0)
-        v = tl.load(v_ptr + voff + rn[:, None] * svt + re[None, :] * svd,
-                    mask=(rn < TK)[:, None] & (re < DV)[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-            ad = a
-        else:
-            ad = a.to(v_ptr.dtype.element_ty)       # the weights rounded to the input dtype (one dtype per tl.dot)
-        if IEEE:
-            acc = tl.dot(ad, v, acc, input_precision="ieee", out_dtype=tl.float32)
-        else:
-            acc = tl.dot(ad, v, acc, out_dtype=tl.float32)
-        if REWEIGHT:
-            r = tl.maximum(a / (total_a + eps)[:, None] * n[:, None] - offset[:, None], 0.0)
+        for n0 in range(0, hi, BN):
+            rn = n0 + tl.arange(0, BN)
+            a = _weights(q, rq, scale, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
+                         HAS_MASK, CAUSAL, True, UPCAST, IEEE, BD)
+            acc = _accumulate(acc, a, v_ptr, voff, rn, re, TK, DV, svt, svd, UPCAST, IEEE)
+            r = tl.maximum(a / (total + eps)[:, None] * n[:, None] - offset[:, None], 0.0)
             r = r / (r_max + eps)[:, None]
             r = tl.where(r > 0.0, tl.exp2(p * tl.log2(tl.maximum(r, 1e-30))), 0.0)
             r_sum += tl.sum(r, axis=1)
-            if UPCAST:
-                rdot = r
-            else:
-                rdot = r.to(v_ptr.dtype.element_ty)
-            if IEEE:
-                acc_r = tl.dot(rdot, v, acc_r, input_precision="ieee", out_dtype=tl.float32)
-            else:
-                acc_r = tl.dot(rdot, v, acc_r, out_dtype=tl.float32)
-        else:
+            acc_r = _accumulate(acc_r, r, v_ptr, voff, rn, re, TK, DV, svt, svd, UPCAST, IEEE)
+    else:          # LSSA: one sweep (softplus needs no running max: |q̂·k̂| ≤ 1 bounds the scores)
+        for n0 in range(0, full, BN):
+            rn = n0 + tl.arange(0, BN)
+            a = _weights(q, rq, scale, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
+                         HAS_MASK, CAUSAL, False, UPCAST, IEEE, BD)
             total += tl.sum(a, axis=1)
+            acc = _accumulate(acc, a, v_ptr, voff, rn, re, TK, DV, svt, svd, UPCAST, IEEE)
+        for n0 in range(full, hi, BN):
+            rn = n0 + tl.arange(0, BN)
+            a = _weights(q, rq, scale, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
+                         HAS_MASK, CAUSAL, True, UPCAST, IEEE, BD)
+            total += tl.sum(a, axis=1)
+            acc = _accumulate(acc, a, v_ptr, voff, rn, re, TK, DV, svt, svd, UPCAST, IEEE)
     out = acc / (total + eps)[:, None]
     if REWEIGHT:
         use = r_sum > 0.0
@@ -163,7 +197,7 @@ def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
 
 
 def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
-    v = max(lo, triton.next_power_of_2(max(int(n), 1)))
+    v = max(lo, next_pow2(max(int(n), 1)))
     return min(v, hi) if hi is not None else v
 
 
@@ -190,10 +224,11 @@ def supported(q, k, v, mask) -> str | None:
 SHARED_BUDGET = 96 * 1024
 
 
-def pick_blocks(tq: int, tk: int, d: int, dv: int, operand_bytes: int) -> dict:
-    """Tiles: small under the interpreter; on a GPU BM = 64 and the largest BN ≤ 64 whose pipelined K/V tiles
-    (≈ 3 stages · BN · (BD + BDV) · operand bytes) fit SHARED_BUDGET, so every head dim ≤ 256 launches on an A100
-    (163 KiB per block) and an H100 (227 KiB) — fp32 with d = 128 at BN = 64 would need 176 KiB
+def pick_blocks(tq: int, tk: int, d: int, dv: int, operand_bytes: int, bm: int = 128) -> dict:
+    """Tiles: small under the interpreter; on a GPU flash attention's BM = 128 query rows (`bm`) and the largest
+    BN ≤ 64 whose pipelined K/V tiles (≈ 3 stages · BN · (BD + BDV) · operand bytes) fit SHARED_BUDGET, so every
+    head dim ≤ 256 launches on an A100 (163 KiB per block) and an H100 (227 KiB) — fp32 with d = 128 at BN = 64
+    would need 176 KiB; and 64 query rows where the q tile alone would pass 64 KiB (fp32, d 256)
     (`python -m codegen.compile_check` measures them)."""
     bd, bdv = _pow2(d), _pow2(dv)
     if interpreter():
@@ -201,12 +236,25 @@ def pick_blocks(tq: int, tk: int, d: int, dv: int, operand_bytes: int) -> dict:
     bn = 64
     while bn > 16 and 3 * bn * (bd + bdv) * operand_bytes > SHARED_BUDGET:
         bn //= 2
-    return dict(BM=_pow2(tq, hi=64), BN=_pow2(tk, hi=bn), BD=bd, BDV=bdv)
+    if bm * bd * operand_bytes > 64 * 1024:     # the q tile too (fp32 d 256 at BM 128: 128 KiB, over an A100)
+        bm = 64
+    return dict(BM=_pow2(tq, hi=bm), BN=_pow2(tk, hi=bn), BD=bd, BDV=bdv)
+
+
+def launch_options(blocks: dict, reweight: bool) -> dict:
+    """num_warps / num_stages for a tile: 8 warps for 128-row tiles with d > 64 or two accumulators (LSSAR),
+    else 4; 3 pipeline stages for the K/V loads (2 for LSSAR's extra register pressure). None under the
+    interpreter."""
+    if interpreter():
+        return {}
+    wide = blocks["BM"] >= 128 and (max(blocks["BD"], blocks["BDV"]) > 64 or reweight)
+    return dict(num_warps=8 if wide else 4, num_stages=2 if reweight else 3)
 
 
 def launch(q, k, v, mask, is_causal: bool, reweight: bool, p: float, train_len: int, eps: float,
-           blocks: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """rewrite::softplus_attention. `out` (q's shape with v's head dim), any strides, gets the result."""
+           blocks: dict | None = None, out: torch.Tensor | None = None, bm: int = 128) -> torch.Tensor:
+    """rewrite::softplus_attention. `out` (q's shape with v's head dim), any strides, gets the result; `bm` the
+    query tile on a GPU when `blocks` is not given."""
     squeeze = q.dim() == 3
     if squeeze:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
@@ -222,19 +270,40 @@ def launch(q, k, v, mask, is_causal: bool, reweight: bool, p: float, train_len: 
             mask = mask.unsqueeze(0)
         mask = mask.expand(bsz, heads, tq, tk).view(torch.uint8)
     if blocks is None:
-        blocks = pick_blocks(tq, tk, d, dv, 4 if mma_upcast(q.dtype) else 2)
+        blocks = pick_blocks(tq, tk, d, dv, 4 if mma_upcast(q.dtype) else 2, bm=bm)
     if bsz * heads and tq and dv:
         ms = mask.stride() if mask is not None else (0, 0, 0, 0)
-        grid = (triton.cdiv(tq, blocks["BM"]), bsz * heads)
+        grid = (cdiv(tq, blocks["BM"]), bsz * heads)
         softplus_attention_kernel[grid](
             q, k, v, mask if mask is not None else q, o, heads, tq, tk, d, dv,
             math.log(d), float(p), int(train_len), float(eps),
             *q.stride(), *k.stride(), *v.stride(), *ms, *o.stride(),
             HAS_MASK=mask is not None, CAUSAL=bool(is_causal), REWEIGHT=bool(reweight),
-            UPCAST=mma_upcast(q.dtype), IEEE=q.dtype == torch.float32, **blocks)
+            UPCAST=mma_upcast(q.dtype), IEEE=q.dtype == torch.float32, **blocks,
+            **launch_options(blocks, reweight))
     if out is not None:
         return out.squeeze(0) if squeeze else out
     return o.squeeze(0) if squeeze else o
+
+
+def candidates(q, k, v, mask, is_causal, reweight, p, train_len, eps):
+    """Triton with 128-row query tiles (flash attention's), then 64-row ones (GPU only; one candidate where the
+    tile rules already chose 64), then the aten path (the op's reference: the T × T weights materialised)."""
+    args = (q, k, v, mask, is_causal, reweight, p, train_len, eps)
+    out = []
+    if interpreter():
+        out.append(Candidate("triton", "triton", lambda: launch(*args)))
+    else:
+        seen = []
+        for bm in (128, 64):
+            blocks = pick_blocks(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1],
+                                 4 if mma_upcast(q.dtype) else 2, bm=bm)
+            if blocks not in seen:
+                seen.append(blocks)
+                out.append(Candidate(f"triton[BM{blocks['BM']} BN{blocks['BN']}]", "triton",
+                                     lambda blocks=blocks: launch(*args, blocks=blocks)))
+    out.append(Candidate("aten", "aten", lambda: reference(*args)))
+    return out
 
 
 def reference(q, k, v, mask, is_causal, reweight, p, train_len, eps):

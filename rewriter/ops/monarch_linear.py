@@ -18,6 +18,8 @@ sees a branch on a shape). Gradients always flow through the factors (dense is a
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -62,21 +64,68 @@ def _apply(x, w1, w2, bias, out_features, dense, threshold, fused: bool):
     if dense is not None and _rows(x) <= threshold:
         return F.linear(x, dense, bias)
     x2 = x.reshape(-1, x.shape[-1])
-    b, s = w2.shape[0], w2.shape[1]
-    if fused and bias is not None and s * b == m:
-        # P₂ and the bias in one pass: write o (b, N, s) permuted straight into a contiguous (N, s, b) output
-        a = x2 if x2.shape[1] == b * w1.shape[2] else F.pad(x2, (0, b * w1.shape[2] - x2.shape[1]))
-        a = a.view(a.shape[0], b, w1.shape[2]).transpose(0, 1)
-        o = torch.bmm(_perm1(torch.bmm(a, w1.transpose(1, 2))), w2.transpose(1, 2))
-        y = torch.empty(o.shape[1], s, b, dtype=o.dtype, device=o.device)
-        torch.add(o.permute(1, 2, 0), bias.view(s, b), out=y)
-        return y.view(*lead, m)
+    if fused:
+        return _fused(x2, w1, w2, bias, m).view(*lead, m)
     _, _, y = _forward_parts(x2, w1, w2)
     if y.shape[1] != m:
         y = y[:, :m]
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, m)
+
+
+def _fused(x2, w1, w2, bias, m):
+    """The op's own path: h, g and o go to per-thread workspace buffers on the CPU (below) and P₂ writes o
+    permuted straight into the contiguous output, the bias added in the same pass. Returns (rows, m)."""
+    b, q, p = w1.shape
+    s = w2.shape[1]
+    rows = x2.shape[0]
+    a = x2 if x2.shape[1] == b * p else F.pad(x2, (0, b * p - x2.shape[1]))
+    a = a.view(rows, b, p).transpose(0, 1)                  # strided view, bmm reads it in place
+    dt, dev = x2.dtype, x2.device
+    h = torch.bmm(a, w1.transpose(1, 2), out=_scratch("h", (b, rows, q), dt, dev))
+    if q % b == 0:
+        g = _scratch("g", (b, rows, q), dt, dev)
+        g.view(b, rows, b, q // b).copy_(h.view(b, rows, q // b, b).permute(3, 1, 0, 2))
+    else:
+        g = _perm1(h)
+    o = torch.bmm(g, w2.transpose(1, 2), out=_scratch("o", (b, rows, s), dt, dev))
+    y = torch.empty(rows, s, b, dtype=dt, device=dev)
+    if bias is not None and s * b == m:
+        torch.add(o.permute(1, 2, 0), bias.view(s, b), out=y)
+        return y.view(rows, m)
+    y.copy_(o.permute(1, 2, 0))
+    out = y.view(rows, s * b)[:, :m]                       # truncated to m (a padded output)
+    return out + bias if bias is not None else out.contiguous()
+
+
+_WORKSPACE = threading.local()
+
+
+def _scratch(name: str, shape: tuple, dtype, device) -> torch.Tensor | None:
+    """A reusable buffer for an intermediate that never leaves the op (None: let the op allocate). On the CPU a
+    fresh large tensor costs page faults on every call — glibc maps big blocks afresh and the kernel zeroes
+    each 4 KiB page on first touch — so h, g and o (a Monarch layer's rows × b·q and rows × b·s intermediates)
+    live in per-thread buffers, one per (name, shape, dtype), at most 24 of them. CUDA's caching allocator
+    already reuses memory: None there."""
+    if device.type != "cpu":
+        return None
+    buffers = getattr(_WORKSPACE, "buffers", None)
+    if buffers is None:
+        buffers = _WORKSPACE.buffers = {}
+    key = (name, shape, dtype)
+    buf = buffers.get(key)
+    if buf is None:
+        if len(buffers) >= 24:
+            buffers.clear()
+        buf = buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
+def factored(x, w1, w2, bias=None, out_features=None):
+    """The factored path alone (no pre-merged dense branch), in the op's own formulation (bias fused into the P₂
+    copy): the aten candidate codegen.select times against the Triton kernels."""
+    return _apply(x, w1, w2, bias, out_features, None, 0, fused=True)
 
 
 def reference(x, w1, w2, bias=None, out_features=None, dense=None, threshold=0):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 @torch.library.custom_op("rewrite::vq_logits", mutates_args=())
 def vq_logits(h: torch.Tensor, codebook: torch.Tensor, code_map: torch.Tensor, bias: torch.Tensor | None = None,
               log_softmax: bool = False) -> torch.Tensor:
-    return reference(h, codebook, code_map, bias, log_softmax)
+    return _apply(h, codebook, code_map, bias, log_softmax, in_place=True)
 
 
 def log_cluster_sizes(code_map: torch.Tensor, codes: int) -> torch.Tensor:
@@ -27,16 +27,31 @@ def log_cluster_sizes(code_map: torch.Tensor, codes: int) -> torch.Tensor:
     return torch.zeros(codes, device=code_map.device).index_add_(0, code_map, ones).log()
 
 
-def reference(h, codebook, code_map, bias=None, log_softmax=False):
-    code_logits = F.linear(h, codebook)                            # (..., K)
+def _apply(h, codebook, code_map, bias, log_softmax, in_place: bool):
+    """The formula on 2-D (rows, ·) views: index_select along dim 1 of a 2-D tensor takes a copy loop that runs
+    at the speed of writing the output, while index_select(-1) of a 3-D (batch, tokens, K) tensor takes a
+    generic indexed loop ~4× slower on the CPU (measured: 512 × 32,000 fp32 outputs, 2 threads, 55 ms vs 235 ms;
+    writing a fresh output of that size takes 48 ms). `in_place`: the bias is added into the fresh gathered
+    output instead of a new tensor (the op's own path; `reference` stays functional for make_fx)."""
+    lead = h.shape[:-1]
+    h2 = h.reshape(-1, h.shape[-1])
+    code_logits = F.linear(h2, codebook)                           # (rows, K)
     if log_softmax and bias is None:
         lse = torch.logsumexp(code_logits.float() + log_cluster_sizes(code_map, codebook.shape[0]), -1,
                               keepdim=True)
-        return (code_logits.float() - lse).to(h.dtype).index_select(-1, code_map)
-    out = code_logits.index_select(-1, code_map)
+        out = (code_logits.float() - lse).to(h.dtype).index_select(1, code_map)
+        return out.view(*lead, out.shape[-1])
+    out = code_logits.index_select(1, code_map)
     if bias is not None:
-        out = out + bias.to(out.dtype)
-    return torch.log_softmax(out, -1) if log_softmax else out
+        out = out.add_(bias.to(out.dtype)) if in_place else out + bias.to(out.dtype)
+    if log_softmax:
+        out = torch.log_softmax(out, -1)
+    return out.view(*lead, out.shape[-1])
+
+
+def reference(h, codebook, code_map, bias=None, log_softmax=False):
+    """Plain aten ops (functional), as `--decompose` inlines them."""
+    return _apply(h, codebook, code_map, bias, log_softmax, in_place=False)
 
 
 @vq_logits.register_fake
