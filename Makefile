@@ -26,8 +26,10 @@ test: $(STAMP)
 # the random-model fuzzer with every model on the GPU (every pass, API / CLI / torch.compile).
 GPU_PYTHON ?= python3
 test-gpu:
-	REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 $(GPU_PYTHON) -m pytest -q -p no:xdist tests/test_codegen_*.py \
-		tests/test_fuzz_*.py
+	REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 REWRITE_KERNELS=triton $(GPU_PYTHON) -m pytest -q -p no:xdist \
+		tests/test_codegen_*.py
+	REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 $(GPU_PYTHON) -m pytest -q -p no:xdist tests/test_fuzz_*.py \
+		tests/test_devices.py
 
 # Here, no GPU needed: compile every kernel a GPU run launches for the H100 (sm_90) and A100 (sm_80).
 kernels-check: $(STAMP)
