@@ -40,12 +40,12 @@ PY
 cat "$OUT/versions.json"
 
 # REWRITE_KERNELS=triton: op-level tests exercise the kernels even where selection would pick the aten path
-if command -v make >/dev/null; then
-    stage test-gpu 150 env REWRITE_KERNELS=triton make test-gpu GPU_PYTHON="$PYTHON"
-else    # the Makefile's test-gpu recipe
-    stage test-gpu 150 env REWRITE_KERNELS=triton REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 \
-        "$PYTHON" -m pytest -q -p no:xdist tests/test_codegen_*.py
-fi
+# (the two halves of the Makefile's test-gpu recipe, each with its own time limit)
+stage test-gpu 150 env REWRITE_KERNELS=triton REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 \
+    "$PYTHON" -m pytest -q -p no:xdist tests/test_codegen_*.py
+# every pass on CUDA-resident random and demo models (API, CLI, torch.compile, lowered), selection on auto
+stage fuzz-gpu 120 env REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 \
+    "$PYTHON" -m pytest -q -p no:xdist -x tests/test_fuzz_api.py tests/test_fuzz_compile.py tests/test_devices.py
 # each row is appended to a .jsonl file as soon as it is measured: a stage cut short keeps what it measured; the
 # markdown tables go to the logs
 stage kernels 240 "$PYTHON" -m bench.kernels --out "$OUT/kernels.jsonl"
