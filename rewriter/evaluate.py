@@ -1,8 +1,10 @@
 """`rewrite eval MODEL --pass SPEC`: the original program and the rewritten one, side by side, on real inputs.
 
 Metrics (--metric, chosen from the model when not given):
-    ppl     causal LMs with a tokenizer: perplexity on a text (rewriter/data/eval_text.txt by default), cut into
-            non-overlapping windows of --window tokens (at most --max-tokens in all); NLL of token t+1 from
+    ppl     causal LMs with a tokenizer: perplexity on a text (rewriter/data/eval_text.txt by default: 2,819
+            SmolLM2 tokens of public-domain text), cut into non-overlapping windows of --window tokens (default
+            256, capped at the model's context) — at most --max-tokens in all (default 2,048, so a perplexity is
+            not a 128-token anecdote); NLL of token t+1 from
             positions ≤ t. Also next-token agreement: top-1 (same argmax), top-5 (the original's top-1 is in the
             rewritten top 5) and KL(p_original ‖ p_rewritten), averaged over positions.
     cosine  encoders with a tokenizer: sentence embeddings by mean pooling over the attention mask, on the
@@ -14,7 +16,11 @@ Metrics (--metric, chosen from the model when not given):
 
 Always: normwise output error, per-pass site counts and per-layer figures (report.passes[i].sites), skipped
 sites with their reasons, parameters, bytes of the program's tensors, and forward time (median, same inputs).
-The exported programs have static shapes, so they are exported with exactly the batch they are evaluated on.
+The exported programs have static shapes, so they are exported with exactly the batch they are evaluated on —
+except for pipelines with a training pass (heal), which are captured with dynamic shapes so that training can
+use its own batch size and sequence length.
+Calibration (the data-aware passes, heal) never sees the evaluation text: passes sample their data from the model
+itself (data=self) or read a file, and a data= file that is the evaluation text is refused.
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ METRICS = ("ppl", "cosine", "agree")
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_TEXT = os.path.join(DATA_DIR, "eval_text.txt")
 DEFAULT_PAIRS = os.path.join(DATA_DIR, "sentence_pairs.json")
+DEFAULT_MAX_TOKENS = 2048
+DEFAULT_WINDOW = 256
 
 
 def add_arguments(parser) -> None:
@@ -46,9 +54,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text", default=None, metavar="FILE", help="text for perplexity (default: rewriter/data/eval_text.txt)")
     parser.add_argument("--pairs", default=None, metavar="FILE",
                         help="sentence pairs JSON for --metric cosine (default: rewriter/data/sentence_pairs.json)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="at most this many tokens of --text (default 512)")
-    parser.add_argument("--window", type=int, default=128,
-                        help="tokens per window (capped at the model's context; default 128)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"at most this many tokens of --text (default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help=f"tokens per window (capped at the model's context; default {DEFAULT_WINDOW})")
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.add_argument("--gguf", default=None, metavar="FILE", help="GGUF weights file (in MODEL's folder or a path)")
     parser.add_argument("--attn", choices=("eager", "sdpa"), default="eager",
@@ -205,13 +214,14 @@ def time_forward(modules, args, kwargs, repeat: int) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------- driver
-def prepare(args):
-    """-> (Captured, metric, extra) where extra holds what the metric needs (ids, mask, human scores)."""
+def prepare(args, dynamic: bool = False):
+    """-> (Captured, metric, extra) where extra holds what the metric needs (ids, mask, human scores) and the
+    resources the passes may use (the loaded model for sampling calibration data, its tokenizer)."""
     from .capture import capture
     from .hf import is_hf_source, load_model, example_inputs
 
     metric = args.metric
-    extra: dict = {}
+    extra: dict = {"resources": {"source": args.model}}
     if is_hf_source(args.model):
         model, tokenizer, config, _ = load_model(args.model, gguf=getattr(args, "gguf", None),
                                                  attn_implementation=args.attn)
@@ -236,12 +246,13 @@ def prepare(args):
             extra.update(mask=inputs[1], n_pairs=len(pairs), human=[p["score"] for p in pairs])
         else:
             inputs = example_inputs(model, tokenizer, config, input_shape=args.input_shape)
-        return capture(model, inputs, kwargs), metric, extra
+        extra["resources"].update(hf_model=model, tokenizer=tokenizer, causal=model.causal)
+        return capture(model, inputs, kwargs, dynamic=dynamic), metric, extra
     metric = metric or "agree"
     if metric != "agree":
         raise UserError(f"--metric {metric} needs a Hugging Face model with a tokenizer; use --metric agree")
     captured = capture(args.model, trust_pickle=getattr(args, "trust_pickle", False),
-                       input_shapes=getattr(args, "input_shape", None))
+                       input_shapes=getattr(args, "input_shape", None), dynamic=dynamic)
     return captured, metric, extra
 
 
@@ -251,9 +262,12 @@ def evaluate(args) -> dict:
     from .pass_base import parse_pipeline
 
     pipeline = parse_pipeline(args.passes) if args.passes else []
-    captured, metric, extra = prepare(args)
+    check_disjoint(pipeline, args)
+    trains = any(getattr(p, "needs_teacher", False) for p in pipeline)
+    captured, metric, extra = prepare(args, dynamic=trains)
     original = captured.program
-    result = run_captured(captured, pipeline, verify=getattr(args, "verify", False))
+    result = run_captured(captured, pipeline, verify=getattr(args, "verify", False),
+                          resources=extra["resources"], progress=getattr(args, "progress", None))
     ref_mod, new_mod = original.module(), result.program.module()
     a, kw = captured.args, captured.kwargs
     with torch.no_grad():
@@ -296,12 +310,26 @@ def evaluate(args) -> dict:
     }
 
 
+def check_disjoint(pipeline, args) -> None:
+    """Refuse a pipeline whose calibration/training data file is the evaluation text (or pairs) itself."""
+    evaluated = {os.path.realpath(p) for p in (_text_path(args), getattr(args, "pairs", None) or DEFAULT_PAIRS)}
+    for p in pipeline:
+        data = getattr(p, "data", "self")
+        if isinstance(data, str) and data != "self" and os.path.realpath(data) in evaluated:
+            raise UserError(f'pass "{p.spec()}" would calibrate on {data}, the text it is evaluated on; '
+                            "give other data (or data=self)")
+
+
+def _text_path(args) -> str:
+    return getattr(args, "text", None) or DEFAULT_TEXT
+
+
 def command_line(args) -> str:
     parts = ["rewrite", "eval", args.model]
     if args.passes:
         parts += ["--pass", f"'{args.passes}'"]
     for flag, default in (("metric", None), ("text", None), ("pairs", None), ("gguf", None), ("attn", "eager"),
-                          ("max_tokens", 512), ("window", 128), ("input_shape", None)):
+                          ("max_tokens", DEFAULT_MAX_TOKENS), ("window", DEFAULT_WINDOW), ("input_shape", None)):
         value = getattr(args, flag, default)
         if value != default:
             parts += [f"--{flag.replace('_', '-')}", str(value)]
@@ -388,6 +416,11 @@ def _fmt(v) -> str:
 
 def run(args, console) -> int:
     """The `rewrite eval` command. Returns the exit code (UserErrors propagate to the CLI)."""
+    if args.format != "json" and getattr(args, "progress", None) is None:
+        from rich.console import Console
+
+        from .cli import _progress_factory
+        args.progress = _progress_factory(Console(stderr=True))   # sampling, per-layer fits and heal take minutes
     results = evaluate(args)
     if args.format == "json":
         console.out(json.dumps(results, indent=2), highlight=False)
