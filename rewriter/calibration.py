@@ -175,13 +175,14 @@ def _cache(ctx) -> dict:
     return ctx.resources.setdefault("calibration", {})
 
 
-def batches(ctx, spec: DataSpec) -> list[list]:
-    """Calibration inputs for the program: a list of flat input lists, `spec.samples` samples in all."""
+def batches(ctx, spec: DataSpec, rows: int | None = None) -> list[list]:
+    """Calibration inputs for the program: a list of flat input lists, `spec.samples` samples in all; `rows`
+    samples per batch when the program's shapes are dynamic (default: up to BATCH_TOKENS tokens)."""
     io = describe(ctx)
-    key = ("batches", spec.data, spec.samples, _seq(io, spec), spec.seed)
+    key = ("batches", spec.data, spec.samples, _seq(io, spec), spec.seed, rows if io.dynamic else None)
     cache = _cache(ctx)
     if key not in cache:
-        cache[key] = _make_batches(ctx, io, spec)
+        cache[key] = _make_batches(ctx, io, spec, rows)
     return cache[key]
 
 
@@ -189,34 +190,27 @@ def _seq(io: ModelIO, spec: DataSpec) -> int:
     return spec.seq if io.dynamic or io.ids_index is None else io.length
 
 
-def _rows_per_batch(io: ModelIO, spec: DataSpec) -> int:
+def _rows_per_batch(io: ModelIO, spec: DataSpec, rows: int | None = None) -> int:
     if io.ids_index is None:
         return max(1, int(io.example[0].shape[0])) if io.example and isinstance(io.example[0], torch.Tensor) \
             and io.example[0].ndim else 1
     if not io.dynamic:
         return io.batch
+    if rows is not None:
+        return max(1, min(spec.samples, rows))
     return max(1, min(spec.samples, BATCH_TOKENS // _seq(io, spec)))
 
 
-def _make_batches(ctx, io: ModelIO, spec: DataSpec) -> list[list]:
+def _make_batches(ctx, io: ModelIO, spec: DataSpec, rows: int | None = None) -> list[list]:
     if spec.samples < 1:
         return []
-    rows = _rows_per_batch(io, spec)
+    rows = _rows_per_batch(io, spec, rows)
     n = -(-spec.samples // rows) * rows if not io.dynamic else spec.samples
     device = _device(io)
     if io.ids_index is None:
         return _random_float_batches(io, n, rows, spec.seed)
     seq = _seq(io, spec)
-    if spec.data != "self":
-        ids = read_file_tokens(ctx, spec.data, n, seq, io)
-        source = f"{ids.shape[0]} windows of {seq} tokens from {spec.data}"
-    elif io.lm:
-        ids = sample_lm(ctx, io, n, seq, spec.seed)
-        source = f"{n} sequences of {seq} tokens sampled from the model itself (temperature 1)"
-    else:
-        gen = torch.Generator().manual_seed(spec.seed)
-        ids = torch.randint(0, io.vocab, (n, seq), generator=gen)
-        source = f"{n} random token sequences of {seq} (the model is not a causal LM; data=FILE for real text)"
+    ids, source = _token_ids(ctx, io, spec.data, n, seq, spec.seed)
     ids = ids.to(device)
     out = []
     for start in range(0, ids.shape[0], rows):
@@ -226,6 +220,28 @@ def _make_batches(ctx, io: ModelIO, spec: DataSpec) -> list[list]:
         out.append(_inputs_for(io, chunk))
     _note(ctx, f"calibration data: {source}")
     return out
+
+
+def _token_ids(ctx, io: ModelIO, data: str, n: int, seq: int, seed: int) -> tuple[torch.Tensor, str]:
+    """(n, seq) int64 CPU token ids and a description; the first n of a larger set drawn earlier in the pipeline
+    with the same (data, seq, seed) are reused (sampling draws the sequences in a fixed order)."""
+    cache = _cache(ctx)
+    key = ("ids", data, seq, seed)
+    if key in cache and cache[key][0].shape[0] >= n:
+        ids, source = cache[key]
+        return ids[:n], source
+    if data != "self":
+        ids = read_file_tokens(ctx, data, n, seq, io)
+        source = f"{ids.shape[0]} windows of {seq} tokens from {data}"
+    elif io.lm:
+        ids = sample_lm(ctx, io, n, seq, seed)
+        source = f"{n} sequences of {seq} tokens sampled from the model itself (temperature 1)"
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, io.vocab, (n, seq), generator=gen, device="cpu")
+        source = f"{n} random token sequences of {seq} (the model is not a causal LM; data=FILE for real text)"
+    cache[key] = (ids, source)
+    return ids, source
 
 
 def _device(io: ModelIO):
@@ -254,7 +270,7 @@ def _random_float_batches(io: ModelIO, n: int, rows: int, seed: int) -> list[lis
                 mean = x.mean(0)
                 std = x.std(0, unbiased=False) if x.shape[0] > 1 else x.abs().clamp_min(1e-3)
                 std = torch.where(std > 0, std, x.abs().mean().clamp_min(1e-3).expand_as(std))
-                noise = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+                noise = torch.randn(t.shape, generator=gen, dtype=torch.float64, device="cpu")
                 flat.append((noise * std.cpu() + mean.cpu()).to(dtype=t.dtype, device=t.device))
             else:
                 flat.append(t)
@@ -334,7 +350,7 @@ def _sample_hf(ctx, model, vocab, n, seq, seed) -> torch.Tensor:
     batches_ = list(range(0, n, rows))
     for start in ctx.progress(batches_, f"sampling {n} calibration sequences (KV cache)"):
         b = min(rows, n - start)
-        ids = torch.randint(0, vocab, (b, 1), generator=gen)
+        ids = torch.randint(0, vocab, (b, 1), generator=gen, device="cpu")
         tokens = [ids]
         with torch.no_grad():
             res = inner(input_ids=ids.to(device), use_cache=True)
@@ -355,8 +371,8 @@ def _sample_program(ctx, gm, io: ModelIO, n, seq, seed) -> torch.Tensor:
     ids = None
     for start, t in ctx.progress(steps, f"sampling {n} calibration sequences from the program"):
         if t == 1:
-            ids = torch.zeros(rows, seq, dtype=torch.long)
-            ids[:, 0] = torch.randint(0, io.vocab, (rows,), generator=gen)
+            ids = torch.zeros(rows, seq, dtype=torch.long, device="cpu")
+            ids[:, 0] = torch.randint(0, io.vocab, (rows,), generator=gen, device="cpu")
         prefix = ids[:, :t] if io.dynamic else ids
         with torch.no_grad():
             logits = run_flat(gm, _inputs_for(io, prefix.to(device)))
@@ -364,7 +380,7 @@ def _sample_program(ctx, gm, io: ModelIO, n, seq, seed) -> torch.Tensor:
         if t == seq - 1:
             out.append(ids)
     if seq == 1:
-        out = [torch.randint(0, io.vocab, (n, 1), generator=gen)]
+        out = [torch.randint(0, io.vocab, (n, 1), generator=gen, device="cpu")]
     return torch.cat(out)[:n]
 
 
@@ -453,7 +469,7 @@ def read_file_tokens(ctx, path: str, n: int, seq: int, io: ModelIO) -> torch.Ten
     windows = [wrap[0] + stream[s:s + body] + wrap[1] for s in range(0, len(stream) - body + 1, body)][:n]
     if not windows:
         raise UserError(f"calibration data {path} has {len(stream)} tokens, fewer than one window of {seq}")
-    ids = torch.tensor(windows, dtype=torch.long)
+    ids = torch.tensor(windows, dtype=torch.long, device="cpu")
     if io.vocab is not None and (int(ids.max()) >= io.vocab or int(ids.min()) < 0):
         raise UserError(f"calibration data {path} has token ids outside the model's vocabulary (0..{io.vocab - 1})")
     if ids.shape[0] < n and not io.dynamic:   # a static program takes whole batches: repeat windows

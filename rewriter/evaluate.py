@@ -290,7 +290,7 @@ def evaluate(args) -> dict:
         rewritten = [s for s in p.sites if s.get("status") == "rewritten"]
         skipped = [s for s in p.sites if s.get("status") != "rewritten"]
         passes.append({
-            "pass": p.spec, "contract": p.contract, "skipped": p.skipped,
+            "pass": p.spec, "contract": p.contract, "skipped": p.skipped, "seconds": round(p.seconds, 1),
             "sites_rewritten": len(rewritten), "sites_skipped": len(skipped),
             "skip_reasons": dict(Counter(str(s.get("reason", "")) for s in skipped)),
             "max_output_error": _max_figure(rewritten, "output_error"),

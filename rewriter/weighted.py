@@ -23,7 +23,7 @@ Monarch (layout of rewriter/ops/monarch_linear.py): rows c::b of W' only use w2[
 Block-diagonal (plain): row i of W' is supported on its column block S only; the optimum keeps W on S and moves
     what H correlates with it there:  w'_S = w_S + w_S̄·H_S̄S·H_SS⁻¹  (the conditional mean), exact.
 
-Everything runs in float64 on the weight's device; zero-padding (sizes b does not divide) gets λ on H's diagonal.
+Everything runs in float64 on the weight's device; zero-padding (sizes b does not divide) gets the mean diagonal.
 """
 from __future__ import annotations
 
@@ -33,16 +33,17 @@ DAMP = 0.01
 
 
 def damped(h: torch.Tensor, size: int | None = None, damp: float = DAMP) -> torch.Tensor:
-    """H (n × n) in float64, zero-padded to size × size, plus λI (λ = damp · mean of H's positive diagonal)."""
+    """H (n × n) in float64, padded to size × size (the padding with the mean diagonal), plus λI (λ = damp · mean
+    of H's positive diagonal)."""
     n = h.shape[0]
     size = n if size is None else size
     out = torch.zeros(size, size, dtype=torch.float64, device=h.device)
     out[:n, :n] = h.double()
     diag = out.diagonal()
     positive = diag[:n][diag[:n] > 0]
-    lam = damp * float(positive.mean()) if positive.numel() else 1.0
-    lam = lam if lam > 0 else 1.0
-    diag += lam
+    mean = float(positive.mean()) if positive.numel() else 1.0
+    diag[n:] = mean                        # padding: no information, any positive weight
+    diag += damp * mean
     return out
 
 
