@@ -103,8 +103,11 @@ class HealPass(Pass):
         figures = {"loss": loss, "loss_before": distill.evaluate(student_fwd, teacher_fwd, held, loss)}
         snapshot = _snapshot(gm)
         layers = trainable.find_layers(gm)
+        figures["data_seconds"] = round(time.perf_counter() - start, 1)
         if self.mode in ("layer", "both") and layers:
+            t0 = time.perf_counter()
             self._layer_stage(ctx, layers, train_batches, figures)
+            figures["layer_seconds"] = round(time.perf_counter() - t0, 1)
             figures["loss_after_layer"] = distill.evaluate(student_fwd, teacher_fwd, held, loss)
             if figures["loss_after_layer"] > figures["loss_before"]:
                 _restore(gm, snapshot)
@@ -113,7 +116,9 @@ class HealPass(Pass):
             snapshot = _snapshot(gm)
         kept = []
         if self.mode in ("e2e", "both") and self.steps:
+            t0 = time.perf_counter()
             kept = self._e2e_stage(ctx, trainable.find_layers(gm), train_batches, loss, figures)
+            figures["e2e_seconds"] = round(time.perf_counter() - t0, 1)
         figures["loss_after"] = distill.evaluate(student_fwd, teacher_fwd, held, loss)
         start_loss = figures.get("loss_after_layer", figures["loss_before"])
         if figures["loss_after"] > start_loss:

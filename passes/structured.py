@@ -28,12 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from rewriter import calibration, weighted
 from rewriter.errors import UserError
 from rewriter.matchers.linear import LINEAR_OPS
 from rewriter.pass_base import Contract, Pass
-from rewriter.projections import (PRE_MERGE_TOKENS, apply, blockdense_project, blockdiag_project, default_sites,
-                                  layer_rows, lowrank_project, monarch_project, monarch_skip_reason, output_error,
+from rewriter.projections import (PRE_MERGE_TOKENS, Factored, apply, blockdense_project, blockdiag_project,
+                                  default_sites, layer_rows, monarch_project, monarch_skip_reason, output_error,
                                   weight_error)
 
 _MONARCH_BLOCKS = (4, 8, 16)
@@ -61,10 +63,15 @@ def candidates(w, fit_gram, rank_gram, pad):
             rank = int(frac * m * n / (-(-n // b) + m)) // b * b
             if rank >= b:
                 out.append((f"blockdiag{{blocks={b},rank={rank}}}", blockdense_project(w, b, rank, gram=fit_gram)))
-    for frac in _LOWRANK_FRACTIONS:
-        rank = int(frac * m * n / (m + n))
-        if rank >= 1:
-            out.append((f"lowrank{{rank={rank}}}", lowrank_project(w, rank=rank, gram=fit_gram)))
+    ranks = [r for r in (int(frac * m * n / (m + n)) for frac in _LOWRANK_FRACTIONS) if r >= 1]
+    if ranks:
+        svd = weighted.whitened_svd(w, fit_gram)            # one SVD for every rank
+        for rank in ranks:
+            u, v = weighted.cut(svd, min(rank, svd[1].shape[0]))
+            work = w.dtype if w.dtype == torch.float64 else torch.float32
+            out.append((f"lowrank{{rank={rank}}}", Factored("lowrank", m, n, {"u": u.to(work).to(w.dtype),
+                                                                                "v": v.to(work).to(w.dtype)},
+                                                            {"rank": rank, "calibrated": fit_gram is not None})))
     table = [("dense", None, w.numel(), 0.0)]
     for spec, fac in out:
         if fac.params >= m * n:

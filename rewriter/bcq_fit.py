@@ -205,7 +205,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, q: int, group: int, terms: int, round
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).float()
     work = work[:, perm].contiguous()
     group_of = (perm // group).tolist()
-    pats = patterns(q, w.device)
+    columns = perm.tolist()
+    values = alpha @ patterns(q, w.device).t()                          # (out, G, 2^q): every grid value
     pattern = torch.empty(out_f, n, dtype=torch.long, device=w.device)
     block = 128
     for b0 in range(0, n, block):
@@ -214,9 +215,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor, q: int, group: int, terms: int, round
         err = torch.zeros_like(wb)
         ub = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            value, idx = nearest(wb[:, i:i + 1], alpha[:, group_of[b0 + i]], pats)
-            pattern[:, perm[b0 + i]] = idx[:, 0]
-            e_col = (wb[:, i] - value[:, 0]) / ub[i, i]
+            grid = values[:, group_of[b0 + i]]
+            idx = (grid - wb[:, i:i + 1]).abs().argmin(-1)                 # nearest grid value (exact search)
+            pattern[:, columns[b0 + i]] = idx
+            e_col = (wb[:, i] - grid.gather(1, idx[:, None])[:, 0]) / ub[i, i]
             wb[:, i + 1:] -= e_col[:, None] * ub[i, i + 1:][None, :]
             err[:, i] = e_col
         work[:, b1:] -= err @ u[b0:b1, b1:]

@@ -66,6 +66,9 @@ def add_arguments(parser) -> None:
                         help="example inputs for --metric agree, e.g. 2x16:int64")
     parser.add_argument("--verify", action="store_true", help="check each pass's contract on the eval inputs")
     parser.add_argument("--repeat", type=int, default=3, help="forward runs timed per program (median; default 3)")
+    parser.add_argument("--rtn", default=None, metavar="BITS:GROUP",
+                        help="baseline: before the pipeline, round every linear weight but the LM head to nearest "
+                             "(asymmetric min/max, BITS bits per GROUP weights, fp16 scale and zero point)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow .pt files that hold pickled modules")
 
 
@@ -264,8 +267,11 @@ def evaluate(args) -> dict:
     pipeline = parse_pipeline(args.passes) if args.passes else []
     check_disjoint(pipeline, args)
     trains = any(getattr(p, "needs_teacher", False) for p in pipeline)
+    rtn = parse_rtn(getattr(args, "rtn", None))
     captured, metric, extra = prepare(args, dynamic=trains)
     original = captured.program
+    if rtn is not None:
+        round_to_nearest(captured.gm, *rtn)
     result = run_captured(captured, pipeline, verify=getattr(args, "verify", False),
                           resources=extra["resources"], progress=getattr(args, "progress", None))
     ref_mod, new_mod = original.module(), result.program.module()
@@ -300,7 +306,7 @@ def evaluate(args) -> dict:
         })
     return {
         "command": command_line(args),
-        "model": args.model, "passes": args.passes, "metric": metric,
+        "model": args.model, "passes": args.passes, "metric": metric, "rtn": getattr(args, "rtn", None),
         "input_shapes": [list(t.shape) for t in pytree.tree_leaves((a, kw)) if isinstance(t, torch.Tensor)],
         "metrics": metrics,
         "params": {"original": program_params(original), "rewritten": program_params(result.program)},
@@ -308,6 +314,35 @@ def evaluate(args) -> dict:
         "forward_s": {"original": t_ref, "rewritten": t_new, "ratio": t_new / t_ref if t_ref > 0 else None},
         "pass_results": passes,
     }
+
+
+def parse_rtn(text: str | None) -> tuple[int, int] | None:
+    """"4:64" -> (4, 64); one-line UserError otherwise."""
+    if not text:
+        return None
+    try:
+        bits, group = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise UserError(f"--rtn takes BITS:GROUP, e.g. 4:64; got {text!r}") from None
+    if not 1 <= bits <= 8 or group < 1:
+        raise UserError(f"--rtn {text}: bits must be 1..8 and group >= 1")
+    return bits, group
+
+
+def round_to_nearest(gm, bits: int, group: int) -> int:
+    """Round every linear weight but the LM head to nearest in place (the quantisation baseline); returns the
+    number of layers rounded."""
+    from . import bcq_fit, params
+    from .matchers.linear import find_linears, is_lm_head
+    count = 0
+    for site in find_linears(gm):
+        if is_lm_head(gm, site):
+            continue
+        w = site.weight_out_in(gm).detach()
+        q = bcq_fit.rtn(w.float(), bits, group).to(w.dtype)
+        params.set_tensor(gm, site.weight_name, q if site.layout == "out_in" else q.t().contiguous())
+        count += 1
+    return count
 
 
 def check_disjoint(pipeline, args) -> None:
@@ -335,6 +370,8 @@ def command_line(args) -> str:
             parts += [f"--{flag.replace('_', '-')}", str(value)]
     if getattr(args, "verify", False):
         parts.append("--verify")
+    if getattr(args, "rtn", None):
+        parts += ["--rtn", args.rtn]
     return " ".join(parts)
 
 

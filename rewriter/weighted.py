@@ -76,12 +76,26 @@ def whitened_lowrank(a: torch.Tensor, chol: torch.Tensor, t: int) -> tuple[torch
 
 def lowrank(w: torch.Tensor, h: torch.Tensor, choose_rank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD-LLM: (U, V, whitened singular values); `choose_rank(singular values) -> r`."""
-    chol = cholesky(damped(h))
-    u, sv, vh = torch.linalg.svd(w.double() @ chol, full_matrices=False)
-    r = choose_rank(sv)
+    svd = whitened_svd(w, h)
+    u, v = cut(svd, choose_rank(svd[1]))
+    return u, v, svd[1]
+
+
+def whitened_svd(w: torch.Tensor, h: torch.Tensor | None) -> tuple:
+    """(U, σ, Vᵀ, L) of W·L with H = L·Lᵀ (damped), or of W when `h` is None (L = None), in float64."""
+    chol = cholesky(damped(h)) if h is not None else None
+    u, sv, vh = torch.linalg.svd(w.double() @ chol if chol is not None else w.double(), full_matrices=False)
+    return u, sv, vh, chol
+
+
+def cut(svd: tuple, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-r factors (U_r·√σ, √σ·V_rᵀ·L⁻¹) of a `whitened_svd`."""
+    u, sv, vh, chol = svd
     root = sv[:r].sqrt()
-    v = torch.linalg.solve_triangular(chol, root[:, None] * vh[:r], upper=False, left=False)
-    return u[:, :r] * root, v, sv
+    right = root[:, None] * vh[:r]
+    if chol is not None:
+        right = torch.linalg.solve_triangular(chol, right, upper=False, left=False)
+    return u[:, :r] * root, right
 
 
 def relative_error(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> float:
