@@ -23,8 +23,9 @@ mode=e2e — AdamW on the whole program's output: KL(p_teacher ‖ p_student) pe
 mode=both (default) — layer, then e2e.
 Afterwards the discrete parts are re-derived so the program keeps its compact form: shift-add exponents from the
 trained scales, LoRA branches of dense layers merged into their weights (float64, rounded once), pre-merged
-products recomputed; vq code maps are kept (the codebook trained for them). If the held-out loss ended higher than
-it started, every change is undone.
+products recomputed, and each vq code map re-derived (every token to the trained code nearest its teacher row),
+kept where that lowers the held-out loss. If the held-out loss ended higher than it started, every change is
+undone.
 
 Contract: approximate (the function moves towards the teacher's; the measured error is reported). Reported:
 held-out loss before / after the layer stage / after training, per-layer losses, steps, time.
@@ -84,6 +85,9 @@ class HealPass(Pass):
         calibration.check_options(self.data, self.samples, self.seq, "samples")
 
     def should_run(self, ctx):
+        out = _first_output(ctx.gm)
+        if out is None or not out.is_floating_point():
+            return "the program's first output is not a floating-point tensor: nothing to distil"
         if not trainable.find_layers(ctx.gm) and self.train in ("auto", "new") and not find_linears(ctx.gm):
             return "nothing to train: no rewritten layer and no linear layer for LoRA"
         return None
@@ -119,6 +123,8 @@ class HealPass(Pass):
             t0 = time.perf_counter()
             kept = self._e2e_stage(ctx, trainable.find_layers(gm), train_batches, loss, figures)
             figures["e2e_seconds"] = round(time.perf_counter() - t0, 1)
+        if self.mode in ("e2e", "both") and self.steps:
+            self._rederive_maps(ctx, held, loss, figures)
         figures["loss_after"] = distill.evaluate(student_fwd, teacher_fwd, held, loss)
         start_loss = figures.get("loss_after_layer", figures["loss_before"])
         if figures["loss_after"] > start_loss:
@@ -229,6 +235,34 @@ class HealPass(Pass):
                        lora_branches=len(branches))
         return [b for b in branches if b[0] != "linear"]
 
+    def _rederive_maps(self, ctx, held, loss, figures) -> None:
+        """vq code maps after the codebook trained: every token to the code nearest its teacher row; kept where
+        the held-out loss drops."""
+        gm, teacher = ctx.gm, ctx.teacher
+        t_sites = find_linears(teacher)
+        fwd, t_fwd = distill.forward_of(gm), distill.forward_of(teacher)
+        for layer in trainable.find_layers(gm):
+            if layer.kind != "vq":
+                continue
+            site = trainable.teacher_site(t_sites, layer.some_tensor)
+            if site is None:
+                continue
+            codebook = layer.value(gm, "codebook").detach().float()
+            rows = site.weight_out_in(teacher).detach().float()
+            old = layer.value(gm, "code_map")
+            new = torch.cat([torch.cdist(rows[i:i + 4096], codebook).argmin(-1)
+                             for i in range(0, rows.shape[0], 4096)]).to(old.dtype)
+            if torch.equal(new, old):
+                continue
+            before = distill.evaluate(fwd, t_fwd, held, loss)
+            params.set_tensor(gm, layer.tensors["code_map"], new)
+            after = distill.evaluate(fwd, t_fwd, held, loss)
+            changed = int((new != old).sum())
+            if after < before:
+                figures["code_map_changed"] = figures.get("code_map_changed", 0) + changed
+            else:
+                params.set_tensor(gm, layer.tensors["code_map"], old)
+
     def _branch(self, gm, site, i):
         """A LoRA branch beside a dense linear site or a shift-add layer: (kind, U, V, add node, weight, layout)."""
         if isinstance(site, tuple):                      # ("shiftadd", layer)
@@ -245,6 +279,17 @@ class HealPass(Pass):
         u, v, add = trainable.add_branch(gm, site.node, site.x, site.out_features, site.in_features, self.rank,
                                          site.name, self.seed + i, w.device, w.dtype)
         return ("linear", u, v, add, site.weight_name, site.layout)
+
+
+def _first_output(gm):
+    """The recorded value (fake tensor) of the program's first tensor output, or None."""
+    from torch.utils import _pytree as pytree
+    node = next(n for n in gm.graph.nodes if n.op == "output")
+    for leaf in pytree.tree_leaves(node.args):
+        val = leaf.meta.get("val") if hasattr(leaf, "meta") else None
+        if isinstance(val, torch.Tensor):
+            return val
+    return None
 
 
 def params_dtype(gm, layer) -> torch.dtype:

@@ -95,7 +95,7 @@ class VQLogitsPass(Pass):
     calibrate: int = calibration.DEFAULT_SAMPLES
     data: str = "self"
     seq: int = calibration.DEFAULT_SEQ
-    fuzz_options = {"calibrate": 2, "iters": 2}
+    fuzz_options = {"calibrate": 2, "iters": 2, "codes": 8}
 
     def __post_init__(self):
         if self.codes < 1:

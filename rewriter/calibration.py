@@ -88,7 +88,7 @@ def run_flat(gm: fx.GraphModule, flat: list):
     else:
         out = fx.Interpreter(gm).run(*flat)
     leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    return leaves[0]
+    return leaves[0] if leaves else None
 
 
 # ---- what the program takes and gives ----------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def _is_causal_lm(ctx, io: ModelIO) -> bool:
     ids = io.example[io.ids_index]
     with torch.no_grad():
         out = run_flat(ctx.gm, io.example)
-    if not out.is_floating_point() or out.ndim != ids.ndim + 1 or tuple(out.shape[:-1]) != tuple(ids.shape) \
+    if out is None or not out.is_floating_point() or out.ndim != ids.ndim + 1 or tuple(out.shape[:-1]) != tuple(ids.shape) \
             or out.shape[-1] < 2:
         return False
     if known is not None:

@@ -147,3 +147,60 @@ def test_bad_options_and_cli(tmp_path, capsys):
                  "-o", str(tmp_path / "h.pt2")])
     assert code == 0 and (tmp_path / "h.pt2").exists()
     assert "heal" in capsys.readouterr().out
+
+
+class _IntOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(16, 32)
+
+    def forward(self, x):
+        return self.a(x).argmax(-1)
+
+
+def test_heal_declines_a_program_without_a_float_output():
+    r = rewrite(_IntOut(), (torch.randn(2, 5, 16),), passes="monarch{calibrate=2},heal{steps=2,samples=4}")
+    heal = r.report.passes[1]
+    assert heal.skipped and "floating-point" in heal.skipped
+
+
+class _Tup(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 24), torch.nn.Linear(24, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.relu(h)), h.sum(-1)
+
+
+class _TwoIn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x, y):
+        return self.b(torch.relu(self.a(x))) * y
+
+
+@pytest.mark.parametrize("spec", ["lowrank", "monarch", "blockdiag", "structured", "shiftadd", "vq-logits", "heal",
+                                  "shiftadd,heal"])
+def test_small_odd_models_are_rewritten_or_declined_never_crash(spec):
+    """Each pass with its fuzz options on models with tuple outputs, two inputs, no LM head: a result or a
+    one-line UserError, never an internal error."""
+    from rewriter.pass_base import registry
+    parts = []
+    for name in spec.split(","):
+        opts = dict(registry()[name].fuzz_options)
+        if name == "shiftadd":
+            opts["group"] = 8
+        parts.append(f"{name}{{{','.join(f'{k}={v}' for k, v in opts.items())}}}")
+    torch.manual_seed(0)
+    for model, args in [(_Tup(), (torch.randn(3, 16),)), (_TwoIn(), (torch.randn(4, 8), torch.randn(4, 8)))]:
+        try:
+            r = rewrite(model, args, passes=",".join(parts), verify=True)
+        except UserError as e:
+            assert "\n" not in str(e)
+            continue
+        out = r.module()(*args)
+        assert all(torch.isfinite(t).all() for t in (out if isinstance(out, tuple) else (out,)))
