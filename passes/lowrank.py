@@ -1,14 +1,17 @@
-"""`lowrank` — replace linear layers by a product of two thin matrices from the truncated SVD.
+"""`lowrank` — replace linear layers by a product of two thin matrices, the output-optimal truncated SVD.
 
-    W ≈ U·V,   W = U_r·diag(σ)·V_rᵀ + tail,   U = U_r·√σ (m × r),  V = √σ·V_rᵀ (r × n)
+    W ≈ U·V,   U (m × r), V (r × n)
 
-Eckart–Young: the relative Frobenius error is the SVD tail √(Σ_{i>r} σᵢ²)/‖W‖, the least any rank-r matrix has.
+Calibrated (calibrate=N > 0, the default; SVD-LLM's truncation-aware whitening, Wang et al. 2024): with the layer's
+calibration Gram H = XᵀX/rows + λI = L·Lᵀ (rewriter/calibration.py, N samples of `data`),
+
+    W·L = U_w·Σ·V_wᵀ,   U = U_w,r·√Σ_r,   V = √Σ_r·V_w,rᵀ·L⁻¹
+
+minimises the output error ‖X·(W − UV)ᵀ‖ over rank r, and that error is the whitened SVD tail √(Σ_{i>r} σᵢ²/Σσᵢ²).
+Data-free (calibrate=0): the plain truncated SVD, U = U_r·√σ, V = √σ·V_rᵀ (Eckart–Young: the least ‖W − UV‖_F).
 The rank comes from `rank`, or `ratio` (r·(m+n) ≈ ratio·m·n parameters), or `energy` (smallest r keeping that
-fraction of Σσ²; the default, 0.95). Layers where the factors would not be smaller than W are skipped.
-
-Data-aware (calibrate=N > 0, ASVD/FWSVD style): with X = the layer's input on the example inputs (first N rows),
-minimise ‖(W − UV)·Xᵀ‖_F: S = (XᵀX/N + λI)^{1/2}, truncated SVD of W·S, V ← V·S⁻¹ (rewriter/projections.py).
-Both the weight error and the output error are reported either way.
+fraction of Σσ² — of the output energy when calibrated; the default, 0.95). Layers where the factors would not be
+smaller than W are skipped. Reported per layer: weight error, output error on the example inputs, calibrated error.
 
 Graph, before → after:
     y = aten.linear(x, W, b)      →   y = rewrite.lowrank_linear(x, U, V, b, None, 0)
@@ -18,10 +21,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rewriter import calibration
 from rewriter.errors import UserError
 from rewriter.matchers.linear import LINEAR_OPS
 from rewriter.pass_base import Contract, Pass
 from rewriter.projections import PRE_MERGE_TOKENS, default_sites, lowrank_project, project_sites
+
+
+def fit(w, h, rank, ratio, energy):
+    """One layer's projection (runs in ctx.map_layers)."""
+    return lowrank_project(w, rank, ratio, energy, gram=h)
 
 
 @dataclass(frozen=True)
@@ -29,12 +38,16 @@ class LowRankPass(Pass):
     name = "lowrank"
     contract = Contract.APPROXIMATE
     target_ops = LINEAR_OPS
-    summary = "low-rank U·V linear layers from the truncated SVD (optionally activation-weighted)"
+    summary = "low-rank U·V linear layers: truncated SVD, calibrated by SVD-LLM whitening"
+    fuzz_options = {"calibrate": 2}
 
     rank: int | None = None
     ratio: float | None = None
     energy: float | None = None
-    calibrate: int = 0
+    calibrate: int = calibration.DEFAULT_SAMPLES
+    data: str = "self"
+    seq: int = calibration.DEFAULT_SEQ
+    seed: int = 0
     targets: str = ""
     exclude: str = ""
     pre_merge: bool = False
@@ -51,23 +64,14 @@ class LowRankPass(Pass):
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
-        if self.calibrate < 0:
-            raise ValueError("calibrate must be >= 0")
+        calibration.check_options(self.data, self.calibrate, self.seq)
 
     def run(self, ctx) -> None:
         sites = default_sites(ctx.gm, self.targets, self.exclude)
         if not sites:
             raise UserError(f'lowrank: no linear layer matches targets="{self.targets}"')
-        energy = self.energy if (self.rank is None and self.ratio is None and self.energy is not None) else (
+        energy = self.energy if self.energy is not None else (
             0.95 if self.rank is None and self.ratio is None else None)
-
-        def project(site, w, x):
-            calib = None
-            if self.calibrate:
-                if x is None:
-                    return "calibrate: no activations for this layer's input"
-                calib = x.reshape(-1, x.shape[-1])[: self.calibrate]
-            return lowrank_project(w, self.rank, self.ratio, energy, activations=calib)
-
-        project_sites(ctx, sites, project, pass_name=self.name, max_error=self.max_error,
+        project_sites(ctx, sites, fit, (self.rank, self.ratio, energy), pass_name=self.name,
+                      spec=calibration.spec_of(self), max_error=self.max_error,
                       pre_merge=self.pre_merge_tokens if self.pre_merge else None)

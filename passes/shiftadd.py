@@ -4,9 +4,22 @@ Each matched weight W (out, in) becomes, per row r and group j of `group` input 
 
     W[r, group j] ≈ Σᵢ αᵢ·Bᵢ,   Bᵢ ∈ {±1}^group,   αᵢ = Σₜ 2^{eᵢₜ}  (terms t < `terms`; exponents stored as int8)
 
-so x·Wᵀ needs only sign flips, additions and shifts. Greedy start, `rounds` of alternating refinement (least-squares
-α given B, snap α to powers of two, best B given α); see rewriter/bcq.py for the algorithm and storage.
-Signs are packed 8 per uint8: bits per weight = bits + 8·bits·terms/group (3.19 at bits=3, group=128).
+so x·Wᵀ needs only sign flips, additions and shifts. Signs are packed 8 per uint8: bits per weight =
+bits + 8·bits·terms/group (4.5 at bits=4, group=64 — the same as 4-bit round-to-nearest with an fp16 scale and
+zero point per 64 weights).
+
+Fit (rewriter/bcq_fit.py). Calibrated (calibrate=N > 0, the default; N samples of `data`, H = the layer's input
+Gram): every group's grid is fitted (uniform and greedy starts, `rounds` of alternating least squares, an exact
+search over the power-of-two snappings), then GPTQ-style error feedback with act-order rounds the columns in order
+of decreasing input energy, pushing each one's error onto the columns not yet rounded, and a coordinate-descent
+refit of the scales under H (`refit` sweeps) that never increases the output error. Data-free (calibrate=0): the
+grid fit and nearest values only (minimises the weight error).
+Per layer the report has weight_error (‖W − Ŵ‖/‖W‖), output_error (‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ on the example inputs),
+calibrated_error (the same on the calibration data) and rtn_error: that of asymmetric round-to-nearest with the
+same bits per weight (rewriter/bcq_fit.rtn — the baseline shiftadd must not lose to). A layer whose fit loses is
+refitted with k× more terms per scale over k× larger groups (same bits per weight; `refitted_as` says which was
+kept) and `worse_than_rtn` marks a layer that still loses; bits_per_weight, bytes before/after; a message gives
+the model's memory before/after and how many layers beat round-to-nearest.
 
 Graph, before → after (rule "bcq-<matcher rule>"):
 
@@ -18,17 +31,14 @@ W is removed (unless another op still reads it, e.g. a tied embedding).
 Options:
     bits       sign planes per weight (1–8; ShiftAddLLM uses 2–4)
     group      input columns sharing one α vector (multiple of 8)
-    rounds     alternating-refinement rounds (0 = greedy only)
+    rounds     alternating least-squares rounds of each grid fit (0 = best of the uniform/greedy starts)
     terms      powers of two summed per α (1 = a single shift)
-    calibrate  N > 0: GPTQ-style error compensation with H = mean xxᵀ over the first N activation rows of the
-               example inputs; both variants are measured and the one with the lower output error is kept
+    refit      scale-refit sweeps after the error feedback (calibrated only)
+    calibrate / data / seq / seed   calibration samples and where they come from (rewriter/calibration.py)
     budget     average bits per weight (2–4): bits chosen per layer, from each layer's output error at 2/3/4 bits
-               on the example inputs, to minimise the summed squared relative output error with
+               (calibrated, or on the example inputs), to minimise the summed squared relative output error with
                Σ params·bits ≤ budget·Σ params (exact multiple-choice knapsack); overrides `bits`
     targets / exclude   regexes on layer names (default: every linear except the LM head)
-
-Per layer the report has weight_error (‖W − Ŵ‖/‖W‖), output_error (‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ on the example
-inputs), bits_per_weight, bytes before/after; a message gives the model's memory before/after.
 """
 from __future__ import annotations
 
@@ -36,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rewriter import bcq, cost, params
+from rewriter import bcq, bcq_fit, calibration, cost, params, weighted
 from rewriter.errors import UserError
 from rewriter.ir import insert_call, replace_node
 from rewriter.matchers.linear import LINEAR_OPS, find_linears, is_lm_head
@@ -46,18 +56,70 @@ OP = torch.ops.rewrite.shiftadd_linear.default
 SENSITIVITY_BITS = (2, 3, 4)
 
 
+def quantize_layer(w, h, bits, group, rounds, terms, refit):
+    """One layer (runs in ctx.map_layers): (signs, exponents, group, figures) — the packed fit and its errors, with
+    the equal-bits round-to-nearest baseline's calibrated error. Calibrated, a layer whose fit loses to that
+    baseline is refitted with more terms per scale over proportionally larger groups (g·k, terms·k: the same bits
+    per weight, finer scales), when that does not cost more bits with this layer's padding; the best is kept."""
+    wf = w.detach().float()
+    in_f = wf.shape[1]
+    q = bcq.quantize(wf, bits, group, rounds, terms, hessian=h, refit=refit)
+    wq = q.dequantize()
+    figures = {"weight_error": bcq.relative_error(wf, wq)}
+    if h is not None:
+        err = weighted.relative_error(wf, wq, h)
+        rtn = weighted.relative_error(wf, bcq_fit.rtn(wf, bits, bcq_fit.rtn_group(bits, group, terms)), h)
+        config = (group, terms)
+        if err > rtn:
+            for k in (2, 3, 4):
+                g2, t2 = group * k, terms * k
+                if t2 > 4 or layer_bits(bits, g2, t2, in_f) > layer_bits(bits, group, terms, in_f) + 1e-9:
+                    continue
+                q2 = bcq.quantize(wf, bits, g2, rounds, t2, hessian=h, refit=refit)
+                e2 = weighted.relative_error(wf, q2.dequantize(), h)
+                if e2 < err:
+                    q, err, config = q2, e2, (g2, t2)
+            wq = q.dequantize()
+            figures["weight_error"] = bcq.relative_error(wf, wq)
+            figures["refitted_as"] = f"group={config[0]},terms={config[1]}"
+        figures["calibrated_error"] = err
+        figures["rtn_error"] = rtn
+    return q.signs, q.exponents, q.group, figures
+
+
+def layer_bits(bits, group, terms, in_features) -> float:
+    """Bits per weight of one layer, padding included: bits·in_pad/in + 8·bits·terms·groups/in."""
+    pad = bcq.padded_in(in_features, group)
+    return (bits * pad + 8 * bits * terms * pad // group) / in_features
+
+
+def sensitivity(w, h, x, group, terms):
+    """One layer's output error at 2, 3 and 4 bits (quick data-free fits; calibrated error, else on x)."""
+    wf = w.detach().float()
+    out = {}
+    for b in SENSITIVITY_BITS:
+        wq = bcq.quantize(wf, b, group, 0, terms).dequantize()
+        out[b] = weighted.relative_error(wf, wq, h) if h is not None else bcq.relative_error(x @ wf.t(), x @ wq.t())
+    return out
+
+
 @dataclass(frozen=True)
 class ShiftAddPass(Pass):
     name = "shiftadd"
     contract = Contract.APPROXIMATE
     target_ops = LINEAR_OPS
-    summary = "binary-coded weights with power-of-two scales (packed signs, LUT matmul); 2–4 bits"
+    summary = "binary-coded weights with power-of-two scales (packed signs, LUT matmul), calibrated GPTQ fit; 2–4 bits"
+    fuzz_options = {"calibrate": 2}
 
     bits: int = 3
-    group: int = 128
-    rounds: int = 1
+    group: int = 64
+    rounds: int = 2
     terms: int = 1
-    calibrate: int = 0
+    refit: int = 1
+    calibrate: int = calibration.DEFAULT_SAMPLES
+    data: str = "self"
+    seq: int = calibration.DEFAULT_SEQ
+    seed: int = 0
     budget: float = 0.0
     targets: str = ""
     exclude: str = ""
@@ -67,12 +129,11 @@ class ShiftAddPass(Pass):
             raise ValueError(f"bits must be in 1..8, got {self.bits}")
         if self.group < 8 or self.group % 8:
             raise ValueError(f"group must be a positive multiple of 8, got {self.group}")
-        if self.rounds < 0:
-            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.rounds < 0 or self.refit < 0:
+            raise ValueError(f"rounds and refit must be >= 0, got {self.rounds}, {self.refit}")
         if not 1 <= self.terms <= 4:
             raise ValueError(f"terms must be in 1..4, got {self.terms}")
-        if self.calibrate < 0:
-            raise ValueError(f"calibrate must be >= 0 (rows of activations), got {self.calibrate}")
+        calibration.check_options(self.data, self.calibrate, self.seq)
         if self.budget and not 2.0 <= self.budget <= 4.0:
             raise ValueError(f"budget must be an average bit width in [2, 4] (or 0 = off), got {self.budget}")
 
@@ -86,64 +147,61 @@ class ShiftAddPass(Pass):
             raise UserError(f'shiftadd: no linear layer matches targets="{self.targets}"; layers are: '
                             f"{', '.join(layers[:12])}{' ...' if len(layers) > 12 else ''}")
         bytes_before = cost.program_params(gm).get("bytes", 0)
+        spec = calibration.spec_of(self)
+        stats = calibration.layer_stats(ctx, spec) if spec.samples > 0 else None
+        grams = {s.name: stats.gram(s.name) if stats is not None else None for s in sites}
         acts = ctx.activations([s.x for s in sites])
         xs = {s.name: acts[s.x].reshape(-1, s.in_features).float() for s in sites}
+        weights = {s.name: site_weight(gm, s) for s in sites}
         bits_for = {s.name: self.bits for s in sites}
         if self.budget:
-            bits_for = self._allocate(ctx, sites, xs)
+            bits_for = self._allocate(ctx, sites, weights, grams, xs)
+        items = [(weights[s.name], grams[s.name], bits_for[s.name], self.group, self.rounds, self.terms, self.refit)
+                 for s in sites]
+        results = ctx.map_layers(quantize_layer, items, "quantising")
         weights_before = weights_after = 0
-        for site in ctx.progress(sites, "quantising"):
-            w = site.weight_out_in(gm).detach().float()
+        worse = []
+        for site, (signs, exps, group, figures) in zip(sites, results):
+            w = weights[site.name]
+            q = bcq.BCQWeight(signs, exps, site.in_features, group)
             x = xs[site.name]
-            bits = bits_for[site.name]
-            q = bcq.quantize(w, bits, self.group, self.rounds, self.terms)
-            figures = self._errors(w, q, x)
-            info = {}
-            if self.calibrate:
-                xc = x[: self.calibrate].double()
-                h = xc.t() @ xc / max(xc.shape[0], 1)
-                qc = bcq.quantize(w, bits, self.group, self.rounds, self.terms, hessian=h)
-                comp = self._errors(w, qc, x)
-                info = {"weight_error_plain": figures[0], "output_error_plain": figures[1],
-                        "weight_error_gptq": comp[0], "output_error_gptq": comp[1]}
-                if comp[1] <= figures[1]:
-                    q, figures = qc, comp
-                info["compensated"] = q is qc
+            figures["output_error"] = bcq.relative_error(x @ w.t(), x @ q.dequantize().t())
+            if "rtn_error" in figures:
+                figures["worse_than_rtn"] = figures["calibrated_error"] > figures["rtn_error"]
+                if figures["worse_than_rtn"]:
+                    worse.append(site.name)
             layer_bytes = w.numel() * site.weight_tensor(gm).element_size()
             weights_before += layer_bytes
             weights_after += q.nbytes
             self._replace(gm, site, q)
-            ctx.site(site.name, bits=bits, weight_error=figures[0], output_error=figures[1],
-                     bits_per_weight=round(q.bits_per_weight, 4), bytes_before=layer_bytes, bytes_after=q.nbytes,
-                     **info)
+            ctx.site(site.name, bits=bits_for[site.name], **{k: figures[k] for k in ("weight_error", "output_error")},
+                     **{k: v for k, v in figures.items() if k not in ("weight_error", "output_error")},
+                     bits_per_weight=round(q.bits_per_weight, 4), bytes_before=layer_bytes, bytes_after=q.nbytes)
         bytes_after = cost.program_params(gm).get("bytes", 0)
         ctx.message(f"quantised linear weights: {weights_before:,} B -> {weights_after:,} B "
                     f"({100 * (1 - weights_after / max(weights_before, 1)):.1f}% less); model: {bytes_before:,} B -> "
                     f"{bytes_after:,} B ({100 * (1 - bytes_after / max(bytes_before, 1)):.1f}% less)")
+        if stats is not None:
+            ctx.message(f"calibrated output error vs round-to-nearest at equal bits per weight: "
+                        f"{len(sites) - len(worse)}/{len(sites)} layers not worse"
+                        + (f" (worse: {', '.join(worse[:8])}{' ...' if len(worse) > 8 else ''})" if worse else ""))
 
     # ---- helpers ---------------------------------------------------------------------------------------------
-    @staticmethod
-    def _errors(w: torch.Tensor, q: bcq.BCQWeight, x: torch.Tensor) -> tuple[float, float]:
-        wq = q.dequantize()
-        return bcq.relative_error(w, wq), bcq.relative_error(x @ w.t(), x @ wq.t())
-
     def _replace(self, gm, site, q: bcq.BCQWeight) -> None:
         signs = params.add_tensor(gm, site.tensor_name("bcq_signs"), q.signs)
         exps = params.add_tensor(gm, site.tensor_name("bcq_exponents"), q.exponents)
         args = (site.x, params.get_attr_node(gm, signs), params.get_attr_node(gm, exps), site.bias,
-                site.in_features, self.group)
+                site.in_features, q.group)
         new = insert_call(gm, site.node, OP, args, pass_name=self.name, rule=f"bcq-{site.rule}", replaces=site.node)
         replace_node(gm, site.node, new)
         params.remove_if_unused(gm, site.weight_name)
 
-    def _allocate(self, ctx, sites, xs) -> dict[str, int]:
+    def _allocate(self, ctx, sites, weights, grams, xs) -> dict[str, int]:
         """Per-layer bits under the average-bits budget from measured sensitivities; reports the table."""
-        errors, sizes = {}, {}
-        for site in ctx.progress(sites, "measuring sensitivity"):
-            w = site.weight_out_in(ctx.gm).detach().float()
-            sizes[site.name] = w.numel()
-            errors[site.name] = {b: self._errors(w, bcq.quantize(w, b, self.group, self.rounds, self.terms),
-                                                 xs[site.name])[1] for b in SENSITIVITY_BITS}
+        items = [(weights[s.name], grams[s.name], xs[s.name], self.group, self.terms) for s in sites]
+        measured = ctx.map_layers(sensitivity, items, "measuring sensitivity")
+        errors = {s.name: e for s, e in zip(sites, measured)}
+        sizes = {s.name: weights[s.name].numel() for s in sites}
         choice = allocate_bits(errors, sizes, self.budget)
         avg = sum(sizes[n] * b for n, b in choice.items()) / sum(sizes.values())
         rows = [f"{n}: " + " ".join(f"{b}b={errors[n][b]:.4f}" for b in SENSITIVITY_BITS) + f" -> {choice[n]} bits"
@@ -153,6 +211,10 @@ class ShiftAddPass(Pass):
         for n, b in choice.items():
             ctx.site(n, status="allocated", bits=b, **{f"output_error_{k}b": v for k, v in errors[n].items()})
         return choice
+
+
+def site_weight(gm, site) -> torch.Tensor:
+    return site.weight_out_in(gm).detach().float()
 
 
 def allocate_bits(errors: dict[str, dict[int, float]], sizes: dict[str, int], budget: float) -> dict[str, int]:

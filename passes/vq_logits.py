@@ -4,12 +4,21 @@
     after    logits = (h·Cᵀ)[..., M]  (+ b)            C: (K, d) codebook, M: (V,) token → code, K < V
 
 C and M come from k-means on W's rows (k-means++ seeding and `iters` Lloyd iterations, deterministic in `seed`;
-rewriter/kmeans.py), or M from `map=FILE` (a .pt tensor/list or a .json list of V ints; C = the mean of each
-code's rows; `codes` is then ignored: K = max(map) + 1). Tokens sharing a code get equal logits; when W has
-exactly K distinct rows the rewrite is exact.
+rewriter/kmeans.py), fitted to what matters for the logits when calibrated (calibrate=N > 0, the default): the
+error of token v's logit is h·(W_v − C_M(v)), so with the head input's calibration Gram H = L·Lᵀ and the model's
+mean next-token probabilities p̄ (N samples of `data`, rewriter/calibration.py) the pass minimises
+
+    Σ_v π_v · (W_v − C_M(v))·H·(W_v − C_M(v))ᵀ,    π_v = p̄_v + 1/V
+
+— k-means on the rows W_v·L weighted by π (frequent tokens get codes of their own, a rare token still takes its
+nearest code), each code the π-weighted mean of its rows. Data-free (calibrate=0): plain k-means of the rows.
+Or M from `map=FILE` (a .pt tensor/list or a .json list of V ints; C = the (weighted) mean of each code's rows;
+`codes` is then ignored: K = max(map) + 1). Tokens sharing a code get equal logits; when W has exactly K distinct
+rows the rewrite is exact.
 Weight-tied heads work: the embedding keeps the table (only the head's read of it goes away).
 The head is what rewriter.matchers.linear.is_lm_head finds (tied, or as wide as an embedding table and feeding
-the output, possibly through a final softmax / log_softmax).
+the output, possibly through a final softmax / log_softmax), or every linear layer whose name matches the regex
+`targets` (a classifier or a recommender's item head with no embedding beside it).
 
 Graph, before → after (rule "vq-<matcher rule>"):
 
@@ -24,7 +33,8 @@ logits are emitted and everything downstream (softmax, cross-entropy, argmax, to
 
 Report per head: params before/after (V·d → K·d + V map entries), top-1 agreement (argmax equal) and top-5
 overlap (|top5 ∩ top5'|/5) with the original logits on the example inputs, and — when the first input is a
-token-id tensor shaped like the logits' leading dims (a causal LM) — next-token perplexity before/after.
+token-id tensor shaped like the logits' leading dims (a causal LM) — next-token perplexity before/after; when
+calibrated, calibrated_error = √(Σπ_v·Δ_v·H·Δ_vᵀ / Σπ_v·W_v·H·W_vᵀ).
 """
 from __future__ import annotations
 
@@ -34,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rewriter import kmeans, params
+from rewriter import calibration, kmeans, params, weighted
 from rewriter.errors import UserError, first_line
 from rewriter.ir import insert_call, replace_node
 from rewriter.matchers.linear import LINEAR_OPS, find_linears, is_lm_head
@@ -44,6 +54,29 @@ aten = torch.ops.aten
 OP = torch.ops.rewrite.vq_logits.default
 _LOG_SOFTMAX = (aten.log_softmax.int, aten._log_softmax.default)
 _SOFTMAX = (aten.softmax.int, aten._softmax.default)
+
+
+def fit_codebook(w, h, token_weight, k, iters, seed, code_map):
+    """One head (runs in ctx.map_layers): (codebook (k, d) in W's dtype, code map (V,) int64) — k-means in the
+    logit-error metric when `h` (the head input's Gram) is given, rows weighted by `token_weight`; with a given
+    `code_map`, only the codebook (the weighted mean of each code's rows)."""
+    if code_map is None:
+        rows = w.float() if h is None else (w.double() @ weighted.cholesky(weighted.damped(h))).float()
+        _, code_map = kmeans.kmeans(rows, k, iters, seed, token_weight)
+    codebook = kmeans.update(w.float(), code_map, torch.zeros(k, w.shape[1], device=w.device), token_weight)
+    return codebook.to(w.dtype), code_map
+
+
+def logit_error(w, codebook, code_map, h, token_weight) -> float:
+    """√(Σ π_v·Δ_v·H·Δ_vᵀ / Σ π_v·W_v·H·W_vᵀ), Δ_v = W_v − C_M(v) (π uniform when None)."""
+    wd = w.double()
+    d = wd - codebook.double()[code_map]
+    hd = h.double()
+    pi = token_weight.double() if token_weight is not None else torch.ones(w.shape[0], dtype=torch.float64,
+                                                                           device=w.device)
+    num = (((d @ hd) * d).sum(-1) * pi).sum()
+    den = (((wd @ hd) * wd).sum(-1) * pi).sum()
+    return float((num.clamp_min(0) / den.clamp_min(1e-300)).sqrt())
 
 
 @dataclass(frozen=True)
@@ -58,44 +91,70 @@ class VQLogitsPass(Pass):
     seed: int = 0
     map: str = ""
     log_softmax: bool = False
+    targets: str = ""
+    calibrate: int = calibration.DEFAULT_SAMPLES
+    data: str = "self"
+    seq: int = calibration.DEFAULT_SEQ
+    fuzz_options = {"calibrate": 2, "iters": 2, "codes": 8}
 
     def __post_init__(self):
         if self.codes < 1:
             raise ValueError(f"codes must be >= 1, got {self.codes}")
         if self.iters < 0:
             raise ValueError(f"iters must be >= 0, got {self.iters}")
+        calibration.check_options(self.data, self.calibrate, self.seq)
 
     def should_run(self, ctx):
         reason = super().should_run(ctx)
-        if reason is None and not any(is_lm_head(ctx.gm, s) for s in find_linears(ctx.gm)):
+        if reason is None and not self._heads(ctx.gm):
+            if self.targets:
+                return f'no linear layer matches targets="{self.targets}"'
             return ("no LM head (a linear tied to, or as wide as, an embedding table, feeding the output "
-                    "directly or through a final softmax / log_softmax)")
+                    "directly or through a final softmax / log_softmax); name a head with targets=REGEX")
         return reason
+
+    def _heads(self, gm):
+        if self.targets:
+            return find_linears(gm, self.targets)
+        return [s for s in find_linears(gm) if is_lm_head(gm, s)]
 
     def run(self, ctx) -> None:
         gm = ctx.gm
-        heads = [s for s in find_linears(gm) if is_lm_head(gm, s)]
+        heads = self._heads(gm)
+        spec = calibration.spec_of(self)
+        stats = calibration.layer_stats(ctx, spec) if spec.samples > 0 else None
         acts = ctx.activations([n for s in heads for n in (s.x, s.node)])
+        items, plans = [], []
         for site in heads:
-            self._rewrite(ctx, site, acts[site.x], acts[site.node])
+            w = site.weight_out_in(gm).detach()
+            vocab, dim = w.shape
+            code_map = None
+            if self.map:
+                code_map = load_map(self.map, vocab).to(w.device)
+                k = int(code_map.max()) + 1
+                if k >= vocab:
+                    raise UserError(f"vq-logits: map {self.map} uses {k} codes for a vocabulary of {vocab}; "
+                                    f"it must use fewer codes than tokens")
+            else:
+                k = self.codes
+                if k >= vocab:
+                    raise UserError(f"vq-logits: codes={k} must be smaller than the vocabulary size V={vocab} of "
+                                    f"head {site.name}")
+            h = stats.gram(site.name) if stats is not None else None
+            token_weight = None
+            if stats is not None and stats.mean_probs is not None and stats.mean_probs.shape[0] == vocab:
+                token_weight = (stats.mean_probs.double() + 1.0 / vocab).to(w.device)
+            items.append((w, h, token_weight, k, self.iters, self.seed, code_map))
+            plans.append((site, h, token_weight))
+        fits = ctx.map_layers(fit_codebook, items, "fitting codebooks")
+        for (site, h, token_weight), (codebook, code_map) in zip(plans, fits):
+            self._rewrite(ctx, site, acts[site.x], acts[site.node], codebook, code_map, h, token_weight)
 
-    def _rewrite(self, ctx, site, h, logits) -> None:
+    def _rewrite(self, ctx, site, h, logits, codebook, code_map, gram, token_weight) -> None:
         gm = ctx.gm
         w = site.weight_out_in(gm).detach()
         vocab, dim = w.shape
-        if self.map:
-            code_map = load_map(self.map, vocab)
-            k = int(code_map.max()) + 1
-            if k >= vocab:
-                raise UserError(f"vq-logits: map {self.map} uses {k} codes for a vocabulary of {vocab}; "
-                                f"it must use fewer codes than tokens")
-            codebook = kmeans.update(w.float(), code_map, torch.zeros(k, dim, device=w.device)).to(w.dtype)
-        else:
-            k = self.codes
-            if k >= vocab:
-                raise UserError(f"vq-logits: codes={k} must be smaller than the vocabulary size V={vocab} of "
-                                f"head {site.name}")
-            codebook, code_map = kmeans.kmeans(w, k, self.iters, self.seed)
+        k = codebook.shape[0]
         tied = len(params.readers(gm, site.weight_name)) > 1
         bias_t = site.bias_tensor(gm)
         c_name = params.add_tensor(gm, site.tensor_name("vq_codebook"), codebook.contiguous(),
@@ -136,6 +195,8 @@ class VQLogitsPass(Pass):
                 tuple(logits.shape[:-1]) and ids.ndim >= 1 and ids.shape[-1] > 1:
             figures["perplexity_before"] = perplexity(logits, ids)
             figures["perplexity_after"] = perplexity(approx, ids)
+        if gram is not None:
+            figures["calibrated_error"] = logit_error(w, codebook, code_map, gram, token_weight)
         sizes = torch.bincount(code_map, minlength=k)
         before = vocab * dim
         after = k * dim + vocab

@@ -68,10 +68,13 @@ def rewrite(model, example_args=None, passes="", *, example_kwargs=None, verify:
 
 
 def run_captured(captured: Captured, pipeline: list[Pass], *, verify=False, decompose=False, codegen=None,
-                 instruments=(), progress=None, dump_kernels=None) -> RewriteResult:
+                 instruments=(), progress=None, dump_kernels=None, resources: dict | None = None) -> RewriteResult:
     gm = captured.gm
     inputs = flat_inputs(captured.args, captured.kwargs)
-    report = run_passes(gm, inputs, pipeline, verify=verify, instruments=instruments, progress=progress)
+    # what passes may know about the model (calibration samples from the source's own model, tokenises files)
+    known = {"source": captured.source, "dynamic": captured.dynamic, **(resources or {})}
+    report = run_passes(gm, inputs, pipeline, verify=verify, instruments=instruments, progress=progress,
+                        resources=known)
     if decompose:
         from .decompose import decompose_custom_ops
         decompose_custom_ops(gm, inputs)

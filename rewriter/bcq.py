@@ -5,19 +5,9 @@ zero-padded). Each row r and group j get q sign vectors and q scales:
 
     W[r, j·g:(j+1)·g] ≈ Σᵢ αᵢ[r, j] · Bᵢ[r, j, :],     Bᵢ ∈ {±1}^g,   αᵢ = Σₜ 2^{e[r, j, i, t]}   (t < terms)
 
-Algorithm (per row and group, all vectorised):
-    greedy      r = w; for i: bᵢ = sign(r) (0 → +1); αᵢ = snap(mean|r|); r -= αᵢ·bᵢ
-    levels      the q-plane fit starts from the better of greedy(q) and the refined (q−1)-plane fit plus one
-                greedy plane, so the error never grows with q
-    refine      repeat `rounds` times: α = argmin ‖w − αᵀB‖ (least squares given B; negative αᵢ flip bᵢ);
-                α ← snap(α); B ← best of the 2^q sign patterns for every element given α.
-                A group keeps its best (α, B) so far: refinement never increases the error over greedy.
-    snap        a sum of `terms` powers of two: floor(log2) for all but the last term, nearest for the last;
-                zero is the exponent ZERO_EXP (-128).
-    compensate  GPTQ-style (Frantar et al. 2022) with static groups: with H = mean xxᵀ + damping and
-                U = chol(H⁻¹)ᵀ (upper), quantise the columns in order; α of a group is fitted when the group
-                starts; each column's error eᵢ = (wᵢ − qᵢ)/U[i,i] is spread onto the later columns
-                W[:, i+1:] -= eᵢ·U[i, i+1:]. This lowers the output error ‖X(W − Q)ᵀ‖ at the cost of weight error.
+Fitting (rewriter/bcq_fit.py): a grid per group — uniform and greedy starts, alternating least squares, an exact
+search over the power-of-two snappings — and, calibrated, GPTQ-style error feedback (Frantar et al. 2022) followed by
+a coordinate-descent refit of the scales under the calibration Gram that never increases the output error.
 
 Storage (what the custom op `rewrite::shiftadd_linear` reads):
     signs      uint8 (q, out, in_pad/8): bit u of byte k of plane i is Bᵢ[·, 8k+u] == +1
@@ -75,101 +65,6 @@ def exp_values(exps: torch.Tensor) -> torch.Tensor:
     return torch.where(exps == ZERO_EXP, torch.zeros_like(e), torch.ldexp(torch.ones_like(e), e)).sum(-1)
 
 
-# ---- sign patterns ----------------------------------------------------------------------------------------
-def _patterns(q: int, device=None) -> torch.Tensor:
-    """All 2^q sign patterns, (2^q, q) of ±1."""
-    idx = torch.arange(2 ** q, device=device)
-    return ((idx[:, None] >> torch.arange(q, device=device)) & 1).float() * 2 - 1
-
-
-def best_signs(w: torch.Tensor, alpha: torch.Tensor, with_error: bool = False):
-    """w (R, G, g), alpha (R, G, q) -> B (R, G, q, g) ±1: for every element the sign pattern whose value
-    Σᵢ αᵢ·bᵢ is nearest to it (exact search over the 2^q patterns: sort their values, binary-search w).
-    With `with_error`, also the squared error per (row, group)."""
-    pats = _patterns(alpha.shape[-1], w.device)                    # (P, q)
-    values, order = (alpha @ pats.t()).sort(-1)                     # (R, G, P)
-    pos = torch.searchsorted(values, w.contiguous())                # (R, G, g): first value >= w
-    hi = pos.clamp(max=values.shape[-1] - 1)
-    lo = (pos - 1).clamp(min=0)
-    v_hi, v_lo = values.gather(-1, hi), values.gather(-1, lo)
-    take_lo = (w - v_lo).abs() <= (v_hi - w).abs()
-    signs = pats[order.gather(-1, torch.where(take_lo, lo, hi))].permute(0, 1, 3, 2).contiguous()
-    if not with_error:
-        return signs
-    return signs, (w - torch.where(take_lo, v_lo, v_hi)).pow(2).sum(-1)
-
-
-def _error(w, alpha, signs):
-    """Squared error per (row, group)."""
-    return (w - (alpha[..., None] * signs).sum(-2)).pow(2).sum(-1)
-
-
-def greedy(w: torch.Tensor, q: int, terms: int = 1):
-    """w (R, G, g) -> (alpha snapped (R, G, q), exps (R, G, q, terms), B (R, G, q, g))."""
-    r = w.clone()
-    alphas, exps, signs = [], [], []
-    for _ in range(q):
-        b = torch.where(r >= 0, 1.0, -1.0)
-        e, a = snap_pow2(r.abs().mean(-1), terms)
-        r = r - a[..., None] * b
-        alphas.append(a)
-        exps.append(e)
-        signs.append(b)
-    return torch.stack(alphas, -1), torch.stack(exps, -2), torch.stack(signs, -2)
-
-
-def extend(w, alpha, exps, signs, terms: int = 1):
-    """One more greedy plane on the residual of a (q-plane) fit -> a (q+1)-plane fit; never increases the error
-    (the added αb with α = snap(mean|r|) < 2·mean|r| lowers ‖r‖²)."""
-    r = w - (alpha[..., None] * signs).sum(-2)
-    b = torch.where(r >= 0, 1.0, -1.0)
-    e, a = snap_pow2(r.abs().mean(-1), terms)
-    return (torch.cat([alpha, a[..., None]], -1), torch.cat([exps, e[..., None, :]], -2),
-            torch.cat([signs, b[..., None, :]], -2))
-
-
-def _pick(w, first, second):
-    """Per (row, group), the fit of lower error among two (alpha, exps, signs) triples."""
-    better = _error(w, second[0], second[2]) < _error(w, first[0], first[2])
-    return (torch.where(better[..., None], second[0], first[0]),
-            torch.where(better[..., None, None], second[1], first[1]),
-            torch.where(better[..., None, None], second[2], first[2]))
-
-
-def fit(w: torch.Tensor, q: int, rounds: int, terms: int = 1):
-    """The full quantiser on grouped weights w (R, G, g): for q' = 1..q, start from the better of greedy(q') and
-    the refined (q'−1)-plane fit extended by one greedy plane, then refine. Hence the error never exceeds greedy's
-    and never grows with q (per group)."""
-    a, e, s = refine(w, *greedy(w, 1, terms), rounds, terms)
-    for level in range(2, q + 1):
-        start = _pick(w, greedy(w, level, terms), extend(w, a, e, s, terms))
-        a, e, s = refine(w, *start, rounds, terms)
-    return a, e, s
-
-
-def refine(w, alpha, exps, signs, rounds: int, terms: int = 1):
-    """Alternating refinement from a (greedy) start; per group keeps the best so far. Same return as greedy."""
-    best_err = _error(w, alpha, signs)
-    q = alpha.shape[-1]
-    ridge = 1e-9 * w.shape[-1] * torch.eye(q, device=w.device, dtype=torch.float64)  # equal planes: singular
-    for _ in range(rounds):
-        s64 = signs.double()
-        gram = s64 @ s64.transpose(-1, -2) + ridge                 # (R, G, q, q)
-        rhs = (s64 @ w.double()[..., None])[..., 0]                # (R, G, q)
-        a = torch.linalg.solve(gram, rhs).abs().float()
-        # try every up/down rounding of the last power-of-two term of the q scales (2^q candidates)
-        for combo in range(2 ** q):
-            up = ((combo >> torch.arange(q, device=w.device)) & 1).bool().expand_as(a)
-            e, a_snap = snap_pow2(a, terms, up)
-            s, err = best_signs(w, a_snap, with_error=True)
-            better = err < best_err
-            alpha = torch.where(better[..., None], a_snap, alpha)
-            exps = torch.where(better[..., None, None], e, exps)
-            signs = torch.where(better[..., None, None], s, signs)
-            best_err = torch.where(better, err, best_err)
-    return alpha, exps, signs
-
-
 # ---- packing ----------------------------------------------------------------------------------------------
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:
     """B (R, G, q, g) ±1 -> uint8 (q, R, G·g/8); bit u of byte k is +1 at column 8k+u."""
@@ -214,60 +109,30 @@ def padded_in(in_features: int, group: int) -> int:
     return -(-in_features // group) * group
 
 
-def _grouped(w: torch.Tensor, group: int) -> torch.Tensor:
-    out_f, in_f = w.shape
-    pad = padded_in(in_f, group) - in_f
-    w = torch.nn.functional.pad(w.float(), (0, pad))
-    return w.view(out_f, -1, group)
-
-
-def quantize(weight: torch.Tensor, bits: int = 3, group: int = 128, rounds: int = 5, terms: int = 1,
-             hessian: torch.Tensor | None = None, damp: float = 0.01, chunk: int = 256) -> BCQWeight:
-    """Quantise W (out, in). With `hessian` (in, in) = mean xxᵀ, GPTQ-style compensation is applied."""
+def quantize(weight: torch.Tensor, bits: int = 3, group: int = 128, rounds: int = 2, terms: int = 1,
+             hessian: torch.Tensor | None = None, damp: float = 0.01, refit: int = 1) -> BCQWeight:
+    """Quantise W (out, in) (rewriter/bcq_fit.py): grid fit per group, or — with `hessian` (in, in) = mean x·xᵀ —
+    GPTQ-style error feedback followed by `refit` sweeps of scale refitting under the same H."""
+    from . import bcq_fit
     if group % 8:
         raise ValueError(f"group must be a multiple of 8, got {group}")
     w = weight.detach().float()
     out_f, in_f = w.shape
-    if hessian is not None:
-        return _quantize_gptq(w, bits, group, rounds, terms, hessian.float(), damp)
-    exps_all, signs_all = [], []
-    for start in range(0, out_f, chunk):
-        wg = _grouped(w[start:start + chunk], group)
-        a, e, s = fit(wg, bits, rounds, terms)
-        exps_all.append(e)
-        signs_all.append(pack_signs(s))
-    return BCQWeight(torch.cat(signs_all, 1), torch.cat(exps_all, 0), in_f, group)
+    if hessian is None:
+        exps, pattern = bcq_fit.quantize_plain(w, bits, group, terms, rounds)
+    else:
+        exps, pattern = bcq_fit.gptq(w, hessian, bits, group, terms, rounds, damp)
+        if refit:
+            exps = bcq_fit.refit_scales(w, hessian, exps, pattern, bits, terms, refit)
+    return from_patterns(exps, pattern, in_f, group)
 
 
-def _quantize_gptq(w, bits, group, rounds, terms, hessian, damp) -> BCQWeight:
-    out_f, in_f = w.shape
-    n_pad = padded_in(in_f, group)
-    h = torch.zeros(n_pad, n_pad, dtype=torch.float64, device=w.device)
-    h[:in_f, :in_f] = hessian.double()
-    diag = h.diagonal()
-    dead = diag <= 0                    # columns never excited (or padding): no information, keep them
-    mean_diag = diag[~dead].mean() if (~dead).any() else torch.tensor(1.0, dtype=torch.float64, device=w.device)
-    diag[dead] = 1.0
-    diag += damp * mean_diag
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    wp = torch.nn.functional.pad(w, (0, n_pad - in_f)).double()
-    exps, signs = [], torch.empty(out_f, n_pad // group, bits, group, device=w.device)
-    pats = _patterns(bits).double()
-    for j in range(n_pad // group):
-        cols = slice(j * group, (j + 1) * group)
-        block = wp[:, cols].float()[:, None, :]
-        a, e, _ = fit(block, bits, rounds, terms)
-        exps.append(e[:, 0])
-        values = a[:, 0].double() @ pats.t()                       # (out, P)
-        for c in range(group):
-            i = j * group + c
-            col = wp[:, i]
-            idx = (col[:, None] - values).abs().argmin(-1)
-            qcol = values.gather(1, idx[:, None])[:, 0]
-            signs[:, j, :, c] = pats[idx].float()
-            err = (col - qcol) / u[i, i]
-            wp[:, i + 1:] -= err[:, None] * u[i, i + 1:][None, :]
-    return BCQWeight(pack_signs(signs), torch.stack(exps, 1), in_f, group)
+def from_patterns(exps: torch.Tensor, pattern: torch.Tensor, in_features: int, group: int) -> BCQWeight:
+    """The packed form of exponents (out, G, q, terms) and sign patterns (out, G, g) (bit i of a pattern = plane i)."""
+    q = exps.shape[2]
+    bits = (pattern[..., None] >> torch.arange(q, device=pattern.device)) & 1            # (out, G, g, q)
+    signs = (bits.permute(0, 1, 3, 2).float() * 2 - 1)                                   # (out, G, q, g)
+    return BCQWeight(pack_signs(signs), exps.to(torch.int8), in_features, group)
 
 
 # ---- the two matmul paths ---------------------------------------------------------------------------------

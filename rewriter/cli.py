@@ -179,18 +179,20 @@ def _print_brief(report, console: Console) -> None:
 def _progress_factory(console: Console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    def progress(items, description):
+    def progress(items, description, status=None):
         items = list(items)
         if len(items) < 2:
             return items
 
         def gen():
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=console, transient=True) as bar:
-                task = bar.add_task(description, total=len(items))
+            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+            if status is not None:
+                columns.append(TextColumn("{task.fields[status]}"))
+            with Progress(*columns, console=console, transient=True) as bar:
+                task = bar.add_task(description, total=len(items), status="")
                 for item in items:
                     yield item
-                    bar.advance(task)
+                    bar.update(task, advance=1, **({"status": status()} if status is not None else {}))
         return gen()
     return progress
 

@@ -1,8 +1,10 @@
 """`rewrite eval MODEL --pass SPEC`: the original program and the rewritten one, side by side, on real inputs.
 
 Metrics (--metric, chosen from the model when not given):
-    ppl     causal LMs with a tokenizer: perplexity on a text (rewriter/data/eval_text.txt by default), cut into
-            non-overlapping windows of --window tokens (at most --max-tokens in all); NLL of token t+1 from
+    ppl     causal LMs with a tokenizer: perplexity on a text (rewriter/data/eval_text.txt by default: 2,819
+            SmolLM2 tokens of public-domain text), cut into non-overlapping windows of --window tokens (default
+            256, capped at the model's context) — at most --max-tokens in all (default 2,048, so a perplexity is
+            not a 128-token anecdote); NLL of token t+1 from
             positions ≤ t. Also next-token agreement: top-1 (same argmax), top-5 (the original's top-1 is in the
             rewritten top 5) and KL(p_original ‖ p_rewritten), averaged over positions.
     cosine  encoders with a tokenizer: sentence embeddings by mean pooling over the attention mask, on the
@@ -14,7 +16,11 @@ Metrics (--metric, chosen from the model when not given):
 
 Always: normwise output error, per-pass site counts and per-layer figures (report.passes[i].sites), skipped
 sites with their reasons, parameters, bytes of the program's tensors, and forward time (median, same inputs).
-The exported programs have static shapes, so they are exported with exactly the batch they are evaluated on.
+The exported programs have static shapes, so they are exported with exactly the batch they are evaluated on —
+except for pipelines with a training pass (heal), which are captured with dynamic shapes so that training can
+use its own batch size and sequence length.
+Calibration (the data-aware passes, heal) never sees the evaluation text: passes sample their data from the model
+itself (data=self) or read a file, and a data= file that is the evaluation text is refused.
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ METRICS = ("ppl", "cosine", "agree")
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_TEXT = os.path.join(DATA_DIR, "eval_text.txt")
 DEFAULT_PAIRS = os.path.join(DATA_DIR, "sentence_pairs.json")
+DEFAULT_MAX_TOKENS = 2048
+DEFAULT_WINDOW = 256
 
 
 def add_arguments(parser) -> None:
@@ -46,9 +54,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text", default=None, metavar="FILE", help="text for perplexity (default: rewriter/data/eval_text.txt)")
     parser.add_argument("--pairs", default=None, metavar="FILE",
                         help="sentence pairs JSON for --metric cosine (default: rewriter/data/sentence_pairs.json)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="at most this many tokens of --text (default 512)")
-    parser.add_argument("--window", type=int, default=128,
-                        help="tokens per window (capped at the model's context; default 128)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"at most this many tokens of --text (default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help=f"tokens per window (capped at the model's context; default {DEFAULT_WINDOW})")
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.add_argument("--gguf", default=None, metavar="FILE", help="GGUF weights file (in MODEL's folder or a path)")
     parser.add_argument("--attn", choices=("eager", "sdpa"), default="eager",
@@ -57,6 +66,9 @@ def add_arguments(parser) -> None:
                         help="example inputs for --metric agree, e.g. 2x16:int64")
     parser.add_argument("--verify", action="store_true", help="check each pass's contract on the eval inputs")
     parser.add_argument("--repeat", type=int, default=3, help="forward runs timed per program (median; default 3)")
+    parser.add_argument("--rtn", default=None, metavar="BITS:GROUP",
+                        help="baseline: before the pipeline, round every linear weight but the LM head to nearest "
+                             "(asymmetric min/max, BITS bits per GROUP weights, fp16 scale and zero point)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow .pt files that hold pickled modules")
 
 
@@ -205,13 +217,14 @@ def time_forward(modules, args, kwargs, repeat: int) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------- driver
-def prepare(args):
-    """-> (Captured, metric, extra) where extra holds what the metric needs (ids, mask, human scores)."""
+def prepare(args, dynamic: bool = False):
+    """-> (Captured, metric, extra) where extra holds what the metric needs (ids, mask, human scores) and the
+    resources the passes may use (the loaded model for sampling calibration data, its tokenizer)."""
     from .capture import capture
     from .hf import is_hf_source, load_model, example_inputs
 
     metric = args.metric
-    extra: dict = {}
+    extra: dict = {"resources": {"source": args.model}}
     if is_hf_source(args.model):
         model, tokenizer, config, _ = load_model(args.model, gguf=getattr(args, "gguf", None),
                                                  attn_implementation=args.attn)
@@ -236,12 +249,13 @@ def prepare(args):
             extra.update(mask=inputs[1], n_pairs=len(pairs), human=[p["score"] for p in pairs])
         else:
             inputs = example_inputs(model, tokenizer, config, input_shape=args.input_shape)
-        return capture(model, inputs, kwargs), metric, extra
+        extra["resources"].update(hf_model=model, tokenizer=tokenizer, causal=model.causal)
+        return capture(model, inputs, kwargs, dynamic=dynamic), metric, extra
     metric = metric or "agree"
     if metric != "agree":
         raise UserError(f"--metric {metric} needs a Hugging Face model with a tokenizer; use --metric agree")
     captured = capture(args.model, trust_pickle=getattr(args, "trust_pickle", False),
-                       input_shapes=getattr(args, "input_shape", None))
+                       input_shapes=getattr(args, "input_shape", None), dynamic=dynamic)
     return captured, metric, extra
 
 
@@ -251,9 +265,15 @@ def evaluate(args) -> dict:
     from .pass_base import parse_pipeline
 
     pipeline = parse_pipeline(args.passes) if args.passes else []
-    captured, metric, extra = prepare(args)
+    check_disjoint(pipeline, args)
+    trains = any(getattr(p, "needs_teacher", False) for p in pipeline)
+    rtn = parse_rtn(getattr(args, "rtn", None))
+    captured, metric, extra = prepare(args, dynamic=trains)
     original = captured.program
-    result = run_captured(captured, pipeline, verify=getattr(args, "verify", False))
+    if rtn is not None:
+        round_to_nearest(captured.gm, *rtn)
+    result = run_captured(captured, pipeline, verify=getattr(args, "verify", False),
+                          resources=extra["resources"], progress=getattr(args, "progress", None))
     ref_mod, new_mod = original.module(), result.program.module()
     a, kw = captured.args, captured.kwargs
     with torch.no_grad():
@@ -276,7 +296,7 @@ def evaluate(args) -> dict:
         rewritten = [s for s in p.sites if s.get("status") == "rewritten"]
         skipped = [s for s in p.sites if s.get("status") != "rewritten"]
         passes.append({
-            "pass": p.spec, "contract": p.contract, "skipped": p.skipped,
+            "pass": p.spec, "contract": p.contract, "skipped": p.skipped, "seconds": round(p.seconds, 1),
             "sites_rewritten": len(rewritten), "sites_skipped": len(skipped),
             "skip_reasons": dict(Counter(str(s.get("reason", "")) for s in skipped)),
             "max_output_error": _max_figure(rewritten, "output_error"),
@@ -286,7 +306,7 @@ def evaluate(args) -> dict:
         })
     return {
         "command": command_line(args),
-        "model": args.model, "passes": args.passes, "metric": metric,
+        "model": args.model, "passes": args.passes, "metric": metric, "rtn": getattr(args, "rtn", None),
         "input_shapes": [list(t.shape) for t in pytree.tree_leaves((a, kw)) if isinstance(t, torch.Tensor)],
         "metrics": metrics,
         "params": {"original": program_params(original), "rewritten": program_params(result.program)},
@@ -296,17 +316,62 @@ def evaluate(args) -> dict:
     }
 
 
+def parse_rtn(text: str | None) -> tuple[int, int] | None:
+    """"4:64" -> (4, 64); one-line UserError otherwise."""
+    if not text:
+        return None
+    try:
+        bits, group = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise UserError(f"--rtn takes BITS:GROUP, e.g. 4:64; got {text!r}") from None
+    if not 1 <= bits <= 8 or group < 1:
+        raise UserError(f"--rtn {text}: bits must be 1..8 and group >= 1")
+    return bits, group
+
+
+def round_to_nearest(gm, bits: int, group: int) -> int:
+    """Round every linear weight but the LM head to nearest in place (the quantisation baseline); returns the
+    number of layers rounded."""
+    from . import bcq_fit, params
+    from .matchers.linear import find_linears, is_lm_head
+    count = 0
+    for site in find_linears(gm):
+        if is_lm_head(gm, site):
+            continue
+        w = site.weight_out_in(gm).detach()
+        q = bcq_fit.rtn(w.float(), bits, group).to(w.dtype)
+        params.set_tensor(gm, site.weight_name, q if site.layout == "out_in" else q.t().contiguous())
+        count += 1
+    return count
+
+
+def check_disjoint(pipeline, args) -> None:
+    """Refuse a pipeline whose calibration/training data file is the evaluation text (or pairs) itself."""
+    evaluated = {os.path.realpath(p) for p in (_text_path(args), getattr(args, "pairs", None) or DEFAULT_PAIRS)}
+    for p in pipeline:
+        data = getattr(p, "data", "self")
+        if isinstance(data, str) and data != "self" and os.path.realpath(data) in evaluated:
+            raise UserError(f'pass "{p.spec()}" would calibrate on {data}, the text it is evaluated on; '
+                            "give other data (or data=self)")
+
+
+def _text_path(args) -> str:
+    return getattr(args, "text", None) or DEFAULT_TEXT
+
+
 def command_line(args) -> str:
     parts = ["rewrite", "eval", args.model]
     if args.passes:
         parts += ["--pass", f"'{args.passes}'"]
     for flag, default in (("metric", None), ("text", None), ("pairs", None), ("gguf", None), ("attn", "eager"),
-                          ("max_tokens", 512), ("window", 128), ("input_shape", None)):
+                          ("max_tokens", DEFAULT_MAX_TOKENS), ("window", DEFAULT_WINDOW), ("input_shape", None)):
         value = getattr(args, flag, default)
         if value != default:
             parts += [f"--{flag.replace('_', '-')}", str(value)]
     if getattr(args, "verify", False):
         parts.append("--verify")
+    if getattr(args, "rtn", None):
+        parts += ["--rtn", args.rtn]
     return " ".join(parts)
 
 
@@ -388,6 +453,11 @@ def _fmt(v) -> str:
 
 def run(args, console) -> int:
     """The `rewrite eval` command. Returns the exit code (UserErrors propagate to the CLI)."""
+    if args.format != "json" and getattr(args, "progress", None) is None:
+        from rich.console import Console
+
+        from .cli import _progress_factory
+        args.progress = _progress_factory(Console(stderr=True))   # sampling, per-layer fits and heal take minutes
     results = evaluate(args)
     if args.format == "json":
         console.out(json.dumps(results, indent=2), highlight=False)

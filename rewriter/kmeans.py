@@ -9,7 +9,9 @@
     Lloyd     assign every row to its nearest centre (ties → lowest index), then move each centre to the mean of
               its rows (in float64, so the mean of identical rows is that row exactly); an empty centre keeps
               its place. Stops early once the labels no longer change (later iterations would be no-ops).
-Same (x, k, iters, seed) → same result: all randomness comes from one CPU torch.Generator seeded with `seed`
+Weighted (`weight`, one w_i ≥ 0 per row): the objective is Σᵢ wᵢ·‖xᵢ − c(i)‖²; seeding draws with probability
+∝ wᵢ·D(xᵢ)² and centres move to the weighted mean of their rows (assignment is unchanged: nearest centre).
+Same (x, k, iters, seed, weight) → same result: all randomness comes from one CPU torch.Generator seeded with `seed`
 (the draws are made on the CPU whatever device x lives on, so a model on a GPU gets the same seeds).
 """
 from __future__ import annotations
@@ -29,19 +31,25 @@ def _sq_dist_to(x: torch.Tensor, c: torch.Tensor, x_sq: torch.Tensor) -> torch.T
     return d
 
 
-def seed_centres(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++: indices (k,) of the rows chosen as initial centres."""
+def seed_centres(x: torch.Tensor, k: int, generator: torch.Generator,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """k-means++: indices (k,) of the rows chosen as initial centres (draws ∝ weight·D² when weighted)."""
     n = x.shape[0]
-    first = int(torch.randint(n, (1,), generator=generator, device=generator.device))
+    if weight is not None and float(weight.sum()) > 0:
+        first = int(torch.multinomial((weight.double() / weight.double().sum()).to(generator.device), 1,
+                                      generator=generator))
+    else:
+        first = int(torch.randint(n, (1,), generator=generator, device=generator.device))
     chosen = [first]
     used = torch.zeros(n, dtype=torch.bool, device=x.device)
     used[first] = True
     x_sq = x.double().pow(2).sum(-1)
     d2 = _sq_dist_to(x, x[first], x_sq)
     for _ in range(1, k):
-        total = d2.sum()
+        score = d2 * weight.double() if weight is not None else d2
+        total = score.sum()
         if total > 0:
-            nxt = int(torch.multinomial((d2 / total).to(generator.device), 1, generator=generator))
+            nxt = int(torch.multinomial((score / total).to(generator.device), 1, generator=generator))
         else:
             nxt = int((~used).nonzero()[0]) if (~used).any() else 0
         chosen.append(nxt)
@@ -61,29 +69,34 @@ def assign(x: torch.Tensor, centres: torch.Tensor, chunk: int = 8192) -> torch.T
     return torch.cat(out)
 
 
-def update(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Centres moved to the mean of their rows (float64 sums); empty ones stay."""
+def update(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor,
+           weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Centres moved to the (weighted) mean of their rows (float64 sums); empty ones stay."""
     k = centres.shape[0]
-    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, labels, x.double())
-    counts = torch.bincount(labels, minlength=k)
-    means = (sums / counts.clamp(min=1)[:, None]).to(centres.dtype)
-    return torch.where((counts > 0)[:, None], means, centres)
+    w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if weight is None else weight.double()
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, labels,
+                                                                                       x.double() * w[:, None])
+    mass = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, labels, w)
+    means = (sums / torch.where(mass > 0, mass, torch.ones_like(mass))[:, None]).to(centres.dtype)
+    return torch.where((mass > 0)[:, None], means, centres)
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(centres (k, d) in x's dtype, labels (n,) int64) for rows x (n, d); deterministic in `seed`."""
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0,
+           weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centres (k, d) in x's dtype, labels (n,) int64) for rows x (n, d); deterministic in `seed`; `weight` (n,)
+    weights the rows (module docstring)."""
     if not 1 <= k <= x.shape[0]:
         raise ValueError(f"k must be in 1..{x.shape[0]} (the number of rows), got {k}")
     xf = x.detach().float()
     gen = torch.Generator(device="cpu").manual_seed(seed)   # drawn on the CPU: the same codebook on every device
-    centres = xf[seed_centres(xf, k, gen)].clone()
+    centres = xf[seed_centres(xf, k, gen, weight)].clone()
     labels = assign(xf, centres)
     for _ in range(iters):
-        centres = update(xf, labels, centres)
+        centres = update(xf, labels, centres, weight)
         new_labels = assign(xf, centres)
         if torch.equal(new_labels, labels):   # converged: further iterations change nothing
             break
         labels = new_labels
     else:
-        centres = update(xf, labels, centres)  # centres = means of the final labels
+        centres = update(xf, labels, centres, weight)  # centres = means of the final labels
     return centres.to(x.dtype), labels

@@ -89,7 +89,8 @@ class PassContext:
     """What a pass sees: the working GraphModule, example inputs, and ways to report per-site results."""
 
     def __init__(self, gm: fx.GraphModule, inputs: list, pass_obj: Pass, result: PassResult,
-                 progress: Callable | None = None, teacher: fx.GraphModule | None = None):
+                 progress: Callable | None = None, teacher: fx.GraphModule | None = None,
+                 resources: dict | None = None):
         self.gm = gm
         self.inputs = inputs          # flat example inputs, in placeholder order
         self.pass_obj = pass_obj
@@ -98,6 +99,11 @@ class PassContext:
         # the program as it was before the pipeline (a frozen copy), kept only when a pass of the pipeline
         # declares `needs_teacher` (it costs a second copy of the weights)
         self.teacher = teacher
+        # one dict per pipeline, shared by its passes: what the entry point knows about the model ("source": the
+        # alias/path it came from, "dynamic": whether its shapes may vary, optionally "tokenizer", "hf_model")
+        # and what passes cache for the passes after them (rewriter/calibration.py keeps its data and statistics
+        # here, so a pipeline samples its calibration data and captures layer statistics once)
+        self.resources = resources if resources is not None else {}
 
     @property
     def graph(self) -> fx.Graph:
@@ -113,11 +119,14 @@ class PassContext:
     def message(self, text: str) -> None:
         self.result.messages.append(text)
 
-    def progress(self, items, description: str):
-        """Iterate `items` with a progress bar when a console is attached."""
+    def progress(self, items, description: str, status: Callable[[], str] | None = None):
+        """Iterate `items` with a progress bar when a console is attached; `status()` (optional) is shown beside
+        the bar and re-read after every item (a training loss, say)."""
         if self._progress is None:
             return items
-        return self._progress(items, f"{self.pass_obj.name}: {description}")
+        if status is None:
+            return self._progress(items, f"{self.pass_obj.name}: {description}")
+        return self._progress(items, f"{self.pass_obj.name}: {description}", status)
 
     def map_layers(self, fn: Callable, items: list[tuple], description: str) -> list:
         """`[fn(*item) for item in items]` — the per-layer work of a pass (a projection, a fit), in order.
@@ -171,9 +180,12 @@ def _param_change(name, tensor, trainable) -> ParamChange:
 
 
 def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: bool = False,
-               instruments: list[Instrument] = (), progress: Callable | None = None) -> Report:
-    """Run `passes` in order over `gm` (modified in place) and return the report."""
+               instruments: list[Instrument] = (), progress: Callable | None = None,
+               resources: dict | None = None) -> Report:
+    """Run `passes` in order over `gm` (modified in place) and return the report. `resources`: see
+    PassContext.resources (shared by every pass of this run)."""
     report = Report()
+    resources = dict(resources or {})
     reference = propagate_shapes(gm, inputs)
     report.flops_before = cost.program_flops(gm)
     report.params_before = cost.program_params(gm)
@@ -199,7 +211,7 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
         result.params_before = cost.program_params(gm)
         start = time.perf_counter()
         try:
-            p.run(PassContext(gm, inputs, p, result, progress, teacher))
+            p.run(PassContext(gm, inputs, p, result, progress, teacher, resources))
         except RewriteError:
             raise
         except Exception as e:

@@ -14,12 +14,13 @@ BlockDense (W' = U_r·V_b, StructuredFFN): column block k of W' is U_k·V_k with
     so each column block W[:, k·p:(k+1)·p] independently takes its rank-t truncated SVD (√σ split).
 Low rank (W' = U·V): truncated SVD W ≈ U_r·diag(σ)·V_rᵀ; U = U_r·√σ, V = √σ·V_rᵀ (Eckart–Young: error is the SVD
     tail √Σ_{i>r} σᵢ² / ‖W‖).
-Activation-weighted low rank (ASVD/FWSVD style): minimise ‖(W − UV)·Xᵀ‖_F = ‖(W − UV)·S‖_F with S = C^{1/2},
-    C = XᵀX/N + λI (λ = 1% of the mean diagonal, so S is invertible): SVD of W·S truncated at r, then
-    U = U_r·√σ, V = √σ·V_rᵀ·S⁻¹.
+Calibrated (every form, with a calibration Gram H = XᵀX/rows): minimise tr(ΔW·H·ΔWᵀ) = ‖X·ΔWᵀ‖²/rows instead —
+    SVD-LLM whitening for low rank, alternating exact least squares for BlockDense and Monarch, the conditional-
+    mean correction for plain block-diagonal (rewriter/weighted.py). Exactly structured weights stay exact.
 
 All projections run in float32 (float64 for float64 weights) and the factors are cast to the weight dtype once.
-`apply` replaces a LinearSite by the new op node and removes the dense weight through `rewriter.params`.
+`apply` replaces a LinearSite by the new op node and removes the dense weight through `rewriter.params`;
+`project_sites` runs a pass's per-layer fit through ctx.map_layers and records each layer's figures.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from . import params
+from . import calibration, params, weighted
 from .ir import insert_call, replace_node
 from .matchers.linear import LinearSite, match_linear
 from .ops import blockdiag_linear, lowrank_linear, monarch_linear
@@ -133,12 +134,18 @@ def monarch_skip_reason(m: int, n: int, blocks: int, pad: bool = True) -> str | 
     return None
 
 
-def monarch_project(w: torch.Tensor, blocks: int) -> Factored:
-    """Optimal Monarch projection of W (m, n) with `blocks` blocks (see module docstring)."""
+def monarch_project(w: torch.Tensor, blocks: int, gram: torch.Tensor | None = None, iters: int = 4) -> Factored:
+    """Optimal Monarch projection of W (m, n) with `blocks` blocks (see module docstring); with a calibration
+    `gram` (n × n) the weighted projection (rewriter/weighted.py; needs b | q, else the Frobenius one)."""
     m, n = w.shape
     b = blocks
     p, q, s = monarch_sizes(m, n, b)
     work = _work_dtype(w)
+    if gram is not None and q % b == 0:
+        w1, w2 = weighted.monarch(w, gram, b, iters)
+        fit = Factored("monarch", m, n, {"w1": w1.to(work).to(w.dtype), "w2": w2.to(work).to(w.dtype)},
+                       {"blocks": b, "inner": q, "calibrated": True})
+        return _better(w, gram, fit, monarch_project(w, blocks))
     wx = torch.zeros(b * s, b * p, dtype=work, device=w.device)
     wx[:m, :n] = w.to(work)
     slices = wx.view(s, b, b, p).permute(1, 2, 0, 3)               # [c, k, s', p'] = W[s'·b + c, k·p + p']
@@ -163,6 +170,15 @@ def monarch_project(w: torch.Tensor, blocks: int) -> Factored:
     return Factored("monarch", m, n, {"w1": w1.to(w.dtype), "w2": w2.to(w.dtype)}, {"blocks": b, "inner": q})
 
 
+def _better(w: torch.Tensor, gram: torch.Tensor, fit: Factored, plain: Factored) -> Factored:
+    """The calibrated fit, or the Frobenius projection where that has the lower calibrated error (the alternating
+    fit is a local optimum: this makes 'calibrated is never worse under H than data-free' hold always)."""
+    if weighted.relative_error(w, plain.dense(), gram) < weighted.relative_error(w, fit.dense(), gram):
+        plain.info["calibrated"] = "frobenius kept"
+        return plain
+    return fit
+
+
 # ---- block-diagonal and BlockDense -------------------------------------------------------------------------------
 def blockdiag_skip_reason(m: int, n: int, blocks: int, pad: bool = True) -> str | None:
     return monarch_skip_reason(m, n, blocks, pad)
@@ -178,9 +194,13 @@ def _column_blocks(w: torch.Tensor, blocks: int, rows: int | None = None) -> tor
     return wx.view(rows, blocks, p).permute(1, 0, 2)
 
 
-def blockdiag_project(w: torch.Tensor, blocks: int) -> Factored:
-    """Plain block-diagonal: the diagonal blocks of W (optimal: nothing else can be matched)."""
+def blockdiag_project(w: torch.Tensor, blocks: int, gram: torch.Tensor | None = None) -> Factored:
+    """Plain block-diagonal: the diagonal blocks of W (optimal: nothing else can be matched); with a calibration
+    `gram`, the blocks that minimise the output error (the conditional-mean correction, rewriter/weighted.py)."""
     m, n = w.shape
+    if gram is not None:
+        blk = weighted.blockdiag_plain(w, gram, blocks).to(_work_dtype(w))
+        return Factored("blockdiag", m, n, {"blocks": blk.to(w.dtype)}, {"blocks": blocks, "calibrated": True})
     t = -(-m // blocks)
     cols = _column_blocks(w, blocks, rows=blocks * t)              # [k, row, p']
     blk = torch.stack([cols[k, k * t:(k + 1) * t] for k in range(blocks)])  # (b, t, p)
@@ -194,10 +214,21 @@ def blockdense_rank(m: int, n: int, blocks: int, rank: int | None) -> int:
     return max(1, min(total // blocks, p, m))
 
 
-def blockdense_project(w: torch.Tensor, blocks: int, rank: int | None = None) -> Factored:
-    """BlockDense W ≈ U_r·V_b: rank-t truncated SVD of each column block (√σ split)."""
+def blockdense_project(w: torch.Tensor, blocks: int, rank: int | None = None, gram: torch.Tensor | None = None,
+                       iters: int = 4) -> Factored:
+    """BlockDense W ≈ U_r·V_b: rank-t truncated SVD of each column block (√σ split); with a calibration `gram`,
+    alternating exact weighted least squares (rewriter/weighted.py)."""
     m, n = w.shape
     t = blockdense_rank(m, n, blocks, rank)
+    if gram is not None:
+        p = -(-n // blocks)
+        wx = torch.zeros(m, blocks * p, dtype=torch.float64, device=w.device)
+        wx[:, :n] = w.double()
+        u, v = weighted.blockdense(wx, weighted.damped(gram, blocks * p), blocks, t, iters)
+        work = _work_dtype(w)
+        fit = Factored("blockdense", m, n, {"blocks": v.to(work).to(w.dtype), "u": u.to(work).to(w.dtype)},
+                       {"blocks": blocks, "rank": blocks * t, "calibrated": True})
+        return _better(w, gram, fit, blockdense_project(w, blocks, rank))
     cols = _column_blocks(w, blocks)                               # (b, m, p)
     left, blk = top_svd(cols, t)                                    # (b, m, t), (b, t, p)
     ur = left.permute(1, 0, 2).reshape(m, blocks * t)
@@ -219,36 +250,26 @@ def choose_rank(sv: torch.Tensor, m: int, n: int, rank: int | None = None, ratio
     return max(1, min(full, int((cum < (energy if energy is not None else 0.95) - 1e-12).sum()) + 1))
 
 
-def covariance_root(x: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, S⁻¹) with S = (XᵀX/N + λI)^{1/2}, λ = damp · mean diagonal, in float64."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    c = x.t() @ x / max(1, x.shape[0])
-    lam = damp * float(c.diagonal().mean()) + 1e-12
-    c = c + lam * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    evals, q = torch.linalg.eigh(c)
-    evals = evals.clamp_min(lam * 1e-3)
-    return (q * evals.sqrt()) @ q.t(), (q * evals.rsqrt()) @ q.t()
-
-
 def lowrank_project(w: torch.Tensor, rank: int | None = None, ratio: float | None = None,
-                    energy: float | None = None, activations: torch.Tensor | None = None) -> Factored:
-    """Truncated SVD W ≈ U·V with √σ in both factors; activation-weighted when `activations` (…, n) is given."""
+                    energy: float | None = None, activations: torch.Tensor | None = None,
+                    gram: torch.Tensor | None = None) -> Factored:
+    """Truncated SVD W ≈ U·V with √σ in both factors; with a calibration Gram (or `activations` (…, n), whose
+    Gram is taken) SVD-LLM's truncation-aware whitening, and `energy` counts output energy."""
     m, n = w.shape
     work = _work_dtype(w)
-    wf = w.to(work)
-    if activations is not None:
-        root, inv_root = covariance_root(activations)
-        u, sv, vh = torch.linalg.svd(wf.double() @ root, full_matrices=False)
-        r = choose_rank(sv, m, n, rank, ratio, energy)
-        rs = sv[:r].sqrt()
-        fu, fv = u[:, :r] * rs, (rs[:, None] * vh[:r]) @ inv_root
+    if activations is not None and gram is None:
+        x = activations.reshape(-1, activations.shape[-1]).double()
+        gram = x.t() @ x / max(1, x.shape[0])
+    if gram is not None:
+        fu, fv, _ = weighted.lowrank(w, gram, lambda sv: choose_rank(sv, m, n, rank, ratio, energy))
+        r = fu.shape[1]
     else:
-        u, sv, vh = torch.linalg.svd(wf, full_matrices=False)
+        u, sv, vh = torch.linalg.svd(w.to(work), full_matrices=False)
         r = choose_rank(sv, m, n, rank, ratio, energy)
         rs = sv[:r].sqrt()
         fu, fv = u[:, :r] * rs, rs[:, None] * vh[:r]
-    return Factored("lowrank", m, n, {"u": fu.to(w.dtype), "v": fv.to(w.dtype)},
-                    {"rank": r, "calibrated": activations is not None})
+    return Factored("lowrank", m, n, {"u": fu.to(work).to(w.dtype), "v": fv.to(work).to(w.dtype)},
+                    {"rank": r, "calibrated": gram is not None})
 
 
 # ---- errors ------------------------------------------------------------------------------------------------------
@@ -318,34 +339,45 @@ def layer_rows(site: LinearSite) -> int:
     return 0
 
 
-def project_sites(ctx, sites: list[LinearSite], project: Callable[[LinearSite, torch.Tensor, torch.Tensor | None],
-                                                                    "Factored | str"],
-                  *, pass_name: str, max_error: float | None = None, pre_merge: int | None = None,
-                  description: str = "projecting") -> None:
-    """Project every site with `project(site, W_out_in, X)` (a Factored, or a skip reason), measure its weight and
-    output errors on the example inputs, rewrite it and record params/FLOPs/errors through ctx.site."""
+def project_sites(ctx, sites: list[LinearSite], fit: Callable[..., "Factored | str"], options: tuple = (), *,
+                  pass_name: str, spec: "calibration.DataSpec | None" = None, max_error: float | None = None,
+                  pre_merge: int | None = None, description: str = "projecting") -> None:
+    """Fit every site with `fit(W_out_in, H, *options)` — a module-level function returning a Factored or a skip
+    reason, run through ctx.map_layers; H is the layer's calibration Gram (calibrated when `spec.samples` > 0,
+    else None). Then measure, rewrite and record each layer: weight error, output error on the example inputs,
+    and with calibration the calibrated output error (which max_error is judged on)."""
     gm = ctx.gm
+    stats = calibration.layer_stats(ctx, spec) if spec is not None and spec.samples > 0 else None
     acts = ctx.activations([s.x for s in sites]) if sites else {}
-    for site in ctx.progress(sites, description):
+    items = []
+    for site in sites:
         w = site.weight_out_in(gm).detach()
-        x = acts.get(site.x)
-        result = project(site, w, x)
+        h = stats.gram(site.name) if stats is not None else None
+        items.append((w, h) + tuple(options))
+    results = ctx.map_layers(fit, items, description)
+    for site, item, result in zip(sites, items, results):
+        w, h = item[0], item[1]
         if isinstance(result, str):
             ctx.skip(site.name, result)
             continue
         fac = result
         approx = fac.dense()
+        x = acts.get(site.x)
         bias = site.bias_tensor(gm)
         bias = bias.detach() if bias is not None else None
         w_err = weight_error(w, approx)
         o_err = output_error(x, w, approx, bias) if isinstance(x, torch.Tensor) else None
+        c_err = weighted.relative_error(w, approx, h) if h is not None else None
         # the report's site table shows the first five figures: keep the ones that matter first
         figures = dict(params_before=w.numel(), params_after=fac.params, weight_error=w_err, output_error=o_err)
+        if c_err is not None:
+            figures["calibrated_error"] = c_err
         if fac.params >= w.numel():
             ctx.skip(site.name, f"{fac.kind} form has {fac.params} params >= dense {w.numel()}: no saving")
             continue
-        if max_error is not None and o_err is not None and o_err > max_error:
-            ctx.site(site.name, "skipped", reason=f"output error {o_err:.3g} > max_error {max_error:g}", **figures)
+        judged = c_err if c_err is not None else o_err
+        if max_error is not None and judged is not None and judged > max_error:
+            ctx.site(site.name, "skipped", reason=f"output error {judged:.3g} > max_error {max_error:g}", **figures)
             continue
         rows = layer_rows(site)
         apply(gm, site, fac, pass_name=pass_name, pre_merge=pre_merge)

@@ -58,27 +58,37 @@ def test_exact_when_weights_are_binary_coded(q, seed, rounds):
 
 @given(seed=st.integers(0, 2**16), group=st.sampled_from([8, 16, 32]), terms=st.integers(1, 2))
 @settings(max_examples=12)
-def test_error_non_increasing_in_bits_and_refinement_helps(seed, group, terms):
+def test_more_bits_smaller_error_and_refinement_never_hurts(seed, group, terms):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(12, 40, generator=g)   # 40 not a multiple of group: padding exercised
     errs = []
     for bits in (1, 2, 3, 4):
-        greedy = bcq.quantize(w, bits, group, rounds=0, terms=terms)
+        start = bcq.quantize(w, bits, group, rounds=0, terms=terms)
         refined = bcq.quantize(w, bits, group, rounds=2, terms=terms)
-        e_g = bcq.relative_error(w, greedy.dequantize())
+        e_s = bcq.relative_error(w, start.dequantize())
         e_r = bcq.relative_error(w, refined.dequantize())
-        assert e_r <= e_g + 1e-6
+        assert e_r <= e_s + 1e-6
         errs.append(e_r)
-    assert all(b <= a + 1e-6 for a, b in zip(errs, errs[1:])), errs
-    assert errs[-1] < errs[0]
+    assert all(b < a for a, b in zip(errs, errs[1:])), errs
 
 
-def test_refinement_strictly_improves_gaussian_weights():
+def _greedy_bcq(w, q):
+    """ShiftAddLLM's greedy BCQ with nearest power-of-two scales (the reference the fit must beat)."""
+    r, out = w.clone(), torch.zeros_like(w)
+    for _ in range(q):
+        b = torch.where(r >= 0, 1.0, -1.0)
+        _, a = bcq.snap_pow2(r.abs().mean(-1))
+        out += a[..., None] * b
+        r -= a[..., None] * b
+    return out
+
+
+def test_fit_beats_greedy_on_gaussian_weights():
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
-    alpha, _, signs = bcq.greedy(w.view(64, 2, 128), 3)
-    e_greedy = bcq.relative_error(w, (alpha[..., None] * signs).sum(-2).reshape(64, 256))
-    e3 = bcq.relative_error(w, bcq.quantize(w, 3, 128, rounds=3).dequantize())
-    assert e3 < 0.95 * e_greedy
+    for q, gain in ((2, 0.97), (3, 0.95), (4, 0.85)):   # measured: 0.956, 0.926, 0.793 of greedy's error
+        e_greedy = bcq.relative_error(w, _greedy_bcq(w.view(64, 2, 128), q).reshape(64, 256))
+        e_fit = bcq.relative_error(w, bcq.quantize(w, q, 128, rounds=2).dequantize())
+        assert e_fit < gain * e_greedy, (q, e_fit, e_greedy)
 
 
 def test_scales_are_powers_of_two_and_storage_sizes():
@@ -207,15 +217,17 @@ def test_more_bits_smaller_output_error(tiny_gpt):
     assert errs[1] < errs[0]
 
 
-def test_calibrate_reports_both_and_budget_table(tiny_gpt):
+def test_calibrated_reports_rtn_baseline_and_budget_table(tiny_gpt):
     model, args = tiny_gpt
-    r = rewrite(model, args, passes="shiftadd{group=32,rounds=1,calibrate=32,targets='blocks\\.0'}")
-    sites = [s for s in r.report.passes[0].sites if s["status"] == "rewritten"]
+    r = rewrite(model, args, passes="shiftadd{bits=4,group=32,calibrate=8,targets='blocks\\.0'}")
+    res = r.report.passes[0]
+    sites = [s for s in res.sites if s["status"] == "rewritten"]
     assert len(sites) == 6
     for s in sites:
-        assert {"weight_error_plain", "output_error_plain", "weight_error_gptq", "output_error_gptq"} <= set(s)
-        assert s["output_error"] == min(s["output_error_plain"], s["output_error_gptq"])
-    r = rewrite(model, args, passes="shiftadd{group=32,rounds=0,budget=2.5,targets='blocks\\.1'}")
+        assert {"calibrated_error", "rtn_error", "worse_than_rtn"} <= set(s)
+        assert s["worse_than_rtn"] == (s["calibrated_error"] > s["rtn_error"])
+    assert any("round-to-nearest" in m for m in res.messages)
+    r = rewrite(model, args, passes="shiftadd{group=32,rounds=0,budget=2.5,calibrate=0,targets='blocks\\.1'}")
     res = r.report.passes[0]
     bits = {s["site"]: s["bits"] for s in res.sites if s["status"] == "rewritten"}
     sizes = {"q": 1, "k": 1, "v": 1, "proj": 1, "fc1": 4, "fc2": 4}
@@ -240,7 +252,7 @@ class _Conv1DModel(torch.nn.Module):
 def test_in_out_layout():
     model = _Conv1DModel()
     x = torch.randn(4, 24)
-    r = rewrite(model, (x,), passes="shiftadd{bits=4,group=8,rounds=2}", verify=True)
+    r = rewrite(model, (x,), passes="shiftadd{bits=4,group=8,rounds=2,calibrate=0}", verify=True)
     assert OP in _ops(r.program.graph_module)
     q = bcq.quantize(model.weight.detach().t(), 4, 8, rounds=2)
     expect = x @ q.dequantize().t() + model.bias.detach()

@@ -194,7 +194,8 @@ def test_demo_model_rewrite_reports_each_layer(tiny_gpt, spec, op, kind):
     for s in res.sites:
         assert s["status"] == "rewritten" and s["kind"] == kind
         assert s["params_after"] < s["params_before"] and s["flops_after"] < s["flops_before"]
-        assert 0 < s["weight_error"] < 1 and 0 < s["output_error"] < 1
+        # calibrated: the output error on the calibration data is what is minimised (weight error may exceed 1)
+        assert s["weight_error"] > 0 and 0 < s["output_error"] < 1 and 0 < s["calibrated_error"] < 1
     assert len(_op_nodes(r.program, op)) == 12
     assert not any(name.endswith("mlp.fc1.weight") for name in r.program.state_dict)
     out, ref = r.module()(*args), model(*args)

@@ -1,0 +1,309 @@
+"""`heal` — distil the rewritten program from the program as it was before the pipeline (the teacher).
+
+    rewrite smollm2 --pass "monarch{blocks=4},heal{steps=300}"
+    rewriter.rewrite(model, args, passes="shiftadd{bits=3},heal")
+
+Data: `samples` sequences of `seq` tokens from `data` (default: sampled from the teacher itself, temperature 1 —
+rewriter/calibration.py), micro-batches of `batch` sequences (a program captured with static shapes takes its own
+batch shape), the last `holdout` batches held out to measure the loss before and after.
+
+mode=layer (closed forms, rewriter/distill.py) — each rewritten layer (monarch, blockdiag, lowrank, shiftadd) is
+    refitted to what it must produce given what the rewritten layers before it now feed it: with the Grams of its
+    student input X_s and its teacher input X_t on the calibration data, the best layer is the calibrated
+    projection, under H_ss, of the corrected target W̃ = W·H_ts·H_ss⁻¹ (the least-squares map from the student's
+    inputs to the teacher's outputs). A refit is kept only where it lowers the layer's loss
+    ‖X_t·Wᵀ − X_s·Ŵᵀ‖²/‖X_t·Wᵀ‖², and the stage only where it lowers the held-out loss.
+mode=e2e — AdamW on the whole program's output: KL(p_teacher ‖ p_student) per position for a language model,
+    normalised MSE otherwise (rewriter/distill.py: warm-up + cosine learning rate, `accum` micro-batches per
+    step, gradient clipping). What trains (train=auto): the parameters the pipeline created (factors, codebooks)
+    and the shift-add scales (straight-through power-of-two snapping, rewriter/trainable.py); with nothing of that
+    kind (e.g. after softplus-attn) LoRA branches of rank `rank` on the linear layers. train=new: only the first
+    group; lora: LoRA branches; all: every floating-point parameter. adapters=true also puts LoRA branches beside
+    shift-add layers (kept in the program: binary weights cannot absorb them).
+mode=both (default) — layer, then e2e.
+Afterwards the discrete parts are re-derived so the program keeps its compact form: shift-add exponents from the
+trained scales, LoRA branches of dense layers merged into their weights (float64, rounded once), pre-merged
+products recomputed, and each vq code map re-derived (every token to the trained code nearest its teacher row),
+kept where that lowers the held-out loss. If the held-out loss ended higher than it started, every change is
+undone.
+
+Contract: approximate (the function moves towards the teacher's; the measured error is reported). Reported:
+held-out loss before / after the layer stage / after training, per-layer losses, steps, time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rewriter import calibration, distill, params, trainable
+from rewriter.errors import UserError
+from rewriter.matchers.linear import find_linears, is_lm_head
+from rewriter.pass_base import Contract, Pass
+
+
+def refit_layer(target, w_teacher, grams, cfg, dtype_name, current):
+    """One layer's closed-form refit (runs in ctx.map_layers): (new tensors or None, loss before, loss after)."""
+    before = distill.layer_loss(w_teacher, current, grams)
+    tensors = trainable.reproject(target, grams["ss"], cfg, dtype_name)
+    out_f, in_f = w_teacher.shape
+    after = distill.layer_loss(w_teacher, trainable.dense_of(tensors, None, cfg, in_f, out_f), grams)
+    return (tensors, before, after) if after < before else (None, before, before)
+
+
+@dataclass(frozen=True)
+class HealPass(Pass):
+    name = "heal"
+    contract = Contract.APPROXIMATE
+    needs_teacher = True
+    summary = "distil the rewritten program from the original: closed-form layer refits, then end-to-end KL"
+    fuzz_options = {"steps": 2, "samples": 4, "seq": 8, "batch": 2}
+
+    steps: int = 100
+    lr: float = 2e-4
+    mode: Literal["layer", "e2e", "both"] = "both"
+    data: str = "self"
+    samples: int = 64
+    seq: int = calibration.DEFAULT_SEQ
+    batch: int = 4
+    accum: int = 1
+    holdout: int = 1
+    seed: int = 0
+    train: Literal["auto", "new", "lora", "all"] = "auto"
+    rank: int = 8
+    adapters: bool = False
+
+    def __post_init__(self):
+        if self.steps < 0 or self.samples < 1 or self.batch < 1 or self.accum < 1 or self.holdout < 0:
+            raise ValueError("steps >= 0, samples >= 1, batch >= 1, accum >= 1 and holdout >= 0 are required")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        calibration.check_options(self.data, self.samples, self.seq, "samples")
+
+    def should_run(self, ctx):
+        out = _first_output(ctx.gm)
+        if out is None or not out.is_floating_point():
+            return "the program's first output is not a floating-point tensor: nothing to distil"
+        if not trainable.find_layers(ctx.gm) and self.train in ("auto", "new") and not find_linears(ctx.gm):
+            return "nothing to train: no rewritten layer and no linear layer for LoRA"
+        return None
+
+    def run(self, ctx) -> None:
+        start = time.perf_counter()
+        gm, teacher = ctx.gm, ctx.teacher
+        if teacher is None:
+            raise UserError("heal needs the program as it was before the pipeline (run it through rewrite())")
+        io = calibration.describe(ctx)
+        loss = "kl" if io.lm else "mse"
+        data = calibration.batches(ctx, calibration.DataSpec(self.data, self.samples, self.seq, self.seed),
+                                   rows=self.batch)
+        held = data[len(data) - self.holdout:] if 0 < self.holdout < len(data) else data[-1:]
+        train_batches = data[: len(data) - len(held)] or data
+        student_fwd, teacher_fwd = distill.forward_of(gm), distill.forward_of(teacher)
+        figures = {"loss": loss, "loss_before": distill.evaluate(student_fwd, teacher_fwd, held, loss)}
+        snapshot = _snapshot(gm)
+        layers = trainable.find_layers(gm)
+        figures["data_seconds"] = round(time.perf_counter() - start, 1)
+        if self.mode in ("layer", "both") and layers:
+            t0 = time.perf_counter()
+            self._layer_stage(ctx, layers, train_batches, figures)
+            figures["layer_seconds"] = round(time.perf_counter() - t0, 1)
+            figures["loss_after_layer"] = distill.evaluate(student_fwd, teacher_fwd, held, loss)
+            if figures["loss_after_layer"] > figures["loss_before"]:
+                _restore(gm, snapshot)
+                ctx.message("heal: the layer refits raised the held-out loss; undone")
+                figures["loss_after_layer"] = figures["loss_before"]
+            snapshot = _snapshot(gm)
+        kept = []
+        if self.mode in ("e2e", "both") and self.steps:
+            t0 = time.perf_counter()
+            kept = self._e2e_stage(ctx, trainable.find_layers(gm), train_batches, loss, figures)
+            figures["e2e_seconds"] = round(time.perf_counter() - t0, 1)
+        if self.mode in ("e2e", "both") and self.steps:
+            self._rederive_maps(ctx, held, loss, figures)
+        figures["loss_after"] = distill.evaluate(student_fwd, teacher_fwd, held, loss)
+        start_loss = figures.get("loss_after_layer", figures["loss_before"])
+        if figures["loss_after"] > start_loss:
+            for _, u_name, v_name, add, _, _ in kept:
+                trainable.drop_branch(gm, u_name, v_name, add)
+            _restore(gm, snapshot)
+            figures["loss_after"] = start_loss
+            ctx.message("heal: training raised the held-out loss; its changes are undone")
+        figures["seconds"] = round(time.perf_counter() - start, 1)
+        stages = " → ".join(f"{figures[k]:.4g}" for k in ("loss_before", "loss_after_layer", "loss_after")
+                            if k in figures)
+        ctx.message(f"heal: held-out {'KL (nats/token)' if loss == 'kl' else 'normalised MSE'} {stages} "
+                    f"({len(train_batches)} training batches, {self.steps if self.mode != 'layer' else 0} steps, "
+                    f"{figures['seconds']:.0f} s)")
+        ctx.site("program", "rewritten", **figures)
+
+    # ---- stage 1: closed-form layer refits ------------------------------------------------------------------------
+    def _layer_stage(self, ctx, layers, batches, figures) -> None:
+        gm, teacher = ctx.gm, ctx.teacher
+        t_sites = find_linears(teacher)
+        plans = []
+        for layer in layers:
+            if layer.kind == "vq":
+                continue
+            site = trainable.teacher_site(t_sites, layer.some_tensor)
+            if site is None:
+                ctx.skip(layer.some_tensor, "heal: no teacher layer found for it")
+                continue
+            plans.append((layer, site))
+        if not plans:
+            return
+        grams = distill.capture_pairs(teacher, gm, [(s.x, layer.node.args[0]) for layer, s in plans], batches,
+                                      lambda items: ctx.progress(items, "capturing teacher/student layer inputs"))
+        items, kept = [], []
+        for layer, site in plans:
+            g = grams.get((site.x, layer.node.args[0]))
+            if g is None:
+                ctx.skip(layer.some_tensor, "heal: the teacher and student inputs of this layer differ in shape")
+                continue
+            w_t = site.weight_out_in(teacher).detach().double()
+            target = distill.corrected_target(w_t, g["ts"], g["ss"])
+            dtype = params_dtype(gm, layer)
+            items.append((target, w_t, g, trainable.config(gm, layer), str(dtype).replace("torch.", ""),
+                          trainable.dense_weight(gm, layer)))
+            kept.append((layer, site))
+        results = ctx.map_layers(refit_layer, items, "refitting layers")
+        improved = 0
+        for (layer, site), (tensors, before, after) in zip(kept, results):
+            if tensors is not None:
+                trainable.store(gm, layer, tensors)
+                improved += 1
+            ctx.site(site.name, "rewritten", stage="layer", kind=layer.kind, layer_loss_before=before,
+                     layer_loss_after=after)
+        figures["layers_refitted"] = improved
+
+    # ---- stage 2: end to end -------------------------------------------------------------------------------------
+    def _e2e_stage(self, ctx, layers, batches, loss, figures) -> None:
+        gm = ctx.gm
+        teacher_names = set(dict(ctx.teacher.named_parameters()))
+        opened, branches, trained = [], [], []
+        if self.train in ("auto", "new"):
+            for layer in layers:
+                if layer.kind == "shiftadd":
+                    trained.append(trainable.open_shiftadd(gm, layer))
+                    opened.append(layer)
+            trained += [name for name, p in gm.named_parameters()
+                        if name not in teacher_names and p.is_floating_point() and name not in trained]
+        if self.train == "all":
+            trained = [name for name, p in gm.named_parameters() if p.is_floating_point()]
+        lora_sites = []
+        if self.train == "lora" or (self.train == "auto" and not trained):
+            lora_sites = [s for s in find_linears(gm) if not is_lm_head(gm, s)]
+        if self.adapters:
+            lora_sites += [("shiftadd", layer) for layer in layers if layer.kind == "shiftadd"]
+        for i, site in enumerate(lora_sites):
+            branches.append(self._branch(gm, site, i))
+            trained += [branches[-1][1], branches[-1][2]]
+        if not trained:
+            ctx.message("heal: nothing to train end to end")
+            return []
+        named = dict(gm.named_parameters())
+        flags = {name: p.requires_grad for name, p in named.items()}
+        for name, p in named.items():
+            p.requires_grad_(name in trained)
+        tensors = [named[name] for name in dict.fromkeys(trained) if name in named]
+        status: dict = {}
+        label = "KL" if loss == "kl" else "MSE"
+        try:
+            history = distill.train(
+                distill.forward_of(gm), distill.forward_of(ctx.teacher), tensors, batches, steps=self.steps,
+                lr=self.lr, accum=self.accum, loss=loss, status=status,
+                progress=lambda it: ctx.progress(it, f"distilling ({sum(t.numel() for t in tensors):,} parameters)",
+                                                 lambda: f"{label} {status.get('loss', float('nan')):.4f} "
+                                                         f"running {status.get('running', float('nan')):.4f}"))
+        finally:
+            for name, p in dict(gm.named_parameters()).items():
+                p.requires_grad_(flags.get(name, p.requires_grad))
+            for layer in opened:
+                trainable.close_shiftadd(gm, layer)
+            for kind, u_name, v_name, add, weight, layout in branches:
+                if kind == "linear":
+                    trainable.merge_branch(gm, weight, layout, u_name, v_name, add)
+            for layer in layers:
+                trainable.refresh_dense(gm, layer)
+        figures.update(steps=len(history), train_loss_first=history[0] if history else None,
+                       train_loss_last=history[-1] if history else None,
+                       trained_parameters=sum(t.numel() for t in tensors),
+                       lora_branches=len(branches))
+        return [b for b in branches if b[0] != "linear"]
+
+    def _rederive_maps(self, ctx, held, loss, figures) -> None:
+        """vq code maps after the codebook trained: every token to the code nearest its teacher row; kept where
+        the held-out loss drops."""
+        gm, teacher = ctx.gm, ctx.teacher
+        t_sites = find_linears(teacher)
+        fwd, t_fwd = distill.forward_of(gm), distill.forward_of(teacher)
+        for layer in trainable.find_layers(gm):
+            if layer.kind != "vq":
+                continue
+            site = trainable.teacher_site(t_sites, layer.some_tensor)
+            if site is None:
+                continue
+            codebook = layer.value(gm, "codebook").detach().float()
+            rows = site.weight_out_in(teacher).detach().float()
+            old = layer.value(gm, "code_map")
+            new = torch.cat([torch.cdist(rows[i:i + 4096], codebook).argmin(-1)
+                             for i in range(0, rows.shape[0], 4096)]).to(old.dtype)
+            if torch.equal(new, old):
+                continue
+            before = distill.evaluate(fwd, t_fwd, held, loss)
+            params.set_tensor(gm, layer.tensors["code_map"], new)
+            after = distill.evaluate(fwd, t_fwd, held, loss)
+            changed = int((new != old).sum())
+            if after < before:
+                figures["code_map_changed"] = figures.get("code_map_changed", 0) + changed
+            else:
+                params.set_tensor(gm, layer.tensors["code_map"], old)
+
+    def _branch(self, gm, site, i):
+        """A LoRA branch beside a dense linear site or a shift-add layer: (kind, U, V, add node, weight, layout)."""
+        if isinstance(site, tuple):                      # ("shiftadd", layer)
+            layer = site[1]
+            signs = layer.value(gm, "signs")
+            out_f, in_f = signs.shape[1], int(layer.node.args[4])
+            dev = signs.device
+            dtype = layer.node.args[0].meta["val"].dtype if "val" in layer.node.args[0].meta else torch.float32
+            name = layer.some_tensor.rsplit(".", 1)[0]
+            u, v, add = trainable.add_branch(gm, layer.node, layer.node.args[0], out_f, in_f, self.rank, name,
+                                             self.seed + i, dev, dtype)
+            return ("shiftadd", u, v, add, None, None)
+        w = site.weight_tensor(gm)
+        u, v, add = trainable.add_branch(gm, site.node, site.x, site.out_features, site.in_features, self.rank,
+                                         site.name, self.seed + i, w.device, w.dtype)
+        return ("linear", u, v, add, site.weight_name, site.layout)
+
+
+def _first_output(gm):
+    """The recorded value (fake tensor) of the program's first tensor output, or None."""
+    from torch.utils import _pytree as pytree
+    node = next(n for n in gm.graph.nodes if n.op == "output")
+    for leaf in pytree.tree_leaves(node.args):
+        val = leaf.meta.get("val") if hasattr(leaf, "meta") else None
+        if isinstance(val, torch.Tensor):
+            return val
+    return None
+
+
+def params_dtype(gm, layer) -> torch.dtype:
+    value = layer.value(gm, trainable.REQUIRED[layer.kind][0])
+    return value.dtype if value.is_floating_point() else torch.float32
+
+
+def _snapshot(gm) -> dict:
+    """Every parameter and buffer tensor by name (the objects: passes replace tensors, they never mutate them —
+    except training, which is why trained tensors are cloned)."""
+    return {name: t.detach().clone() for name, t in list(gm.named_parameters()) + list(gm.named_buffers())}
+
+
+def _restore(gm, snapshot: dict) -> None:
+    for name, t in snapshot.items():
+        if params.has_attr(gm, name):
+            params.set_tensor(gm, name, t)

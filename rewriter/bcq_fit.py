@@ -1,0 +1,307 @@
+"""Fitting binary-coded weights — the quantiser behind `shiftadd` — and the round-to-nearest baseline.
+
+Per row r and group j (g input columns) a fit has q scales α (each a sum of `terms` powers of two, rewriter/bcq.py)
+that define 2^q values v_p = Σᵢ (2·bitᵢ(p) − 1)·αᵢ, p ∈ [0, 2^q); every weight takes one pattern p (its q sign bits).
+
+grid fit (`fit_grid`, per group, all rows at once)
+    start      the better per group of the uniform grid α = c·(2^{q−1}, …, 2, 1), c = max|w|/(2^q − 1) (symmetric
+               round-to-nearest) and the refined greedy fit (plane i = sign of the residual, then all scales so far
+               re-solved by least squares, Xu et al. 2018)
+    alternate  `rounds` times with continuous α: patterns = the nearest value; α = least squares given the patterns
+               (weighted by the columns' importance when given: diag of the calibration Gram)
+    snap       α → sums of `terms` powers of two: each αᵢ to its nearest snapping, then each one's other rounding
+               (the last term up instead of down or back) tried in turn, kept where the exact error drops
+error feedback (`gptq`, calibrated; Frantar et al. 2022 with static groups and act-order)
+    H = mean x·xᵀ + λI (λ = 1 % of its mean diagonal). Every group's grid is fitted first (static groups, columns
+    weighted by diag H); then the columns are visited in order of decreasing diag H (act-order: the inputs that
+    carry the most energy are rounded while the most freedom is left to compensate them), with U = chol(H⁻¹)ᵀ of
+    the permuted H, in blocks of 128 with lazy updates: each column takes its nearest grid value and its scaled
+    error e = (w − q)/U[i,i] is pushed onto the later columns, W[:, k] −= e·U[i, k] for k > i. This minimises
+    tr(ΔW·H·ΔWᵀ) greedily, column by column.
+scale refit (`refit_scales`, calibrated)
+    With the patterns fixed, f(α) = tr(ΔW·H·ΔWᵀ) is a quadratic in each scale. Coordinate descent over the
+    (group, plane) scales, all rows at once: with g = H·(W − Ŵ)ᵀ the unconstrained optimum of one scale is
+    α* = α + bᵀg_j / bᵀH_jj·b, and the scale takes the best of {α, snap↓(α*), snap↑(α*), 0} by the exact change
+    Δf = −2δ·bᵀg_j + δ²·bᵀH_jj·b. f never increases, so the refit result is never worse than GPTQ's.
+round-to-nearest (`rtn`)
+    asymmetric min/max uniform grid per group with 2^bits levels, scale and zero point in fp16: bits + 32/group
+    bits per weight — the baseline tests and the benchmark hold shiftadd to (`rtn_group` gives the RTN group with
+    the same bits per weight as a BCQ configuration).
+All fits run in float32 (float64 for Gram algebra) on the weight's device and are deterministic.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import bcq
+
+DAMP = 0.01
+
+
+# ---- patterns and nearest values --------------------------------------------------------------------------------
+def patterns(q: int, device) -> torch.Tensor:
+    """(2^q, q) float32 ±1: row p holds the signs of pattern p (bit i set -> +1)."""
+    idx = torch.arange(2 ** q, device=device)
+    return ((idx[:, None] >> torch.arange(q, device=device)) & 1).float() * 2 - 1
+
+
+def nearest(w: torch.Tensor, alpha: torch.Tensor, pats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, g), alpha (N, q) -> (value (N, g), pattern index (N, g) int64) of the nearest grid value."""
+    values, order = (alpha @ pats.t()).sort(-1)                     # (N, P)
+    pos = torch.searchsorted(values, w.contiguous())
+    hi = pos.clamp(max=values.shape[-1] - 1)
+    lo = (pos - 1).clamp(min=0)
+    v_hi, v_lo = values.gather(-1, hi), values.gather(-1, lo)
+    take_lo = (w - v_lo).abs() <= (v_hi - w).abs()
+    return torch.where(take_lo, v_lo, v_hi), order.gather(-1, torch.where(take_lo, lo, hi))
+
+
+def _error(w, value, weight):
+    d = (w - value).square()
+    return (d * weight).sum(-1) if weight is not None else d.sum(-1)
+
+
+# ---- grid fit ------------------------------------------------------------------------------------------------------
+def _least_squares(w, pattern, pats, weight):
+    """α (N, q) minimising Σ weight·(w − Σᵢ αᵢ bᵢ)² for the given patterns (|α|: a negative scale flips signs)."""
+    b = pats[pattern].double()                                      # (N, g, q)
+    bw = b * weight.double()[..., None] if weight is not None else b
+    gram = bw.transpose(-1, -2) @ b
+    rhs = (bw.transpose(-1, -2) @ w.double()[..., None])[..., 0]
+    ridge = 1e-9 * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=w.device)
+    return torch.linalg.solve(gram + ridge[:, None, None] * eye, rhs).abs().float()
+
+
+def _greedy(w, q, weight):
+    """Refined greedy (Xu et al. 2018): plane i takes the signs of the residual, then all i scales are re-solved by
+    least squares for the planes so far; the residual is taken against that. -> alpha (N, q)."""
+    planes = []
+    r = w
+    for _ in range(q):
+        planes.append(torch.where(r >= 0, 1.0, -1.0))
+        b = torch.stack(planes, -1).double()                        # (N, g, i)
+        bw = b * weight.double()[..., None] if weight is not None else b
+        gram = bw.transpose(-1, -2) @ b
+        ridge = 1e-9 * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+        eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=w.device)
+        alpha = torch.linalg.solve(gram + ridge[:, None, None] * eye,
+                                   (bw.transpose(-1, -2) @ w.double()[..., None])[..., 0])
+        r = w - (b @ alpha[..., None])[..., 0].float()
+    return alpha.abs().float()
+
+
+def _snap_search(w, alpha, terms, pats, weight):
+    """The po2 snapping of alpha (N, q): nearest snapping, then each scale's other rounding (up ↔ down) tried in
+    turn and kept where it lowers the exact error. -> (exponents (N, q, terms) int8, snapped alpha, error)."""
+    q = alpha.shape[-1]
+    e_dn, a_dn = bcq.snap_pow2(alpha, terms, torch.zeros_like(alpha, dtype=torch.bool))
+    e_up, a_up = bcq.snap_pow2(alpha, terms, torch.ones_like(alpha, dtype=torch.bool))
+    up = (a_up - alpha) < (alpha - a_dn)                           # nearest snapping of each scale
+    exps, snapped = torch.where(up[..., None], e_up, e_dn), torch.where(up, a_up, a_dn)
+    err = _error(w, nearest(w, snapped, pats)[0], weight)
+    for i in range(q):
+        flip = snapped.clone()
+        flip[:, i] = torch.where(up[:, i], a_dn[:, i], a_up[:, i])
+        err2 = _error(w, nearest(w, flip, pats)[0], weight)
+        better = err2 < err
+        up[:, i] = torch.where(better, ~up[:, i], up[:, i])
+        snapped = torch.where(better[:, None], flip, snapped)
+        exps[:, i] = torch.where(better[:, None], torch.where(up[:, i, None], e_up[:, i], e_dn[:, i]), exps[:, i])
+        err = torch.where(better, err2, err)
+    return exps, snapped, err
+
+
+def fit_grid(w: torch.Tensor, q: int, terms: int = 1, rounds: int = 2, weight: torch.Tensor | None = None):
+    """w (N, g) -> (exponents (N, q, terms) int8, snapped alpha (N, q) float32) of the grid fit (module docstring);
+    `weight` (g,) or (N, g): per-column importance in the error."""
+    w = w.float()
+    pats = patterns(q, w.device)
+    m = w.abs().amax(-1)
+    uniform = (m / (2 ** q - 1))[:, None] * (2.0 ** torch.arange(q - 1, -1, -1, device=w.device)).float()
+    alpha, err, pattern = None, None, None
+    for a in (uniform, _greedy(w, q, weight)):
+        value, idx = nearest(w, a, pats)
+        e_a = _error(w, value, weight)
+        if alpha is None:
+            alpha, err, pattern = a, e_a, idx
+        else:
+            better = e_a < err
+            alpha, err = torch.where(better[:, None], a, alpha), torch.where(better, e_a, err)
+            pattern = torch.where(better[:, None], idx, pattern)
+    start = alpha
+    for _ in range(rounds):
+        new = _least_squares(w, pattern, pats, weight)
+        value, idx = nearest(w, new, pats)
+        e_new = _error(w, value, weight)
+        better = e_new < err
+        alpha, err = torch.where(better[:, None], new, alpha), torch.where(better, e_new, err)
+        pattern = torch.where(better[:, None], idx, pattern)
+    exps, snapped, err = _snap_search(w, alpha, terms, pats, weight)
+    if rounds:   # the refined scales may snap worse than the start: keep the better snapped grid
+        e0, s0, err0 = _snap_search(w, start, terms, pats, weight)
+        better = err0 < err
+        exps, snapped = torch.where(better[:, None, None], e0, exps), torch.where(better[:, None], s0, snapped)
+    return exps, snapped
+
+
+# ---- whole layers ------------------------------------------------------------------------------------------------------
+def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
+    """W (out, in) zero-padded to whole groups, float32, as (out, G, group)."""
+    out_f, in_f = w.shape
+    pad = bcq.padded_in(in_f, group) - in_f
+    return torch.nn.functional.pad(w.float(), (0, pad)).contiguous().view(out_f, -1, group)
+
+
+def quantize_plain(w: torch.Tensor, q: int, group: int, terms: int, rounds: int = 2,
+                   weight: torch.Tensor | None = None, chunk: int = 1 << 18):
+    """Grid fit of every group, nearest values: (exponents (out, G, q, terms), pattern (out, G, g) int64)."""
+    wg = grouped(w, group)
+    out_f, groups, g = wg.shape
+    flat = wg.reshape(-1, g)
+    if weight is None and groups * g != w.shape[1]:      # zero padding must not count in the fit
+        weight = torch.ones(w.shape[1], device=w.device)
+    wflat = None if weight is None else grouped(weight[None, :], group).expand(out_f, groups, g).reshape(-1, g)
+    pats = patterns(q, w.device)
+    exps, pats_idx = [], []
+    rows = max(1, chunk // g)
+    for s in range(0, flat.shape[0], rows):
+        part = flat[s:s + rows]
+        wt = None if wflat is None else wflat[s:s + rows]
+        e, a = fit_grid(part, q, terms, rounds, wt)
+        exps.append(e)
+        pats_idx.append(nearest(part, a, pats)[1])
+    return (torch.cat(exps).view(out_f, groups, q, terms), torch.cat(pats_idx).view(out_f, groups, g))
+
+
+def damped(h: torch.Tensor, size: int, damp: float = DAMP) -> torch.Tensor:
+    out = torch.zeros(size, size, dtype=torch.float64, device=h.device)
+    n = h.shape[0]
+    out[:n, :n] = h.double()
+    diag = out.diagonal()
+    dead = diag <= 0
+    positive = diag[~dead]
+    mean = float(positive.mean()) if positive.numel() else 1.0
+    diag[dead] = mean            # never-excited columns (and padding): no information, keep them as they are
+    diag += damp * mean
+    return out
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, q: int, group: int, terms: int, rounds: int, damp: float = DAMP):
+    """Error-feedback quantisation (module docstring): (exponents (out, G, q, terms), pattern (out, G, g))."""
+    out_f, in_f = w.shape
+    n = bcq.padded_in(in_f, group)
+    groups = n // group
+    hd = damped(h, n, damp)
+    work = torch.nn.functional.pad(w.float(), (0, n - in_f)).contiguous()
+    # static groups: every grid from the weights as given, columns weighted by their diag(H) importance
+    importance = hd.diagonal().float().clone()
+    importance[in_f:] = 0                                              # padding: not a weight
+    exps, alpha = fit_grid(work.view(-1, group), q, terms, rounds,
+                           importance.view(groups, group).repeat(out_f, 1))
+    exps, alpha = exps.view(out_f, groups, q, terms), alpha.view(out_f, groups, q)
+    perm = torch.argsort(importance, descending=True, stable=True)      # act-order: important columns first
+    hp = hd[perm][:, perm]
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).float()
+    work = work[:, perm].contiguous()
+    group_of = (perm // group).tolist()
+    columns = perm.tolist()
+    values = alpha @ patterns(q, w.device).t()                          # (out, G, 2^q): every grid value
+    pattern = torch.empty(out_f, n, dtype=torch.long, device=w.device)
+    block = 128
+    for b0 in range(0, n, block):
+        b1 = min(n, b0 + block)
+        wb = work[:, b0:b1].clone()
+        err = torch.zeros_like(wb)
+        ub = u[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            grid = values[:, group_of[b0 + i]]
+            idx = (grid - wb[:, i:i + 1]).abs().argmin(-1)                 # nearest grid value (exact search)
+            pattern[:, columns[b0 + i]] = idx
+            e_col = (wb[:, i] - grid.gather(1, idx[:, None])[:, 0]) / ub[i, i]
+            wb[:, i + 1:] -= e_col[:, None] * ub[i, i + 1:][None, :]
+            err[:, i] = e_col
+        work[:, b1:] -= err @ u[b0:b1, b1:]
+    return exps, pattern.view(out_f, groups, group)
+
+
+def dequant_parts(exps: torch.Tensor, pattern: torch.Tensor, q: int) -> torch.Tensor:
+    """float32 W (out, G·g) from exponents (out, G, q, terms) and patterns (out, G, g)."""
+    alpha = bcq.exp_values(exps)                                   # (out, G, q)
+    pats = patterns(q, exps.device)
+    return (pats[pattern] * alpha[:, :, None, :]).sum(-1).reshape(exps.shape[0], -1)
+
+
+def refit_scales(w: torch.Tensor, h: torch.Tensor, exps: torch.Tensor, pattern: torch.Tensor, q: int,
+                 terms: int, sweeps: int = 1, damp: float = 1e-6) -> torch.Tensor:
+    """Coordinate descent on the scales under H with the patterns fixed (module docstring): new exponents."""
+    out_f, groups, g = pattern.shape
+    n = groups * g
+    hd = damped(h, n, damp).float()
+    target = torch.nn.functional.pad(w.float(), (0, n - w.shape[1]))
+    pats = patterns(q, w.device)
+    signs = pats[pattern]                                          # (out, G, g, q)
+    alpha = bcq.exp_values(exps)                                   # (out, G, q)
+    exps = exps.clone()
+    approx = (signs * alpha[:, :, None, :]).sum(-1).reshape(out_f, n)
+    grad = (target - approx) @ hd                                  # g = (W − Ŵ)·H, (out, n)
+    zero_e = torch.full((out_f, terms), bcq.ZERO_EXP, dtype=torch.int8, device=w.device)
+    for _ in range(sweeps):
+        for j in range(groups):
+            cols = slice(j * g, (j + 1) * g)
+            hjj = hd[cols, cols]
+            for i in range(q):
+                b = signs[:, j, :, i]                              # (out, g)
+                lin = (b * grad[:, cols]).sum(-1)                  # bᵀ g_j
+                quad = ((b @ hjj) * b).sum(-1).clamp_min(1e-30)    # bᵀ H_jj b
+                cur = alpha[:, j, i]
+                star = (cur + lin / quad).clamp_min(0)
+                best_d = torch.zeros_like(cur)
+                best_f = torch.zeros_like(cur)
+                best_e = exps[:, j, i].clone()
+                candidates = [bcq.snap_pow2(star, terms, torch.zeros_like(star, dtype=torch.bool)),
+                              bcq.snap_pow2(star, terms, torch.ones_like(star, dtype=torch.bool)),
+                              (zero_e, torch.zeros_like(cur))]
+                for e_c, a_c in candidates:
+                    d = a_c - cur
+                    f = -2 * d * lin + d * d * quad
+                    better = f < best_f
+                    best_d, best_f = torch.where(better, d, best_d), torch.where(better, f, best_f)
+                    best_e = torch.where(better[:, None], e_c, best_e)
+                changed = best_d != 0
+                if not bool(changed.any()):
+                    continue
+                alpha[:, j, i] = cur + best_d
+                exps[:, j, i] = best_e
+                step = best_d[:, None] * b                          # ΔŴ on the group's columns
+                grad -= step @ hd[cols, :]
+    return exps
+
+
+def objective(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> float:
+    """Relative calibrated output error sqrt(tr(ΔW·H·ΔWᵀ)/tr(W·H·Wᵀ)) (undamped H)."""
+    from .weighted import relative_error
+    return relative_error(w, approx, h)
+
+
+# ---- round-to-nearest baseline ------------------------------------------------------------------------------------
+def rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Asymmetric min/max round-to-nearest per group (scale and zero point rounded to fp16), dequantised (out, in)."""
+    wg = grouped(w, group)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = ((hi - lo) / (2 ** bits - 1)).half().float()
+    lo = lo.half().float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    levels = ((wg - lo) / safe).round().clamp(0, 2 ** bits - 1)
+    out = torch.where(scale > 0, levels * scale + lo, lo.expand_as(wg))
+    return out.reshape(w.shape[0], -1)[:, : w.shape[1]]
+
+
+def rtn_bits_per_weight(bits: int, group: int) -> float:
+    return bits + 32 / group
+
+
+def rtn_group(bits: int, group: int, terms: int) -> int:
+    """The RTN group size with the same (or, when not a whole number, at least as many) bits per weight as BCQ
+    with `bits` planes, `group` and `terms`: bits + 32/g_rtn = bits + 8·bits·terms/group."""
+    return max(1, (4 * group) // (bits * terms))

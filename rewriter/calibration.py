@@ -1,0 +1,571 @@
+"""Calibration data and layer statistics, shared by the data-aware passes (`calibrate=N`) and `heal`.
+
+One convention for every pass: `calibrate=N` samples (0 = data-free), `data=self|FILE`, `seq=T`, `seed`.
+
+Data
+    self   (default) a causal LM (token ids in, next-token logits out, position t independent of later tokens):
+           N sequences sampled from the ORIGINAL model itself — first token uniform over the vocabulary, then
+           temperature-1 sampling (LLM-QAT's data-free recipe: no download, no licence question, and never the
+           evaluation text). A text encoder with a tokenizer (it cannot generate): windows of the built-in
+           calibration text (data=builtin: rewriter/data/calibration_text.txt, ~2,200 words of everyday English
+           written for this project, disjoint from the evaluation text and sentence pairs) — measured on MiniLM,
+           random token sequences calibrate worse than no calibration at all. Any other model (no tokenizer, a
+           classifier on features, a vision model): N random inputs drawn like its example inputs — token ids
+           uniform over its embedding table, attention masks all ones, float inputs Gaussian with the example's
+           per-feature mean and standard deviation: data-free and exciting every input direction, but not the
+           model's real input distribution (give data=FILE for that).
+    FILE   .txt (tokenised with the model's tokenizer, cut into windows of `seq` tokens; an encoder's windows
+           get [CLS]/[SEP]), .jsonl (one {"text": ...} or {"input_ids": [...]} per line), .pt (an integer
+           tensor (N, T) of token ids, or 1-D: one stream).
+Shapes
+    A program exported with static shapes (the default) only runs on inputs shaped like its example inputs, so
+    calibration batches then have exactly that shape (seq = its sequence length; N is rounded up to whole
+    batches). A program captured with dynamic shapes (--dynamic, dynamic=True) takes batches of `seq` tokens.
+Sampling cost
+    With the Hugging Face model the program came from (resources "hf_model", or the "source" alias/folder) the
+    sequences are drawn with a KV cache: O(N·seq) token evaluations. Otherwise the program itself is run on
+    growing prefixes (dynamic) or on full windows (static, causality makes the later positions irrelevant):
+    O(N·seq²). Samples of big models (> 10M parameters) are cached on disk ($REWRITE_CACHE/calibration) by a
+    fingerprint of the weights, so a benchmark that evaluates many pipelines samples once.
+Statistics (captured once per pipeline, on the program as the first calibrating pass receives it — the original
+model unless an earlier pass changed it — and reused by every later pass)
+    per linear layer with input rows x (any layout `rewriter.matchers.linear` knows): the mean Gram
+        H = Σ x·xᵀ / rows   (n × n, float32; x rows from every position of every calibration sample)
+    so a layer's calibrated output error is  ‖X·(W − W')ᵀ‖² / rows = tr((W − W')·H·(W − W')ᵀ);
+    and for a causal LM the mean next-token distribution of the model, p̄ (V,).
+Everything runs on the device of the program's inputs; sampling draws its random numbers from one CPU generator
+seeded by `seed`, so the data are the same on every device.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from .errors import UserError, first_line
+
+BUILTIN_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "calibration_text.txt")
+DEFAULT_SAMPLES = 32
+DEFAULT_SEQ = 128
+BATCH_TOKENS = 2048          # rows per calibration batch of a dynamic program
+DISK_CACHE_PARAMS = 10_000_000
+_VERSION = "calib-v1"
+
+
+# ---- options ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataSpec:
+    """Where calibration data come from and how much: the `data`, `calibrate`, `seq`, `seed` options of a pass."""
+
+    data: str = "self"
+    samples: int = DEFAULT_SAMPLES
+    seq: int = DEFAULT_SEQ
+    seed: int = 0
+
+
+def check_options(data: str, samples: int, seq: int, what: str = "calibrate") -> None:
+    """Option validation shared by every pass (ValueError -> one-line UserError from the spec parser)."""
+    if samples < 0:
+        raise ValueError(f"{what} must be >= 0 (calibration samples; 0 = data-free), got {samples}")
+    if seq < 2:
+        raise ValueError(f"seq must be >= 2 tokens, got {seq}")
+    if data not in ("self", "builtin") and not data.endswith((".txt", ".jsonl", ".pt")):
+        raise ValueError(f"data must be self, builtin or a .txt / .jsonl / .pt file, got {data!r}")
+
+
+# ---- calling a program on flat inputs ----------------------------------------------------------------------------
+def run_flat(gm: fx.GraphModule, flat: list):
+    """The program's first output for flat inputs (placeholder order), through its generated code."""
+    spec = getattr(gm, "_in_spec", None)
+    if spec is not None:
+        args, kwargs = pytree.tree_unflatten(list(flat), spec)
+        out = gm(*args, **kwargs)
+    else:
+        out = fx.Interpreter(gm).run(*flat)
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return leaves[0] if leaves else None
+
+
+# ---- what the program takes and gives ----------------------------------------------------------------------------
+@dataclass
+class ModelIO:
+    example: list                 # flat example inputs
+    ids_index: int | None         # the token-id input (an integer tensor of ≥ 2 dims), if any
+    mask_indices: list[int]       # other integer inputs shaped like the ids (attention masks: all ones)
+    vocab: int | None             # rows of the embedding table the ids index
+    lm: bool                      # next-token logits of a causal model
+    dynamic: bool                 # the program accepts other batch sizes / lengths
+
+    @property
+    def batch(self) -> int:
+        return int(self.example[self.ids_index].shape[0]) if self.ids_index is not None else 1
+
+    @property
+    def length(self) -> int:
+        return int(self.example[self.ids_index].shape[-1]) if self.ids_index is not None else 1
+
+
+def describe(ctx) -> ModelIO:
+    """The program's inputs and outputs, cached for the pipeline."""
+    cache = _cache(ctx)
+    if "io" in cache:
+        return cache["io"]
+    flat = list(ctx.inputs)
+    ids_index = next((i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.ndim >= 2
+                      and not t.is_floating_point() and t.dtype != torch.bool), None)
+    masks, vocab = [], None
+    if ids_index is not None:
+        ids = flat[ids_index]
+        masks = [i for i, t in enumerate(flat) if i != ids_index and isinstance(t, torch.Tensor)
+                 and not t.is_floating_point() and tuple(t.shape) == tuple(ids.shape)]
+        vocab = _embedding_rows(ctx.gm, ids_index) or int(ids.max()) + 1
+    dynamic = bool(ctx.resources.get("dynamic")) or _has_symbolic_sizes(ctx.gm)
+    io = ModelIO(flat, ids_index, masks, vocab, False, dynamic)
+    io.lm = _is_causal_lm(ctx, io)
+    cache["io"] = io
+    return io
+
+
+def _embedding_rows(gm: fx.GraphModule, ids_index: int) -> int | None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if ids_index >= len(placeholders):
+        return None
+    ids_node = placeholders[ids_index]
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.embedding.default \
+                and node.args[1] is ids_node and node.args[0].op == "get_attr":
+            from .ir import get_attr_value
+            return int(get_attr_value(gm, node.args[0].target).shape[0])
+    return None
+
+
+def _has_symbolic_sizes(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and n.target == torch.ops.aten.sym_size.int for n in gm.graph.nodes)
+
+
+def _is_causal_lm(ctx, io: ModelIO) -> bool:
+    """Token ids in, (…, T, V) logits out, and the logits at position t do not depend on later tokens (checked on
+    the example inputs by changing the last token, unless the entry point already knows)."""
+    if io.ids_index is None:
+        return False
+    known = ctx.resources.get("causal")
+    ids = io.example[io.ids_index]
+    with torch.no_grad():
+        out = run_flat(ctx.gm, io.example)
+    if out is None or not out.is_floating_point() or out.ndim != ids.ndim + 1 or tuple(out.shape[:-1]) != tuple(ids.shape) \
+            or out.shape[-1] < 2:
+        return False
+    if known is not None:
+        return bool(known)
+    if ids.shape[-1] < 2:
+        return False
+    changed = list(io.example)
+    other = ids.clone()
+    other[..., -1] = (other[..., -1] + 1) % max(io.vocab or 2, 2)
+    changed[io.ids_index] = other
+    with torch.no_grad():
+        out2 = run_flat(ctx.gm, changed)
+    scale = float(out[..., :-1, :].abs().max()) + 1e-30
+    return float((out2[..., :-1, :] - out[..., :-1, :]).abs().max()) <= 1e-4 * scale
+
+
+# ---- the pipeline-level cache -----------------------------------------------------------------------------------
+def _cache(ctx) -> dict:
+    return ctx.resources.setdefault("calibration", {})
+
+
+def batches(ctx, spec: DataSpec, rows: int | None = None) -> list[list]:
+    """Calibration inputs for the program: a list of flat input lists, `spec.samples` samples in all; `rows`
+    samples per batch when the program's shapes are dynamic (default: up to BATCH_TOKENS tokens)."""
+    io = describe(ctx)
+    key = ("batches", spec.data, spec.samples, _seq(io, spec), spec.seed, rows if io.dynamic else None)
+    cache = _cache(ctx)
+    if key not in cache:
+        cache[key] = _make_batches(ctx, io, spec, rows)
+    return cache[key]
+
+
+def _seq(io: ModelIO, spec: DataSpec) -> int:
+    return spec.seq if io.dynamic or io.ids_index is None else io.length
+
+
+def _rows_per_batch(io: ModelIO, spec: DataSpec, rows: int | None = None) -> int:
+    if io.ids_index is None:
+        return max(1, int(io.example[0].shape[0])) if io.example and isinstance(io.example[0], torch.Tensor) \
+            and io.example[0].ndim else 1
+    if not io.dynamic:
+        return io.batch
+    if rows is not None:
+        return max(1, min(spec.samples, rows))
+    return max(1, min(spec.samples, BATCH_TOKENS // _seq(io, spec)))
+
+
+def _make_batches(ctx, io: ModelIO, spec: DataSpec, rows: int | None = None) -> list[list]:
+    if spec.samples < 1:
+        return []
+    rows = _rows_per_batch(io, spec, rows)
+    n = -(-spec.samples // rows) * rows if not io.dynamic else spec.samples
+    device = _device(io)
+    if io.ids_index is None:
+        return _random_float_batches(io, n, rows, spec.seed)
+    seq = _seq(io, spec)
+    ids, source = _token_ids(ctx, io, spec.data, n, seq, spec.seed)
+    ids = ids.to(device)
+    out = []
+    for start in range(0, ids.shape[0], rows):
+        chunk = ids[start:start + rows]
+        if not io.dynamic and chunk.shape[0] < rows:   # a static program: pad the last batch with repeats
+            chunk = torch.cat([chunk, ids[: rows - chunk.shape[0]]])
+        out.append(_inputs_for(io, chunk))
+    _note(ctx, f"calibration data: {source}")
+    return out
+
+
+def _token_ids(ctx, io: ModelIO, data: str, n: int, seq: int, seed: int) -> tuple[torch.Tensor, str]:
+    """(n, seq) int64 CPU token ids and a description; the first n of a larger set drawn earlier in the pipeline
+    with the same (data, seq, seed) are reused (sampling draws the sequences in a fixed order)."""
+    cache = _cache(ctx)
+    key = ("ids", data, seq, seed)
+    if key in cache and cache[key][0].shape[0] >= n:
+        ids, source = cache[key]
+        return ids[:n], source
+    if data == "builtin" or (data == "self" and not io.lm and tokenizer(ctx) is not None):
+        ids = read_file_tokens(ctx, BUILTIN_TEXT, n, seq, io)
+        source = f"{ids.shape[0]} windows of {seq} tokens of the built-in calibration text"
+    elif data != "self":
+        ids = read_file_tokens(ctx, data, n, seq, io)
+        source = f"{ids.shape[0]} windows of {seq} tokens from {data}"
+    elif io.lm:
+        ids = sample_lm(ctx, io, n, seq, seed)
+        source = f"{n} sequences of {seq} tokens sampled from the model itself (temperature 1)"
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, io.vocab, (n, seq), generator=gen, device="cpu")
+        source = f"{n} random token sequences of {seq} (the model is not a causal LM; data=FILE for real text)"
+    cache[key] = (ids, source)
+    return ids, source
+
+
+def _device(io: ModelIO):
+    t = next((x for x in io.example if isinstance(x, torch.Tensor)), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def _inputs_for(io: ModelIO, ids: torch.Tensor) -> list:
+    flat = list(io.example)
+    example_ids = io.example[io.ids_index]
+    flat[io.ids_index] = ids.to(example_ids.dtype)
+    for i in io.mask_indices:
+        flat[i] = torch.ones(ids.shape, dtype=io.example[i].dtype, device=ids.device)
+    return flat
+
+
+def _random_float_batches(io: ModelIO, n: int, rows: int, seed: int) -> list[list]:
+    """Inputs like the example ones: floats Gaussian with the example's per-feature (last dim) mean and std."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(max(1, -(-n // rows))):
+        flat = []
+        for t in io.example:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                x = t.detach().double().reshape(-1, t.shape[-1]) if t.ndim else t.detach().double().reshape(1, 1)
+                mean = x.mean(0)
+                std = x.std(0, unbiased=False) if x.shape[0] > 1 else x.abs().clamp_min(1e-3)
+                std = torch.where(std > 0, std, x.abs().mean().clamp_min(1e-3).expand_as(std))
+                noise = torch.randn(t.shape, generator=gen, dtype=torch.float64, device="cpu")
+                flat.append((noise * std.cpu() + mean.cpu()).to(dtype=t.dtype, device=t.device))
+            else:
+                flat.append(t)
+        out.append(flat)
+    return out
+
+
+def _note(ctx, text: str) -> None:
+    cache = _cache(ctx)
+    notes = cache.setdefault("notes", set())
+    if text not in notes:
+        notes.add(text)
+        ctx.message(text)
+
+
+# ---- sampling from the model itself --------------------------------------------------------------------------------
+def sample_lm(ctx, io: ModelIO, n: int, seq: int, seed: int) -> torch.Tensor:
+    """(n, seq) int64 token ids on the CPU: first token uniform, then temperature-1 samples from the original
+    model (its Hugging Face form with a KV cache when known, else the program)."""
+    hf_model = _hf_model(ctx)
+    teacher = ctx.teacher if ctx.teacher is not None else ctx.gm
+    big = sum(p.numel() for p in teacher.parameters()) > DISK_CACHE_PARAMS
+    path = None
+    if big:
+        path = _disk_path(ctx, teacher, io, n, seq, seed)
+        if path and os.path.isfile(path):
+            try:
+                ids = torch.load(path, weights_only=True)
+                if tuple(ids.shape) == (n, seq):
+                    return ids
+            except Exception:
+                pass
+    if hf_model is not None:
+        ids = _sample_hf(ctx, hf_model, io.vocab, n, seq, seed)
+    else:
+        ids = _sample_program(ctx, teacher, io, n, seq, seed)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save(ids, tmp)
+        os.replace(tmp, path)
+    return ids
+
+
+def _hf_model(ctx):
+    model = ctx.resources.get("hf_model")
+    if model is not None:
+        return model
+    source = ctx.resources.get("source")
+    if not isinstance(source, str) or ctx.resources.get("hf_model_tried"):
+        return None
+    ctx.resources["hf_model_tried"] = True
+    try:
+        from . import hf
+        if not hf.is_hf_source(source):
+            return None
+        model, _, _, _ = hf.load_model(source)
+    except Exception:
+        return None
+    if not getattr(model, "causal", False):
+        return None
+    ctx.resources["hf_model"] = model
+    return model
+
+
+def _draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    probs = torch.softmax(logits.detach().double().cpu(), -1)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+def _sample_hf(ctx, model, vocab, n, seq, seed) -> torch.Tensor:
+    inner = model.model if hasattr(model, "model") else model
+    device = next(inner.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    rows = max(1, min(n, 16))
+    out = []
+    batches_ = list(range(0, n, rows))
+    for start in ctx.progress(batches_, f"sampling {n} calibration sequences (KV cache)"):
+        b = min(rows, n - start)
+        ids = torch.randint(0, vocab, (b, 1), generator=gen, device="cpu")
+        tokens = [ids]
+        with torch.no_grad():
+            res = inner(input_ids=ids.to(device), use_cache=True)
+            for _ in range(seq - 1):
+                nxt = _draw(res.logits[:, -1, :vocab], gen)[:, None]
+                tokens.append(nxt)
+                res = inner(input_ids=nxt.to(device), past_key_values=res.past_key_values, use_cache=True)
+        out.append(torch.cat(tokens, 1))
+    return torch.cat(out)
+
+
+def _sample_program(ctx, gm, io: ModelIO, n, seq, seed) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    rows = io.batch if not io.dynamic else max(1, min(n, 16))
+    device = _device(io)
+    out = []
+    steps = [(start, t) for start in range(0, n, rows) for t in range(1, seq)]
+    ids = None
+    for start, t in ctx.progress(steps, f"sampling {n} calibration sequences from the program"):
+        if t == 1:
+            ids = torch.zeros(rows, seq, dtype=torch.long, device="cpu")
+            ids[:, 0] = torch.randint(0, io.vocab, (rows,), generator=gen, device="cpu")
+        prefix = ids[:, :t] if io.dynamic else ids
+        with torch.no_grad():
+            logits = run_flat(gm, _inputs_for(io, prefix.to(device)))
+        ids[:, t] = _draw(logits[:, t - 1, :io.vocab], gen)
+        if t == seq - 1:
+            out.append(ids)
+    if seq == 1:
+        out = [torch.randint(0, io.vocab, (n, 1), generator=gen, device="cpu")]
+    return torch.cat(out)[:n]
+
+
+def _disk_path(ctx, gm, io, n, seq, seed) -> str | None:
+    try:
+        h = hashlib.sha256()
+        h.update(f"{_VERSION}|{io.vocab}|{n}|{seq}|{seed}".encode())
+        for name, t in sorted(gm.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                     if t.numel() else b"")
+    except Exception:
+        return None
+    root = os.environ.get("REWRITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rewrite")
+    return os.path.join(root, "calibration", f"{h.hexdigest()[:24]}.pt")
+
+
+# ---- files -------------------------------------------------------------------------------------------------------
+def tokenizer(ctx):
+    """The model's tokenizer: resources["tokenizer"], or the one beside the source model, or None."""
+    tok = ctx.resources.get("tokenizer")
+    if tok is not None or ctx.resources.get("tokenizer_tried"):
+        return tok
+    ctx.resources["tokenizer_tried"] = True
+    source = ctx.resources.get("source")
+    try:
+        from . import hf
+        if isinstance(source, str) and hf.is_hf_source(source):
+            folder, gguf = hf.resolve(source)
+            if gguf is not None:
+                folder = hf._from_gguf(folder, gguf)
+            tok = hf.load_tokenizer(folder)
+    except Exception:
+        tok = None
+    ctx.resources["tokenizer"] = tok
+    return tok
+
+
+def read_file_tokens(ctx, path: str, n: int, seq: int, io: ModelIO) -> torch.Tensor:
+    """(≤ n, seq) token ids from a .txt / .jsonl / .pt file. One-line UserErrors for every problem."""
+    if not os.path.isfile(path):
+        raise UserError(f"calibration data file {path} not found")
+    stream: list[int] = []
+    rows: list[list[int]] = []
+    try:
+        if path.endswith(".pt"):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(data, torch.Tensor) or data.is_floating_point() or data.ndim not in (1, 2):
+                raise UserError(f"{path} must hold an integer tensor of token ids, (N, T) or (T,)")
+            if data.ndim == 2:
+                rows = [r.tolist() for r in data]
+            else:
+                stream = data.tolist()
+        else:
+            texts = []
+            with open(path, encoding="utf-8") as f:
+                if path.endswith(".jsonl"):
+                    for i, line in enumerate(f, 1):
+                        if not line.strip():
+                            continue
+                        record = json.loads(line)
+                        if isinstance(record, dict) and isinstance(record.get("input_ids"), list):
+                            stream.extend(int(v) for v in record["input_ids"])
+                        elif isinstance(record, dict) and isinstance(record.get("text"), str):
+                            texts.append(record["text"])
+                        else:
+                            raise UserError(f"{path} line {i}: expected {{\"text\": ...}} or {{\"input_ids\": [...]}}")
+                else:
+                    texts.append(f.read())
+            if texts:
+                tok = tokenizer(ctx)
+                if tok is None:
+                    raise UserError(f"calibration text {path} needs the model's tokenizer, and this model has none "
+                                    "known; give token ids (.pt, or .jsonl with input_ids)")
+                sep = [tok.eos_token_id] if getattr(tok, "eos_token_id", None) is not None else []
+                for text in texts:
+                    stream.extend(tok(text, add_special_tokens=False)["input_ids"] + sep)
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot read calibration data {path}: {first_line(e)}") from None
+    wrap = _special_wrap(ctx, io)
+    body = seq - len(wrap[0]) - len(wrap[1])
+    for r in rows:
+        stream.extend(r)
+    windows = [wrap[0] + stream[s:s + body] + wrap[1] for s in range(0, len(stream) - body + 1, body)][:n]
+    if not windows:
+        raise UserError(f"calibration data {path} has {len(stream)} tokens, fewer than one window of {seq}")
+    ids = torch.tensor(windows, dtype=torch.long, device="cpu")
+    if io.vocab is not None and (int(ids.max()) >= io.vocab or int(ids.min()) < 0):
+        raise UserError(f"calibration data {path} has token ids outside the model's vocabulary (0..{io.vocab - 1})")
+    if ids.shape[0] < n and not io.dynamic:   # a static program takes whole batches: repeat windows
+        ids = ids.repeat(-(-n // ids.shape[0]), 1)[:n]
+    return ids
+
+
+def _special_wrap(ctx, io: ModelIO) -> tuple[list[int], list[int]]:
+    """[CLS] … [SEP] around the windows of an encoder whose tokenizer has them; nothing for a causal LM."""
+    if io.lm:
+        return [], []
+    tok = tokenizer(ctx)
+    cls, sep = getattr(tok, "cls_token_id", None), getattr(tok, "sep_token_id", None)
+    return ([cls] if cls is not None else []), ([sep] if sep is not None else [])
+
+
+# ---- statistics ----------------------------------------------------------------------------------------------------
+@dataclass
+class LayerStats:
+    """Per-layer input Grams (mean x·xᵀ) keyed by layer name, and the LM's mean next-token distribution."""
+
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: int = 0
+    mean_probs: torch.Tensor | None = None
+    source: str = ""
+
+    def gram(self, name: str) -> torch.Tensor | None:
+        return self.grams.get(name)
+
+
+def layer_stats(ctx, spec: DataSpec) -> LayerStats:
+    """Grams of the inputs of every linear layer of the program (captured once per pipeline per `spec`)."""
+    key = ("stats", spec.data, spec.samples, spec.seq, spec.seed)
+    cache = _cache(ctx)
+    if key in cache:
+        return cache[key]
+    from .matchers.linear import find_linears
+    io = describe(ctx)
+    data = batches(ctx, spec)
+    sites = find_linears(ctx.gm)
+    by_input: dict[fx.Node, list[str]] = {}
+    for s in sites:
+        by_input.setdefault(s.x, []).append(s.name)
+    sums: dict[fx.Node, torch.Tensor] = {}
+    counts: dict[fx.Node, int] = {}
+    probs_sum, prob_rows = None, 0
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n in by_input and isinstance(value, torch.Tensor) and value.is_floating_point():
+                x = value.detach().reshape(-1, value.shape[-1]).float()
+                g = x.t() @ x
+                sums[n] = g if n not in sums else sums[n] + g
+                counts[n] = counts.get(n, 0) + x.shape[0]
+            return value
+
+    with torch.no_grad():
+        for flat in ctx.progress(data, f"capturing layer statistics ({len(sites)} layers)"):
+            out = Capture(ctx.gm).run(*flat)
+            if io.lm:
+                logits = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)][0]
+                p = torch.softmax(logits.detach().double().reshape(-1, logits.shape[-1]), -1)
+                probs_sum = p.sum(0) if probs_sum is None else probs_sum + p.sum(0)
+                prob_rows += p.shape[0]
+    stats = LayerStats(source=spec.data)
+    for node, names in by_input.items():
+        if node in sums:
+            h = sums[node] / max(counts[node], 1)
+            for name in names:
+                stats.grams[name] = h
+            stats.rows = max(stats.rows, counts[node])
+    if probs_sum is not None:
+        stats.mean_probs = (probs_sum / max(prob_rows, 1)).float()
+    cache[key] = stats
+    return stats
+
+
+def spec_of(pass_obj) -> DataSpec:
+    """The DataSpec of a pass with the shared options (calibrate, data, seq, seed)."""
+    return DataSpec(getattr(pass_obj, "data", "self"), int(getattr(pass_obj, "calibrate", 0)),
+                    int(getattr(pass_obj, "seq", DEFAULT_SEQ)), int(getattr(pass_obj, "seed", 0)))
+
+
+def output_error(h: torch.Tensor, w: torch.Tensor, approx: torch.Tensor) -> float:
+    """Calibrated relative output error sqrt(tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)) (bias not included), float64."""
+    hd = h.double()
+    wd = w.double()
+    d = wd - approx.double()
+    num = ((d @ hd) * d).sum()
+    den = ((wd @ hd) * wd).sum()
+    return float((num.clamp_min(0) / den.clamp_min(1e-300)).sqrt())

@@ -1,0 +1,172 @@
+"""Distillation: train a rewritten program to reproduce the program it came from (the machinery behind `heal`).
+
+Losses, per position (mean over positions and batch):
+    language model   KL(p_teacher ‖ p_student) of the next-token distributions, temperature 1 — the quantity
+                     whose exponential-average gap *is* the perplexity gap on the teacher's own text
+    anything else    normalised MSE ‖y_s − y_t‖² / mean ‖y_t‖² (for embeddings: a cosine of 1 − MSE/2 on unit rows)
+
+The loop (`train`) is a plain function of two forward functions, a parameter list and a batch iterator, so a
+DistributedDataParallel wrapper can drive it unchanged: AdamW (weight decay 0, β = (0.9, 0.99)), learning rate
+with a linear warm-up over the first 10 % of the steps then cosine decay to 0, gradient accumulation over `accum`
+micro-batches, the global gradient norm clipped at 1. Deterministic: no dropout, batches in a fixed order.
+
+Layer statistics for the layer-wise stage (`capture_pairs`): each rewritten layer reads x_s in the student and the
+layer it replaced read x_t in the teacher, on the same calibration batch; the stage needs only the Grams
+    H_ss = X_sᵀX_s / rows,   H_ts = X_tᵀX_s / rows   (and H_tt = X_tᵀX_t / rows for the loss value)
+because  ‖X_t·Wᵀ − X_s·Ŵᵀ‖² / rows = tr(Ŵ·H_ss·Ŵᵀ) − 2·tr(Ŵ·H_tsᵀ·Wᵀ) + tr(W·H_tt·Wᵀ)
+        = ‖(Ŵ − W̃)·L_s‖²_F + const,   W̃ = W·H_ts·H_ss⁻¹,  H_ss = L_s·L_sᵀ
+— so the best layer given the rewritten upstream is the calibrated projection (rewriter/weighted.py,
+rewriter/bcq_fit.py) of the *corrected target* W̃ (the least-squares map from the student's inputs to the teacher's
+outputs) under H_ss: closed forms, no gradient steps, O(n³) per layer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .calibration import run_flat
+
+
+# ---- losses ----------------------------------------------------------------------------------------------------
+def kl_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(softmax(teacher) ‖ softmax(student)) along the last dim (float32 inside)."""
+    s = F.log_softmax(student.float().reshape(-1, student.shape[-1]), -1)
+    t = F.log_softmax(teacher.float().reshape(-1, teacher.shape[-1]), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """‖y_s − y_t‖² / ‖y_t‖² (the normalised mean squared error), float32."""
+    t = teacher.float()
+    return (student.float() - t).square().sum() / t.square().sum().clamp_min(1e-30)
+
+
+LOSSES = {"kl": kl_loss, "mse": mse_loss}
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: float = 0.1) -> float:
+    """Linear warm-up over the first `warmup` fraction of the steps, then cosine decay to 0."""
+    w = max(1, int(round(warmup * steps)))
+    if step < w:
+        return lr * (step + 1) / w
+    progress = (step - w) / max(1, steps - w)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+def train(forward: Callable, teacher_forward: Callable, params: list[torch.Tensor], batches: Iterable[list], *,
+          steps: int, lr: float, accum: int = 1, loss: str = "kl", clip: float = 1.0,
+          progress: Callable | None = None, status: dict | None = None) -> list[float]:
+    """Minimise LOSSES[loss](forward(b), teacher_forward(b)) over `params` for `steps` optimizer steps of `accum`
+    micro-batches each (taken from `batches`, cycled). Returns the loss of every step. `progress(iterable)`
+    wraps the step loop (a progress bar); `status` (a dict) is updated with the running figures."""
+    loss_fn = LOSSES[loss]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    source = _cycle(batches)
+    history: list[float] = []
+    running = None
+    steps_iter = range(steps) if progress is None else progress(range(steps))
+    for step in steps_iter:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(accum):
+            batch = next(source)
+            with torch.no_grad():
+                target = teacher_forward(batch)
+            value = loss_fn(forward(batch), target) / accum
+            value.backward()
+            total += float(value.detach())
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        history.append(total)
+        running = total if running is None else 0.9 * running + 0.1 * total
+        if status is not None:
+            status.update(step=step + 1, loss=total, running=running)
+    opt.zero_grad(set_to_none=True)
+    return history
+
+
+def _cycle(batches):
+    items = list(batches)
+    if not items:
+        raise ValueError("no training batches")
+    while True:
+        yield from items
+
+
+def evaluate(forward: Callable, teacher_forward: Callable, batches: list, loss: str) -> float:
+    """Mean loss over `batches` (no gradients)."""
+    loss_fn = LOSSES[loss]
+    with torch.no_grad():
+        values = [float(loss_fn(forward(b), teacher_forward(b))) for b in batches]
+    return sum(values) / max(1, len(values))
+
+
+def forward_of(gm: fx.GraphModule) -> Callable:
+    """flat inputs -> the program's first output."""
+    return lambda flat: run_flat(gm, flat)
+
+
+# ---- layer statistics ----------------------------------------------------------------------------------------------
+def _capture(gm: fx.GraphModule, flat: list, nodes: set) -> dict:
+    got = {}
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n in nodes:
+                got[n] = value.detach().reshape(-1, value.shape[-1]).float()
+            return value
+
+    with torch.no_grad():
+        Capture(gm).run(*flat)
+    return got
+
+
+def capture_pairs(teacher: fx.GraphModule, student: fx.GraphModule, pairs: list[tuple[fx.Node, fx.Node]],
+                  batches: list, progress: Callable | None = None) -> dict:
+    """(teacher input node, student input node) -> {"ss": H_ss, "ts": H_ts, "tt": H_tt, "rows": rows}."""
+    t_nodes = {t for t, _ in pairs}
+    s_nodes = {s for _, s in pairs}
+    out: dict = {}
+    for flat in (batches if progress is None else progress(batches)):
+        xt = _capture(teacher, flat, t_nodes)
+        xs = _capture(student, flat, s_nodes)
+        for t, s in set(pairs):
+            if t not in xt or s not in xs or xt[t].shape != xs[s].shape:
+                continue
+            a, b = xt[t], xs[s]
+            acc = out.setdefault((t, s), {"ss": 0, "ts": 0, "tt": 0, "rows": 0})
+            acc["ss"] = acc["ss"] + b.t() @ b
+            acc["ts"] = acc["ts"] + a.t() @ b
+            acc["tt"] = acc["tt"] + a.t() @ a
+            acc["rows"] += a.shape[0]
+    for acc in out.values():
+        rows = max(1, acc["rows"])
+        for key in ("ss", "ts", "tt"):
+            acc[key] = acc[key] / rows
+    return out
+
+
+def corrected_target(w: torch.Tensor, h_ts: torch.Tensor, h_ss: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """W̃ = W·H_ts·(H_ss + λI)⁻¹ in float64: the least-squares map from the student's inputs to the teacher's
+    outputs (λ = damp · mean diag H_ss)."""
+    from .weighted import damped
+    hs = damped(h_ss, None, damp)
+    return torch.linalg.solve(hs, (w.double() @ h_ts.double()).t()).t()
+
+
+def layer_loss(w: torch.Tensor, approx: torch.Tensor, grams: dict) -> float:
+    """‖X_t·Wᵀ − X_s·Ŵᵀ‖² / ‖X_t·Wᵀ‖² from the Grams (float64)."""
+    wd, ad = w.double(), approx.double()
+    tt = float(((wd @ grams["tt"].double()) * wd).sum())
+    cross = float(((ad @ grams["ts"].double().t()) * wd).sum())
+    ss = float(((ad @ grams["ss"].double()) * ad).sum())
+    return max(ss - 2 * cross + tt, 0.0) / max(tt, 1e-300)

@@ -1,0 +1,301 @@
+"""The rewritten layers of a program as `heal` sees them: what each one is, its dense weight, its closed-form
+re-projection, and the temporary training forms of the parts that are not plain trainable tensors.
+
+    kind        tensors                        dense weight Ŵ                     trained in e2e
+    monarch     w1, w2 (+ pre-merged dense)    the op on the identity             w1, w2
+    blockdiag   blocks, u | None (+ dense)     the op on the identity             blocks, u
+    lowrank     u, v (+ dense)                 u·v                                u, v
+    shiftadd    signs (packed), exponents      Σᵢ 2^e·Bᵢ                          the scales α (straight-through)
+    vq          codebook, code map             —                                  the codebook
+    linear      weight (dense, untouched)      W                                  a LoRA branch U·V, merged after
+
+Shift-add scales train through a straight-through estimator: the forward uses the snapped scales
+snap(α) (sums of `terms` powers of two — exactly what the packed form will hold), the gradient reaches the
+continuous α as if snapping were the identity; after training the exponents are re-derived from α, so the saved
+program keeps its packed form. A LoRA branch y += x·Vᵀ·Uᵀ (U = 0 at the start, so the program is unchanged) is a
+`rewrite::lowrank_linear` beside the layer: merged into a dense W after training (W += U·V in float64, rounded
+once), kept beside layers that cannot absorb it (binary weights).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from . import bcq, params
+from .ir import get_attr_value, insert_call
+from .matchers.linear import LinearSite
+from .ops import blockdiag_linear, lowrank_linear, monarch_linear, shiftadd_linear, vq_logits
+from .projections import Factored
+
+aten = torch.ops.aten
+KINDS = {monarch_linear.OP: "monarch", blockdiag_linear.OP: "blockdiag", lowrank_linear.OP: "lowrank",
+         shiftadd_linear.OP: "shiftadd", torch.ops.rewrite.vq_logits.default: "vq"}
+# argument positions of the tensors of each op: role -> index
+ROLES = {"monarch": {"w1": 1, "w2": 2, "dense": 5}, "blockdiag": {"blocks": 1, "u": 2, "dense": 5},
+         "lowrank": {"u": 1, "v": 2, "dense": 4}, "shiftadd": {"signs": 1, "exponents": 2},
+         "vq": {"codebook": 1, "code_map": 2}}
+REQUIRED = {"monarch": ("w1", "w2"), "blockdiag": ("blocks",), "lowrank": ("u", "v"),
+            "shiftadd": ("signs", "exponents"), "vq": ("codebook", "code_map")}
+
+
+@dataclass
+class Layer:
+    node: fx.Node
+    kind: str
+    tensors: dict[str, str] = field(default_factory=dict)   # role -> qualified name
+
+    def value(self, gm, role: str) -> torch.Tensor | None:
+        name = self.tensors.get(role)
+        return get_attr_value(gm, name) if name else None
+
+    @property
+    def some_tensor(self) -> str:
+        return self.tensors[REQUIRED[self.kind][0]]
+
+
+def find_layers(gm: fx.GraphModule) -> list[Layer]:
+    """Every node of a rewritten op whose tensors are stored in the program."""
+    out = []
+    for node in gm.graph.nodes:
+        kind = KINDS.get(node.target) if node.op == "call_function" else None
+        if kind is None:
+            continue
+        tensors = {}
+        for role, i in ROLES[kind].items():
+            arg = node.args[i] if i < len(node.args) else None
+            if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                tensors[role] = arg.target
+        if all(r in tensors for r in REQUIRED[kind]):
+            out.append(Layer(node, kind, tensors))
+    return out
+
+
+def teacher_site(sites: list[LinearSite], tensor_name: str) -> LinearSite | None:
+    """The teacher's linear layer a rewritten layer's tensor belongs to (its tensors are named beside the weight)."""
+    best = None
+    for s in sites:
+        prefix = s.tensor_name("")
+        if tensor_name.startswith(prefix) and "." not in tensor_name[len(prefix):]:
+            if best is None or len(prefix) > len(best.tensor_name("")):
+                best = s
+    return best
+
+
+# ---- dense weights and configurations -------------------------------------------------------------------------------
+def factored(gm, layer: Layer) -> Factored | None:
+    """The layer's factors as a Factored (monarch / blockdiag / blockdense / lowrank), else None."""
+    n = layer.node
+    x = n.args[0]
+    in_f = int(x.meta["val"].shape[-1]) if isinstance(x, fx.Node) and "val" in x.meta else None
+    if layer.kind == "monarch":
+        w1, w2 = layer.value(gm, "w1"), layer.value(gm, "w2")
+        in_f = in_f or w1.shape[0] * w1.shape[2]
+        return Factored("monarch", int(n.args[4]), in_f, {"w1": w1, "w2": w2}, {"blocks": w1.shape[0]})
+    if layer.kind == "blockdiag":
+        blocks, u = layer.value(gm, "blocks"), layer.value(gm, "u")
+        in_f = in_f or blocks.shape[0] * blocks.shape[2]
+        f = {"blocks": blocks} if u is None else {"blocks": blocks, "u": u}
+        return Factored("blockdiag" if u is None else "blockdense", int(n.args[4]), in_f, f,
+                        {"blocks": blocks.shape[0]})
+    if layer.kind == "lowrank":
+        u, v = layer.value(gm, "u"), layer.value(gm, "v")
+        return Factored("lowrank", u.shape[0], v.shape[1], {"u": u, "v": v}, {"rank": u.shape[1]})
+    return None
+
+
+@torch.no_grad()
+def dense_weight(gm, layer: Layer) -> torch.Tensor | None:
+    """Ŵ (out, in) in float64, or None for vq."""
+    fac = factored(gm, layer)
+    if fac is not None:
+        return fac.dense(torch.float64)
+    if layer.kind == "shiftadd":
+        n = layer.node
+        return bcq.dequantize(layer.value(gm, "signs"), layer.value(gm, "exponents"), int(n.args[4]),
+                              int(n.args[5])).double()
+    return None
+
+
+def config(gm, layer: Layer) -> tuple:
+    """What the layer's re-projection needs besides the target: (kind, ...) of plain values."""
+    if layer.kind == "shiftadd":
+        exps = layer.value(gm, "exponents")
+        return ("shiftadd", exps.shape[2], int(layer.node.args[5]), exps.shape[3])
+    fac = factored(gm, layer)
+    if fac.kind == "monarch":
+        return ("monarch", fac.factors["w1"].shape[0])
+    if fac.kind == "blockdense":
+        b, t, _ = fac.factors["blocks"].shape
+        return ("blockdense", b, b * t)
+    if fac.kind == "blockdiag":
+        return ("blockdiag", fac.factors["blocks"].shape[0])
+    return ("lowrank", fac.factors["u"].shape[1])
+
+
+def reproject(target: torch.Tensor, h: torch.Tensor, cfg: tuple, dtype_name: str) -> dict[str, torch.Tensor]:
+    """The calibrated projection of `target` (out, in) under `h` with the layer's configuration: role -> tensor
+    (same shapes as the layer's). Runs in ctx.map_layers."""
+    from .projections import blockdense_project, blockdiag_project, lowrank_project, monarch_project
+    dtype = getattr(torch, dtype_name)
+    kind = cfg[0]
+    w = target.to(dtype) if dtype != torch.float64 else target
+    if kind == "shiftadd":
+        _, bits, group, terms = cfg
+        q = bcq.quantize(target.float(), bits, group, 2, terms, hessian=h)
+        return {"signs": q.signs, "exponents": q.exponents}
+    if kind == "monarch":
+        f = monarch_project(w, cfg[1], gram=h).factors
+        return {"w1": f["w1"], "w2": f["w2"]}
+    if kind == "blockdense":
+        f = blockdense_project(w, cfg[1], cfg[2], gram=h).factors
+        return {"blocks": f["blocks"], "u": f["u"]}
+    if kind == "blockdiag":
+        return {"blocks": blockdiag_project(w, cfg[1], gram=h).factors["blocks"]}
+    f = lowrank_project(w, rank=cfg[1], gram=h).factors
+    return {"u": f["u"], "v": f["v"]}
+
+
+def dense_of(tensors: dict[str, torch.Tensor], layer_dense_like: Factored | None, cfg: tuple, in_f: int,
+             out_f: int) -> torch.Tensor:
+    """Ŵ (float64) of a re-projected layer (tensors as `reproject` returns them)."""
+    if cfg[0] == "shiftadd":
+        return bcq.dequantize(tensors["signs"], tensors["exponents"], in_f, cfg[2]).double()
+    kind = {"monarch": "monarch", "blockdense": "blockdense", "blockdiag": "blockdiag", "lowrank": "lowrank"}[cfg[0]]
+    return Factored(kind, out_f, in_f, tensors).dense(torch.float64)
+
+
+def store(gm, layer: Layer, tensors: dict[str, torch.Tensor]) -> None:
+    """Write new values for the layer's tensors (same shapes; parameters stay parameters)."""
+    for role, value in tensors.items():
+        params.set_tensor(gm, layer.tensors[role], value)
+    refresh_dense(gm, layer)
+
+
+@torch.no_grad()
+def refresh_dense(gm, layer: Layer) -> None:
+    """Recompute a pre-merged dense product after the factors changed."""
+    if "dense" in layer.tensors:
+        fac = factored(gm, layer)
+        old = layer.value(gm, "dense")
+        params.set_tensor(gm, layer.tensors["dense"], fac.dense(torch.float64).to(old.dtype))
+
+
+# ---- shift-add scales: the straight-through training form ---------------------------------------------------------
+class _ScaledSigns(torch.autograd.Function):
+    """y = x·Wᵀ + b with W = Σᵢ snap(αᵢ)·Bᵢ; the gradient reaches α straight through the snapping."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, signs, bias, in_features, group, terms):
+        _, snapped = bcq.snap_pow2(alpha.detach(), terms)
+        w = _weight(signs, snapped, in_features, group).to(x.dtype)
+        ctx.save_for_backward(x, signs, snapped)
+        ctx.shape = (in_features, group)
+        ctx.has_bias = bias is not None
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, signs, snapped = ctx.saved_tensors
+        in_features, group = ctx.shape
+        w = _weight(signs, snapped, in_features, group).to(grad.dtype)
+        grad_x = grad @ w
+        g2 = grad.reshape(-1, grad.shape[-1]).float()
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        gw = F.pad(g2.t() @ x2, (0, bcq.padded_in(in_features, group) - in_features))     # (out, in_pad)
+        planes = bcq.unpack_signs(signs)                                                 # (q, out, in_pad)
+        q, out_f, n_pad = planes.shape
+        grad_alpha = (planes.view(q, out_f, n_pad // group, group) * gw.view(1, out_f, -1, group)).sum(-1)
+        grad_bias = g2.sum(0) if ctx.has_bias else None
+        return grad_x, grad_alpha.permute(1, 2, 0), None, grad_bias, None, None, None
+
+
+def _weight(signs, alpha, in_features, group):
+    planes = bcq.unpack_signs(signs)                                                     # (q, out, in_pad)
+    q, out_f, n_pad = planes.shape
+    w = (planes.view(q, out_f, -1, group) * alpha.permute(2, 0, 1)[..., None]).sum(0)
+    return w.reshape(out_f, n_pad)[:, :in_features]
+
+
+def scaled_signs_linear(x, alpha, signs, bias, in_features, group, terms):
+    return _ScaledSigns.apply(x, alpha, signs, bias, in_features, group, terms)
+
+
+def open_shiftadd(gm, layer: Layer) -> str:
+    """Swap the layer's op for the straight-through form with a trainable α (returns α's name)."""
+    n = layer.node
+    exps = layer.value(gm, "exponents")
+    alpha = bcq.exp_values(exps)                                                          # (out, G, q)
+    name = params.add_tensor(gm, f"{layer.tensors['exponents']}_alpha", alpha, trainable=True)
+    with gm.graph.inserting_before(n):
+        a_node = params.get_attr_node(gm, name)
+        new = gm.graph.call_function(scaled_signs_linear, (n.args[0], a_node, n.args[1], n.args[3], n.args[4],
+                                                           n.args[5], exps.shape[3]))
+    n.replace_all_uses_with(new)
+    layer.node, layer.tensors["alpha"] = new, name
+    gm.graph.erase_node(n)
+    gm.recompile()
+    return name
+
+
+def close_shiftadd(gm, layer: Layer) -> None:
+    """Re-derive the exponents from the trained α and put the packed op back."""
+    n = layer.node
+    alpha = get_attr_value(gm, layer.tensors["alpha"]).detach()
+    terms = int(n.args[6])
+    exps, _ = bcq.snap_pow2(alpha, terms)
+    params.set_tensor(gm, layer.tensors["exponents"], exps.to(torch.int8))
+    with gm.graph.inserting_before(n):
+        e_node = params.get_attr_node(gm, layer.tensors["exponents"])
+        new = gm.graph.call_function(shiftadd_linear.OP, (n.args[0], n.args[2], e_node, n.args[3], n.args[4],
+                                                           n.args[5]))
+    new.meta.update({k: v for k, v in n.meta.items() if k != "val"})
+    n.replace_all_uses_with(new)
+    gm.graph.erase_node(n)
+    layer.node = new
+    params.remove_if_unused(gm, layer.tensors.pop("alpha"))
+    gm.recompile()
+
+
+# ---- LoRA branches -------------------------------------------------------------------------------------------------
+def add_branch(gm, node: fx.Node, x: fx.Node, out_f: int, in_f: int, rank: int, name: str, seed: int,
+               device, dtype) -> tuple[str, str, fx.Node]:
+    """y ← y + x·Vᵀ·Uᵀ with U = 0 (m × r), V ~ N(0, 1/in) (r × n): (U's name, V's name, the add node)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    v = (torch.randn(rank, in_f, generator=gen, device="cpu") / in_f ** 0.5).to(device=device, dtype=dtype)
+    u = torch.zeros(out_f, rank, device=device, dtype=dtype)
+    u_name = params.add_tensor(gm, f"{name}.heal_lora_u", u, trainable=True)
+    v_name = params.add_tensor(gm, f"{name}.heal_lora_v", v, trainable=True)
+    users = list(node.users)
+    with gm.graph.inserting_after(node):
+        u_node, v_node = params.get_attr_node(gm, u_name), params.get_attr_node(gm, v_name)
+    branch = insert_call(gm, users[0] if users else node.next, lowrank_linear.OP, (x, u_node, v_node, None, None, 0),
+                         pass_name="heal", rule="heal-lora")
+    add = insert_call(gm, users[0] if users else node.next, aten.add.Tensor, (node, branch), pass_name="heal",
+                      rule="heal-lora-add")
+    for user in users:
+        user.replace_input_with(node, add)
+    gm.recompile()
+    return u_name, v_name, add
+
+
+def merge_branch(gm, weight_name: str, layout: str, u_name: str, v_name: str, add: fx.Node) -> None:
+    """W += U·V (float64, rounded once) and the branch removed."""
+    w = get_attr_value(gm, weight_name)
+    delta = get_attr_value(gm, u_name).double() @ get_attr_value(gm, v_name).double()
+    if layout == "in_out":
+        delta = delta.t()
+    params.set_tensor(gm, weight_name, (w.double() + delta).to(w.dtype))
+    drop_branch(gm, u_name, v_name, add)
+
+
+def drop_branch(gm, u_name: str, v_name: str, add: fx.Node) -> None:
+    base, branch = add.args
+    add.replace_all_uses_with(base)
+    gm.graph.erase_node(add)
+    gm.graph.erase_node(branch)
+    params.remove_if_unused(gm, u_name)
+    params.remove_if_unused(gm, v_name)
+    gm.recompile()

@@ -1,0 +1,328 @@
+"""Calibration data and statistics (rewriter/calibration.py), calibrated projections (rewriter/weighted.py) and the
+binary-code fit against round-to-nearest (rewriter/bcq_fit.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rewriter import bcq, bcq_fit, calibration, rewrite, weighted
+from rewriter.errors import UserError
+from rewriter.projections import (blockdense_project, blockdiag_project, lowrank_project, monarch_project)
+
+
+def _gram(seed, n, rows=400, spread=2.0):
+    """An anisotropic input Gram: correlated inputs with log-normal channel scales and a few outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.exp(spread * torch.randn(n, generator=g, dtype=torch.float64))
+    scales[torch.randperm(n, generator=g)[: max(1, n // 32)]] *= 10
+    mix = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    x = (torch.randn(rows, n, generator=g, dtype=torch.float64) * torch.linspace(2, 0.05, n, dtype=torch.float64)) \
+        @ mix * scales
+    return x.t() @ x / rows
+
+
+def _err(w, fac, h):
+    return weighted.relative_error(w, fac.dense(), h)
+
+
+# ---- calibrated projections --------------------------------------------------------------------------------------
+@given(m=st.integers(4, 40), n=st.integers(4, 40), rank=st.integers(1, 6), seed=st.integers(0, 2**16))
+@settings(max_examples=20)
+def test_svd_llm_is_output_optimal(m, n, rank, seed):
+    """SVD-LLM's whitened truncation: its calibrated error is the whitened SVD tail, never above plain SVD's,
+    and no rank-r perturbation of it does better."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    h = _gram(seed, n)
+    cal, plain = lowrank_project(w, rank=rank, gram=h), lowrank_project(w, rank=rank)
+    sv = torch.linalg.svdvals(w @ weighted.cholesky(weighted.damped(h)))
+    r = cal.info["rank"]
+    hd = weighted.damped(h)
+    d = w - cal.dense()
+    tail = float(((d @ hd) * d).sum() / ((w @ hd) * w).sum()) ** 0.5
+    assert tail == pytest.approx(float((sv[r:] ** 2).sum() / (sv ** 2).sum()) ** 0.5, rel=1e-6, abs=1e-9)
+    assert _err(w, cal, hd) <= _err(w, plain, hd) + 1e-9
+    u, v = cal.factors["u"], cal.factors["v"]
+    for scale in (1e-3, 1e-2):
+        bumped = (u + scale * torch.randn(u.shape, generator=g, dtype=torch.float64)) @ v
+        assert weighted.relative_error(w, bumped, hd) >= _err(w, cal, hd) - 1e-9
+
+
+@given(m=st.integers(8, 36), n=st.integers(8, 36), blocks=st.sampled_from([2, 4]), seed=st.integers(0, 2**16))
+@settings(max_examples=15)
+def test_calibrated_structured_projections_never_worse_under_h(m, n, blocks, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    h = _gram(seed, n)
+    pairs = [(monarch_project(w, blocks, gram=h), monarch_project(w, blocks)),
+             (blockdiag_project(w, blocks, gram=h), blockdiag_project(w, blocks)),
+             (blockdense_project(w, blocks, None, gram=h), blockdense_project(w, blocks, None))]
+    for cal, plain in pairs:
+        assert cal.factors.keys() == plain.factors.keys()
+        assert all(cal.factors[k].shape == plain.factors[k].shape for k in cal.factors)
+        assert _err(w, cal, h) <= _err(w, plain, h) + 1e-9
+
+
+def test_calibration_helps_a_lot_on_anisotropic_inputs():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=g, dtype=torch.float64)
+    h = _gram(1, 64, spread=1.5)
+    for cal, plain in [(monarch_project(w, 4, gram=h), monarch_project(w, 4)),
+                       (blockdense_project(w, 4, 32, gram=h), blockdense_project(w, 4, 32)),
+                       (lowrank_project(w, rank=8, gram=h), lowrank_project(w, rank=8))]:
+        assert _err(w, cal, h) < 0.7 * _err(w, plain, h), cal.kind
+
+
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_exactly_structured_weights_stay_exact_when_calibrated(blocks):
+    g = torch.Generator().manual_seed(blocks)
+    h = _gram(3, 32)
+    exact = monarch_project(torch.randn(24, 32, generator=g, dtype=torch.float64), blocks).dense()
+    assert _err(exact, monarch_project(exact, blocks, gram=h), h) < 1e-6
+    exact = blockdense_project(torch.randn(24, 32, generator=g, dtype=torch.float64), blocks, 8).dense()
+    assert _err(exact, blockdense_project(exact, blocks, 8, gram=h), h) < 1e-6
+
+
+def test_blockdiag_conditional_mean_is_the_least_squares_optimum():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    h = _gram(2, 16)
+    blocks = blockdiag_project(w, 4, gram=h).factors["blocks"]            # (4, 3, 4)
+    hd = weighted.damped(h)
+    for k in range(4):   # each row of block k solves min (w - ŵ) H (w - ŵ)ᵀ over ŵ supported on columns of block k
+        cols = slice(4 * k, 4 * k + 4)
+        for i in range(3):
+            row = w[3 * k + i]
+            want = torch.linalg.solve(hd[cols, cols], hd[cols] @ row)
+            assert torch.allclose(blocks[k, i], want, atol=1e-9)
+
+
+# ---- binary codes vs round-to-nearest --------------------------------------------------------------------------------
+def _llm_like_layer(seed, dist, out_f, in_f, correlated):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    if dist == "laplace":
+        w = (torch.rand(out_f, in_f, generator=g, dtype=torch.float64) - 0.5).sign() \
+            * -torch.log(torch.rand(out_f, in_f, generator=g, dtype=torch.float64))
+    elif dist == "t5":
+        w = w / torch.randn(5, out_f, in_f, generator=g, dtype=torch.float64).square().mean(0).sqrt()
+    w = (w * torch.exp(0.5 * torch.randn(out_f, 1, generator=g, dtype=torch.float64)) * 0.02).float()
+    if correlated:
+        h = _gram(seed, in_f, rows=512, spread=1.0)
+    else:
+        scales = torch.exp(torch.randn(in_f, generator=g, dtype=torch.float64))
+        scales[torch.randperm(in_f, generator=g)[: max(1, in_f // 64)]] *= 20
+        x = torch.randn(512, in_f, generator=g, dtype=torch.float64) * scales
+        h = x.t() @ x / 512
+    return w, h.float()
+
+
+@given(seed=st.integers(0, 2**16), dist=st.sampled_from(["gauss", "laplace", "t5"]), correlated=st.booleans(),
+       bits=st.integers(2, 4), config=st.sampled_from([(64, 1), (128, 2)]), out_f=st.integers(8, 48),
+       blocks=st.integers(2, 3))
+@settings(max_examples=20)
+def test_shiftadd_never_worse_than_round_to_nearest_at_equal_bits(seed, dist, correlated, bits, config, out_f,
+                                                                   blocks):
+    """Calibrated shiftadd vs asymmetric min/max RTN with fp16 scale and zero point at the same bits per weight,
+    on the calibrated output error, for LLM-like layers (heavy-ish tails, per-row scales, outlier channels)."""
+    from passes.shiftadd import layer_bits, quantize_layer
+    group, terms = config
+    w, h = _llm_like_layer(seed, dist, out_f, 128 * blocks, correlated)
+    signs, exps, g_used, figures = quantize_layer(w, h, bits, group, 2, terms, 1)
+    rtn_group = bcq_fit.rtn_group(bits, group, terms)
+    assert bcq_fit.rtn_bits_per_weight(bits, rtn_group) >= layer_bits(bits, group, terms, w.shape[1]) - 1e-9
+    got = weighted.relative_error(w, bcq.dequantize(signs, exps, w.shape[1], g_used), h)
+    assert got == pytest.approx(figures["calibrated_error"])
+    assert figures["rtn_error"] == pytest.approx(weighted.relative_error(w, bcq_fit.rtn(w, bits, rtn_group), h))
+    assert got <= figures["rtn_error"], (got, figures)
+    assert layer_bits(bits, g_used, exps.shape[-1], w.shape[1]) <= layer_bits(bits, group, terms, w.shape[1]) + 1e-9
+
+
+@given(seed=st.integers(0, 2**16), bits=st.integers(2, 4), terms=st.integers(1, 2))
+@settings(max_examples=10)
+def test_scale_refit_never_increases_the_output_error(seed, bits, terms):
+    w, h = _llm_like_layer(seed, "gauss", 16, 128, True)
+    exps, pattern = bcq_fit.gptq(w, h, bits, 64, terms, 2)
+    before = bcq_fit.objective(w, bcq_fit.dequant_parts(exps, pattern, bits), h)
+    refit = bcq_fit.refit_scales(w, h, exps, pattern, bits, terms, 2)
+    assert bcq_fit.objective(w, bcq_fit.dequant_parts(refit, pattern, bits), h) <= before * (1 + 1e-6) + 1e-9
+
+
+def test_rtn_is_exact_on_its_own_grid_and_documented_bits():
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 16, (4, 64), generator=g).float()
+    w = (levels * 0.125 - 1.0)          # a 4-bit asymmetric grid, representable scale/zero in fp16
+    assert torch.equal(bcq_fit.rtn(w, 4, 64), w)
+    assert bcq_fit.rtn_bits_per_weight(4, 64) == 4.5 and bcq_fit.rtn_group(4, 64, 1) == 64
+    assert bcq_fit.rtn_group(4, 128, 2) == 64 and bcq_fit.rtn_group(3, 64, 1) == 85
+
+
+# ---- calibration data ----------------------------------------------------------------------------------------------
+class _Ctx:
+    """A stand-in pass context around a captured program (what calibration.py reads)."""
+
+    def __init__(self, model, args, dynamic=False, **resources):
+        from rewriter.capture import capture
+        from rewriter.verify import flat_inputs
+        c = capture(model, args, dynamic=dynamic)
+        self.gm, self.inputs = c.gm, flat_inputs(c.args, c.kwargs)
+        self.teacher = None
+        self.resources = {"dynamic": c.dynamic, **resources}
+        self.messages = []
+
+    def message(self, text):
+        self.messages.append(text)
+
+    def progress(self, items, description, status=None):
+        return items
+
+
+def test_self_samples_from_the_causal_lm_deterministically(tiny_gpt):
+    model, args = tiny_gpt
+    ctx = _Ctx(model, args)
+    io = calibration.describe(ctx)
+    assert io.lm and io.vocab == 256 and not io.dynamic
+    spec = calibration.DataSpec("self", 4, 99, seed=3)
+    data = calibration.batches(ctx, spec)
+    assert len(data) == 2 and all(b[0].shape == args[0].shape for b in data)   # static: the program's shape
+    ids = torch.cat([b[0] for b in data])
+    again = torch.cat([b[0] for b in calibration.batches(_Ctx(model, args), spec)])
+    other = torch.cat([b[0] for b in calibration.batches(_Ctx(model, args), calibration.DataSpec("self", 4, 99, 4))])
+    assert torch.equal(ids, again) and not torch.equal(ids, other)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 256
+    assert any("sampled from the model itself" in m for m in ctx.messages)
+
+
+def test_samples_follow_the_models_distribution():
+    """A bigram 'model' that always predicts token (t + 1) mod V almost surely: sampled sequences follow it."""
+    class Bigram(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(11, 11)
+            with torch.no_grad():
+                self.emb.weight.copy_(torch.roll(torch.eye(11), 1, 1) * 30)
+
+        def forward(self, ids):
+            return self.emb(ids)
+
+    ctx = _Ctx(Bigram(), (torch.zeros(2, 6, dtype=torch.long),))
+    ids = torch.cat([b[0] for b in calibration.batches(ctx, calibration.DataSpec("self", 6, 6, 0))])
+    assert torch.equal(ids[:, 1:], (ids[:, :-1] + 1) % 11)
+
+
+def test_dynamic_programs_take_seq_long_batches(tiny_gpt):
+    model, args = tiny_gpt
+    ctx = _Ctx(model, args, dynamic=True)
+    data = calibration.batches(ctx, calibration.DataSpec("self", 5, 12, 0), rows=2)
+    assert [tuple(b[0].shape) for b in data] == [(2, 12), (2, 12), (1, 12)]
+
+
+def test_non_generative_models_get_inputs_like_their_examples():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x = torch.randn(64, 6) * torch.tensor([1.0, 2, 3, 4, 5, 6]) + 10
+    ctx = _Ctx(model, (x,))
+    io = calibration.describe(ctx)
+    assert not io.lm and io.ids_index is None
+    data = calibration.batches(ctx, calibration.DataSpec("self", 256, 8, 0))
+    xs = torch.cat([b[0] for b in data])
+    assert xs.shape[1] == 6
+    assert torch.allclose(xs.mean(0), x.mean(0), atol=1.5) and torch.allclose(xs.std(0), x.std(0), rtol=0.3)
+
+
+def test_layer_grams_are_the_mean_input_outer_products(tiny_gpt):
+    model, args = tiny_gpt
+    ctx = _Ctx(model, args)
+    spec = calibration.DataSpec("self", 4, 16, 0)
+    stats = calibration.layer_stats(ctx, spec)
+    assert calibration.layer_stats(ctx, spec) is stats            # captured once per pipeline
+    from rewriter.matchers.linear import find_linears
+    site = next(s for s in find_linears(ctx.gm) if s.name == "blocks.1.mlp.fc2")
+    xs = []
+    for flat in calibration.batches(ctx, spec):
+        xs.append(_input_of(ctx.gm, site.x, flat))
+    x = torch.cat(xs).double()
+    assert torch.allclose(stats.gram(site.name).double(), x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    assert stats.mean_probs is not None and stats.mean_probs.sum().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def _input_of(gm, node, flat):
+    got = {}
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n is node:
+                got["x"] = value.reshape(-1, value.shape[-1])
+            return value
+
+    with torch.no_grad():
+        Capture(gm).run(*flat)
+    return got["x"]
+
+
+def test_data_files(tmp_path, tiny_gpt):
+    model, args = tiny_gpt
+    ids = torch.randint(0, 256, (5, 40), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    with open(tmp_path / "ids.jsonl", "w") as f:
+        for row in ids.tolist():
+            f.write(json.dumps({"input_ids": row}) + "\n")
+    for name in ("ids.pt", "ids.jsonl"):
+        ctx = _Ctx(model, args)
+        got = torch.cat([b[0] for b in calibration.batches(ctx, calibration.DataSpec(str(tmp_path / name), 4, 16))])
+        assert torch.equal(got, ids.reshape(-1)[:64].view(4, 16))
+    (tmp_path / "t.txt").write_text("some text")
+    with pytest.raises(UserError, match="tokenizer") as e:
+        calibration.batches(_Ctx(model, args), calibration.DataSpec(str(tmp_path / "t.txt"), 4, 16))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="not found"):
+        calibration.batches(_Ctx(model, args), calibration.DataSpec(str(tmp_path / "none.pt"), 4, 16))
+    torch.save(ids + 1000, tmp_path / "big.pt")
+    with pytest.raises(UserError, match="vocabulary"):
+        calibration.batches(_Ctx(model, args), calibration.DataSpec(str(tmp_path / "big.pt"), 4, 16))
+
+
+@pytest.mark.parametrize("spec", ["monarch{calibrate=-1}", "lowrank{data=x.csv}", "shiftadd{seq=1}",
+                                  "structured{calibrate=-2}", "vq-logits{data=a.bin}"])
+def test_bad_calibration_options_are_one_line_errors(spec):
+    from rewriter.pass_base import parse_pass
+    with pytest.raises(UserError) as e:
+        parse_pass(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_calibrate_zero_is_data_free_and_default_is_calibrated(tiny_gpt):
+    model, args = tiny_gpt
+    free = rewrite(model, args, passes="monarch{calibrate=0}").report.passes[0]
+    cal = rewrite(model, args, passes="monarch{calibrate=4}").report.passes[0]
+    assert not free.messages and all("calibrated_error" not in s for s in free.sites)
+    assert all("calibrated_error" in s for s in cal.sites)
+    assert any("calibration data" in m for m in cal.messages)
+
+
+@pytest.mark.parametrize("spec", ["lowrank{ratio=0.5,calibrate=2}", "monarch{calibrate=2}",
+                                  "blockdiag{calibrate=2}", "structured{calibrate=2}",
+                                  "shiftadd{bits=3,group=32,calibrate=2}", "vq-logits{codes=64,calibrate=2,iters=2}",
+                                  "monarch{calibrate=2},heal{steps=1,samples=4}"])
+def test_passes_create_no_tensor_off_the_weights_device(tiny_gpt, spec, monkeypatch):
+    """Every tensor a pass creates names its device: run each with torch's default device set to meta."""
+    from rewriter.pass_base import Pass
+    model, args = tiny_gpt
+    originals = {}
+    from rewriter.pass_base import registry
+    for cls in registry().values():
+        originals[cls] = cls.run
+
+        def run(self, ctx, _orig=cls.run):
+            with torch.device("meta"):
+                return _orig(self, ctx)
+        monkeypatch.setattr(cls, "run", run)
+    r = rewrite(model, args, passes=spec)
+    for name, t in list(r.program.state_dict.items()):
+        assert t.device.type == "cpu", name
+    assert Pass  # the base class is untouched
