@@ -242,7 +242,7 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
             result.error_vs_original = relative_error(original_outputs, outputs)
             ok = True
             if p.contract is Contract.EXACT:
-                result.tolerance = exact_tolerance(outputs)
+                result.tolerance = exact_tolerance(outputs, gm)
                 ok, _ = exact_agreement(previous_outputs, outputs, truth, result.tolerance)
             elif p.contract is Contract.APPROXIMATE and p.error_bound is not None:
                 result.tolerance = p.error_bound
