@@ -202,9 +202,11 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict, *, strict: b
             return torch.export.export(model, tuple(args), dict(kwargs), strict=strict,
                                        dynamic_shapes=dynamic_shapes)
     except Exception as e:
-        raise UserError(f"the model does not export: {_export_failure(e)}; "
-                        + ("try without --strict" if strict else
-                           "make the code traceable (no data-dependent Python control flow) or try --strict")) from e
+        hint = getattr(model, "export_hint", None)   # a loader that knows whose code this is (rewriter.hf)
+        if hint is None:
+            hint = "try without --strict" if strict else \
+                "make the code traceable (no data-dependent Python control flow) or try --strict"
+        raise UserError(f"the model does not export: {_export_failure(e)}; {hint}") from e
 
 
 def auto_dynamic_shapes(args: tuple, kwargs: dict):

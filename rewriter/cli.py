@@ -11,6 +11,7 @@ Exit codes: 0 ok, 1 verification failed, 2 user error (one line on stderr; --deb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,6 +36,8 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attn", choices=("eager", "sdpa"), default="eager",
                    help="Hugging Face: attention implementation (eager shows softmax to attention passes)")
     g.add_argument("--text", help="Hugging Face: example input text, tokenized with the model's tokenizer")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="Hugging Face / GGUF: load in this dtype (default auto: the checkpoint's own)")
 
 
 def _hf_options(args) -> dict:
@@ -43,11 +46,17 @@ def _hf_options(args) -> dict:
         options["gguf"] = args.gguf
     if args.text:
         options["text"] = args.text
+    if getattr(args, "dtype", "auto") != "auto":
+        options["dtype"] = args.dtype
     return options
 
 
 def _capture(source: str, args):
     from .capture import capture
+    if getattr(args, "dtype", "auto") != "auto":
+        from .hf import is_hf_source
+        if not is_hf_source(source):
+            raise UserError(f"--dtype applies to Hugging Face folders and GGUF files, not {source}")
     return capture(source, trust_pickle=args.trust_pickle, strict=args.strict, input_shapes=args.input_shape,
                    hf_options=_hf_options(args), dynamic=getattr(args, "dynamic", False))
 
@@ -259,6 +268,31 @@ def cmd_eval(argv, console: Console, err: Console) -> int:
     return evaluate.run(args, console)
 
 
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """transformers logs load reports and config warnings at warning level; the CLI prints one line per outcome
+    (--debug shows them)."""
+    if not quiet:
+        yield
+        return
+    previous = os.environ.get("TRANSFORMERS_VERBOSITY")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"        # for an import that happens inside the command
+    logging_ = sys.modules.get("transformers.utils.logging")
+    level = logging_.get_verbosity() if logging_ is not None else None
+    if logging_ is not None:
+        logging_.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = previous
+        logging_ = sys.modules.get("transformers.utils.logging")
+        if logging_ is not None:
+            logging_.set_verbosity(level if level is not None else logging_.WARNING)
+
+
 COMMANDS = {"passes": cmd_passes, "show": cmd_show, "diff": cmd_diff, "eval": cmd_eval}
 
 
@@ -280,7 +314,8 @@ def main(argv=None) -> int:
     if argv and argv[0] in COMMANDS:
         argv = argv[1:]
     try:
-        return command(argv, console, err)
+        with _quiet_transformers(not debug):
+            return command(argv, console, err)
     except RewriteError as e:
         if debug:
             raise
