@@ -84,6 +84,12 @@ def _main_parser() -> argparse.ArgumentParser:
     p.add_argument("--decompose", action="store_true", help="lower rewrite:: custom ops to plain aten ops")
     p.add_argument("--codegen", choices=("triton",), help="lower rewritten ops to Triton kernels")
     p.add_argument("--dump-kernels", metavar="DIR", help="with --codegen: write every kernel's source to DIR")
+    p.add_argument("--jobs", type=int, metavar="N", default=None,
+                   help="worker processes for per-layer work on the CPU (default: the core count; same results "
+                        "for any N)")
+    p.add_argument("--device", metavar="DEV", default=None,
+                   help="run per-layer work (projections, fits) on this device, e.g. cuda (default: where the "
+                        "weights are)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     _add_source_arguments(p)
@@ -108,6 +114,10 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
             raise UserError(f"output folder {folder} does not exist")
     if args.dump_kernels and not args.codegen:
         raise UserError("--dump-kernels needs --codegen triton")
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    from .parallel import check_device
+    check_device(args.device)   # before loading: a missing GPU is known now
     captured = _capture(args.model, args)
     instruments = []
     timer = TimePasses() if args.time_passes else None
@@ -121,7 +131,8 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
     from .errors import VerificationError
     try:
         result = run_captured(captured, pipeline, verify=args.verify, decompose=args.decompose, codegen=args.codegen,
-                              instruments=instruments, progress=progress, dump_kernels=args.dump_kernels)
+                              instruments=instruments, progress=progress, dump_kernels=args.dump_kernels,
+                              jobs=args.jobs, device=args.device)
         failure = None
     except VerificationError as e:
         if not args.force:
@@ -133,7 +144,8 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
         from .api import RewriteResult
         from .capture import export_program
         program = export_program(captured.gm, captured.args, captured.kwargs, captured.dynamic)
-        result = RewriteResult(program, captured.program, None, pipeline, captured.args, captured.kwargs)
+        result = RewriteResult(program, captured.program, None, pipeline, captured.args, captured.kwargs,
+                               captured.store)
         err.print(f"[bold red]verification failed[/] ({failure}); writing anyway because of --force")
     if result.report is not None:
         if args.format == "json":
@@ -147,7 +159,7 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
         timer.render(console)
     if args.output:
         from .save import save_program
-        save_program(result.program, args.output, source=args.model)
+        save_program(result.program, args.output, source=args.model, store=result.store)
         if args.format != "json":
             console.print(f"wrote {args.output}")
     elif args.format != "json" and not args.save_adapter:
