@@ -22,10 +22,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
-# On a machine with a CUDA GPU and a CUDA build of torch in GPU_PYTHON: the kernel tests, compiled, on the GPU.
+# On a machine with a CUDA GPU and a CUDA build of torch in GPU_PYTHON: the kernel tests, compiled, on the GPU, and
+# the random-model fuzzer with every model on the GPU (every pass, API / CLI / torch.compile).
 GPU_PYTHON ?= python3
 test-gpu:
-	REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 $(GPU_PYTHON) -m pytest -q -p no:xdist tests/test_codegen_*.py
+	REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 $(GPU_PYTHON) -m pytest -q -p no:xdist tests/test_codegen_*.py \
+		tests/test_fuzz_*.py
 
 # Here, no GPU needed: compile every kernel a GPU run launches for the H100 (sm_90) and A100 (sm_80).
 kernels-check: $(STAMP)
