@@ -94,8 +94,8 @@ def run_captured(captured: Captured, pipeline: list[Pass], *, verify=False, deco
 
 def _tidying_progress(progress, store, gm):
     """Wrap the pass manager's progress hook so that the store tidies up after each layer of every pass."""
-    def wrapped(items, description):
-        inner = progress(items, description) if progress is not None else items
+    def wrapped(items, description, *extra):    # (extra: a status callback, when the caller passes one)
+        inner = progress(items, description, *extra) if progress is not None else items
 
         def gen():
             for item in inner:

@@ -157,3 +157,21 @@ def test_converted_dtype_is_spilled_at_capture(checkpoint, scratch, monkeypatch)
     assert store.stats["spilled"] >= len(big) > 0 and all(t.dtype == torch.float32 for t in big
                                                            if t.is_floating_point())
     assert all(store.file_backed(t) for t in big)
+
+
+def test_tidying_progress_forwards_a_status_and_tidies_after_each_item():
+    from rewriter.api import _tidying_progress
+    calls = []
+
+    class Store:
+        def tidy(self, gm):
+            calls.append(("tidy", gm))
+
+    def progress(items, description, status=None):
+        calls.append(("bar", description, status() if status else None))
+        return iter(items)
+    wrapped = _tidying_progress(progress, Store(), "gm")
+    assert list(wrapped([1, 2], "fit", lambda: "loss 0.1")) == [1, 2]
+    assert calls == [("bar", "fit", "loss 0.1"), ("tidy", "gm"), ("tidy", "gm")]
+    calls.clear()
+    assert list(_tidying_progress(None, Store(), "gm")([7], "fit")) == [7] and calls == [("tidy", "gm")]
