@@ -1,6 +1,7 @@
 """The Python entry point: `rewrite(model, example_args, passes="lora,lora-merge")`."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -78,17 +79,18 @@ def run_captured(captured: Captured, pipeline: list[Pass], *, verify=False, deco
     if store is not None:   # bounded memory: spill and give pages back between layers and after every pass
         progress = _tidying_progress(progress, store, gm)
         instruments = [*instruments, _TidyAfterPass(store)]
-    with parallel.session(jobs, device):
+    governed = store.governed() if store is not None else contextlib.nullcontext()
+    with governed, parallel.session(jobs, device):
         report = run_passes(gm, inputs, pipeline, verify=verify, instruments=instruments, progress=progress)
-    if decompose:
-        from .decompose import decompose_custom_ops
-        decompose_custom_ops(gm, inputs)
-    if codegen:
-        from .lowering import lower
-        lower(gm, inputs, codegen, report, dump_dir=dump_kernels)
-    if store is not None:
-        store.tidy(gm)
-    program = export_program(gm, captured.args, captured.kwargs, captured.dynamic)
+        if decompose:
+            from .decompose import decompose_custom_ops
+            decompose_custom_ops(gm, inputs)
+        if codegen:
+            from .lowering import lower
+            lower(gm, inputs, codegen, report, dump_dir=dump_kernels)
+        if store is not None:
+            store.tidy(gm)
+        program = export_program(gm, captured.args, captured.kwargs, captured.dynamic)
     return RewriteResult(program, captured.program, report, pipeline, captured.args, captured.kwargs, store)
 
 

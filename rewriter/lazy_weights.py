@@ -18,16 +18,20 @@ How:
 
 When (all from rewriter.api / rewriter.capture / rewriter.save, no pass needs to know): after the finite-weights
 check of each tensor at capture, between the layers of every pass (its `ctx.progress` loop or `map_layers`), after
-every pass, before the final export, and while saving after each tensor is written. What still costs memory:
-`--verify` runs the whole program, touching every weight once per check (about S more until the next release);
-a teacher copy for distillation passes; a `--dtype` other than the checkpoint's (converted copies are spilled
-after capture, so they cost disk, not memory, once the first pass starts).
+every pass, before the final export, and while saving after each tensor is written. A whole-model forward run
+(the activations a pass calibrates on, a `--verify` check) touches every weight between two of those points, so
+while a run is in progress a **governor** thread also watches the file-backed resident size and releases the
+mappings whenever it has grown by more than `GOVERNOR_BUDGET` (256 MiB) — measured on TinyLlama-1.1B, the one
+activation run of `monarch` otherwise added S (2.05 GiB) to the peak. What still costs memory: a teacher copy
+for distillation passes; a `--dtype` other than the checkpoint's (converted copies are spilled after capture, so
+they cost disk, not memory, once the first pass starts).
 
 The scratch folder: $REWRITE_SCRATCH, else <cache>/scratch under $REWRITE_CACHE (~/.cache/rewrite); never a
 tmpfs (that would be memory again). Linux only (/proc/self/maps, madvise); elsewhere the store does nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -40,6 +44,8 @@ from dataclasses import dataclass, field
 import torch
 
 MADV_PAGEOUT = 21          # Linux ≥ 5.4: reclaim these pages (file pages dropped, anonymous ones swapped or kept)
+GOVERNOR_BUDGET = 256 * 2**20   # file-backed pages allowed to accumulate between releases during a run
+GOVERNOR_INTERVAL = 0.05        # seconds between two looks at the resident size
 SPILL_BYTES = 2**20        # tensors at least this big are spilled (env REWRITE_SPILL_BYTES; 0 = never)
 PAGE = mmap.PAGESIZE
 
@@ -174,6 +180,36 @@ class WeightStore:
         self.stats["releases"] += 1
         self.stats["release_s"] += time.perf_counter() - start
 
+    def release_mappings(self) -> None:
+        """madvise(MADV_PAGEOUT) on every checkpoint and scratch mapping (release without the heap trim)."""
+        for lo, hi in self.ranges():
+            pageout(lo, hi)
+
+    @contextlib.contextmanager
+    def governed(self, budget: int = GOVERNOR_BUDGET, interval: float = GOVERNOR_INTERVAL):
+        """While the body runs, a daemon thread releases the mappings whenever the file-backed resident size has
+        grown by more than `budget` since the last release (see the module docstring)."""
+        if not self.active:
+            yield
+            return
+        stop = threading.Event()
+
+        def watch():
+            base = file_resident_bytes()
+            while not stop.wait(interval):
+                now = file_resident_bytes()
+                if now - base > budget:
+                    self.release_mappings()
+                    self.stats["governor_releases"] = self.stats.get("governor_releases", 0) + 1
+                    base = min(base, file_resident_bytes())
+        thread = threading.Thread(target=watch, name="rewrite-pager", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
     def release_tensor(self, t: torch.Tensor) -> None:
         """Reclaim the pages of one tensor's storage (a no-op for anonymous memory with no swap)."""
         if self.active and t.device.type == "cpu" and t.numel():
@@ -245,6 +281,18 @@ def store_for(model) -> WeightStore | None:
         return None
     store = WeightStore(list(files))
     return store if store.active else None
+
+
+def file_resident_bytes() -> int:
+    """This process's file-backed resident memory (RssFile in /proc/self/status, bytes); 0 where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def resident_bytes() -> int:

@@ -56,7 +56,8 @@ def save_program(program: torch.export.ExportedProgram, path: str, *, source: st
     extra = {TIES_FILE: json.dumps(ties)} if ties else None
 
     def write(tmp):
-        with _release_after_each_record(store):
+        governed = store.governed() if store is not None else contextlib.nullcontext()
+        with governed, _release_after_each_record(store):
             torch.export.save(program, tmp, extra_files=extra)
     atomic_write(path, write)
     if store is not None:

@@ -67,14 +67,30 @@ def run_graph(gm: fx.GraphModule, inputs: list) -> list:
     return pytree.tree_leaves(out)
 
 
-class _Float64Interpreter(fx.Interpreter):
-    """Runs a graph with every floating parameter and buffer read as float64."""
+def _double(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+        return value.double()
+    return value
 
-    def get_attr(self, target, args, kwargs):
-        value = super().get_attr(target, args, kwargs)
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.double()
-        return value
+
+class _Float64Interpreter(fx.Interpreter):
+    """Runs a graph with every floating parameter and buffer read as float64.
+
+    A weight is converted where an op reads it, not where the graph fetches it: an unlifted program fetches all
+    its weights at the top, so converting there held a float64 copy of every weight at once (4 × a bf16 model —
+    8.9 GB measured on a 1.1B-parameter checkpoint); converted per op, one copy lives while its op runs."""
+
+    def call_function(self, target, args, kwargs):
+        args, kwargs = pytree.tree_map(_double, (args, kwargs))
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        args, kwargs = pytree.tree_map(_double, (args, kwargs))
+        return super().call_method(target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        args, kwargs = pytree.tree_map(_double, (args, kwargs))
+        return super().call_module(target, args, kwargs)
 
 
 def run_graph_float64(gm: fx.GraphModule, inputs: list) -> list | None:
