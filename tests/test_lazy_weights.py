@@ -199,3 +199,20 @@ def test_governor_bounds_file_pages_during_a_forward_run(tmp_path, monkeypatch):
     assert store.stats.get("governor_releases", 0) >= 1
     assert peak < 8 * 1024                         # well under the ~16 MB touched in all
     assert not any(t.name == "rewrite-pager" for t in __import__("threading").enumerate())
+
+
+@linux_only
+def test_spilling_between_layers_creates_no_tensor_without_a_device(checkpoint, scratch, monkeypatch):
+    """Device tagging: the store tidies up inside a pass's layer loop, where the fuzzer's check sets the default
+    device to meta; a tensor the store made without `device=` would land on meta."""
+    from tests.fuzzing import tag_pass_devices
+    spec = "lora{rank=4,init=gaussian},lora-merge,monarch{blocks=2}"
+    monkeypatch.setenv("REWRITE_SPILL_BYTES", "0")
+    plain = rewrite(checkpoint, None, spec)
+    monkeypatch.setenv("REWRITE_SPILL_BYTES", "4096")
+    with tag_pass_devices():
+        tagged = rewrite(checkpoint, None, spec)
+    assert tagged.store.stats["spilled"] > 0
+    sd, sd_plain = tagged.program.state_dict, plain.program.state_dict
+    assert all(t.device.type == "cpu" for t in sd.values())
+    assert sd.keys() == sd_plain.keys() and all(torch.equal(sd[k], sd_plain[k]) for k in sd)
