@@ -37,6 +37,7 @@ class Captured:
     source: str = ""
     program: torch.export.ExportedProgram | None = None  # the program as captured (before any pass)
     dynamic: bool = False  # export with every input dim dynamic (torch.export.Dim.AUTO)
+    store: object | None = None  # rewriter.lazy_weights.WeightStore when the weights are mapped from a checkpoint
 
 
 def load_source(source: str, *, trust_pickle: bool = False, input_shapes: str | None = None,
@@ -181,14 +182,24 @@ def parse_input_shapes(text: str) -> tuple:
     return tuple(tensors)
 
 
-def check_finite_parameters(named_params) -> None:
+def check_finite_parameters(named_params, store=None) -> None:
+    """Refuse meta (value-less) and non-finite weights. With a weight store, each tensor's pages are handed back
+    right after its check (reading a mapped checkpoint must not leave it all resident)."""
     for name, p in named_params:
         if p.is_meta:
             raise UserError(f"parameter {name} is on the meta device (shapes only, no values): load the weights "
                             f"first, e.g. model.to_empty(device='cpu') then load_state_dict(...)")
-        if p.is_floating_point() and p.numel() and not torch.isfinite(p).all():
+        if p.is_floating_point() and p.numel() and not _all_finite(p):
             bad = int((~torch.isfinite(p)).sum())
             raise UserError(f"parameter {name} has {bad} NaN/inf value(s); fix the weights before rewriting")
+        if store is not None:
+            store.release_tensor(p)
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 2**24) -> bool:
+    """torch.isfinite(t).all() in chunks of rows: a bool temporary of a few MB, not one as big as the weight."""
+    flat = t.detach().reshape(-1) if t.is_contiguous() else t.detach().contiguous().reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def export_model(model: torch.nn.Module, args: tuple, kwargs: dict, *, strict: bool = False,
@@ -202,9 +213,11 @@ def export_model(model: torch.nn.Module, args: tuple, kwargs: dict, *, strict: b
             return torch.export.export(model, tuple(args), dict(kwargs), strict=strict,
                                        dynamic_shapes=dynamic_shapes)
     except Exception as e:
-        raise UserError(f"the model does not export: {_export_failure(e)}; "
-                        + ("try without --strict" if strict else
-                           "make the code traceable (no data-dependent Python control flow) or try --strict")) from e
+        hint = getattr(model, "export_hint", None)   # a loader that knows whose code this is (rewriter.hf)
+        if hint is None:
+            hint = "try without --strict" if strict else \
+                "make the code traceable (no data-dependent Python control flow) or try --strict"
+        raise UserError(f"the model does not export: {_export_failure(e)}; {hint}") from e
 
 
 def auto_dynamic_shapes(args: tuple, kwargs: dict):
@@ -224,6 +237,8 @@ def capture(source, args=None, kwargs=None, *, trust_pickle=False, strict=False,
             hf_options: dict | None = None, dynamic: bool = False) -> Captured:
     """Anything the user has -> Captured(working GraphModule, example inputs)."""
     name = source if isinstance(source, str) else type(source).__name__
+    store = None       # a WeightStore when the module's weights are mapped from checkpoint shards
+    checked = False
     if isinstance(source, str):
         source, loaded_args, loaded_kwargs = load_source(source, trust_pickle=trust_pickle, input_shapes=input_shapes,
                                                          hf_options=hf_options)
@@ -243,7 +258,10 @@ def capture(source, args=None, kwargs=None, *, trust_pickle=False, strict=False,
             raise UserError("example inputs are needed to capture a model: rewrite(model, example_args, ...)")
         if not isinstance(args, tuple):
             args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
-        check_finite_parameters(source.named_parameters())
+        from .lazy_weights import store_for
+        store = store_for(source)
+        check_finite_parameters(source.named_parameters(), store)
+        checked = True
         was_training = source.training
         source.eval()
         try:
@@ -254,8 +272,11 @@ def capture(source, args=None, kwargs=None, *, trust_pickle=False, strict=False,
     else:
         raise UserError(f"cannot capture a {type(source).__name__}; give an nn.Module, an ExportedProgram or a path")
     gm = ep.module()
-    check_finite_parameters(gm.named_parameters())
-    return Captured(gm, tuple(args), dict(kwargs), name, ep, dynamic=dynamic or has_dynamic_dims(ep))
+    if not checked:     # (a module's weights were checked above: the program holds the same tensors)
+        check_finite_parameters(gm.named_parameters())
+    if store is not None:
+        store.tidy(gm)  # a --dtype other than the checkpoint's made converted copies: move them to disk
+    return Captured(gm, tuple(args), dict(kwargs), name, ep, dynamic=dynamic or has_dynamic_dims(ep), store=store)
 
 
 def export_program(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool = False

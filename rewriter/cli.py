@@ -11,6 +11,7 @@ Exit codes: 0 ok, 1 verification failed, 2 user error (one line on stderr; --deb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,6 +36,8 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attn", choices=("eager", "sdpa"), default="eager",
                    help="Hugging Face: attention implementation (eager shows softmax to attention passes)")
     g.add_argument("--text", help="Hugging Face: example input text, tokenized with the model's tokenizer")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="Hugging Face / GGUF: load in this dtype (default auto: the checkpoint's own)")
 
 
 def _hf_options(args) -> dict:
@@ -43,11 +46,17 @@ def _hf_options(args) -> dict:
         options["gguf"] = args.gguf
     if args.text:
         options["text"] = args.text
+    if getattr(args, "dtype", "auto") != "auto":
+        options["dtype"] = args.dtype
     return options
 
 
 def _capture(source: str, args):
     from .capture import capture
+    if getattr(args, "dtype", "auto") != "auto":
+        from .hf import is_hf_source
+        if not is_hf_source(source):
+            raise UserError(f"--dtype applies to Hugging Face folders and GGUF files, not {source}")
     return capture(source, trust_pickle=args.trust_pickle, strict=args.strict, input_shapes=args.input_shape,
                    hf_options=_hf_options(args), dynamic=getattr(args, "dynamic", False))
 
@@ -76,6 +85,12 @@ def _main_parser() -> argparse.ArgumentParser:
     p.add_argument("--decompose", action="store_true", help="lower rewrite:: custom ops to plain aten ops")
     p.add_argument("--codegen", choices=("triton",), help="lower rewritten ops to Triton kernels")
     p.add_argument("--dump-kernels", metavar="DIR", help="with --codegen: write every kernel's source to DIR")
+    p.add_argument("--jobs", type=int, metavar="N", default=None,
+                   help="worker processes for per-layer work on the CPU (default: the core count; same results "
+                        "for any N)")
+    p.add_argument("--device", metavar="DEV", default=None,
+                   help="run per-layer work (projections, fits) on this device, e.g. cuda (default: where the "
+                        "weights are)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     _add_source_arguments(p)
@@ -100,6 +115,10 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
             raise UserError(f"output folder {folder} does not exist")
     if args.dump_kernels and not args.codegen:
         raise UserError("--dump-kernels needs --codegen triton")
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    from .parallel import check_device
+    check_device(args.device)   # before loading: a missing GPU is known now
     # a pipeline that only changes tensors of a saved program (lora-swap) runs on it directly: no re-export
     from .lora_runtime import without_export
     direct = not (args.verify or args.decompose or args.codegen or args.dump_dir or args.print_after
@@ -118,7 +137,8 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
     try:
         result = direct() if direct else \
             run_captured(captured, pipeline, verify=args.verify, decompose=args.decompose, codegen=args.codegen,
-                         instruments=instruments, progress=progress, dump_kernels=args.dump_kernels)
+                         instruments=instruments, progress=progress, dump_kernels=args.dump_kernels,
+                         jobs=args.jobs, device=args.device)
         failure = None
     except VerificationError as e:
         if not args.force:
@@ -130,7 +150,8 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
         from .api import RewriteResult
         from .capture import export_program
         program = export_program(captured.gm, captured.args, captured.kwargs, captured.dynamic)
-        result = RewriteResult(program, captured.program, None, pipeline, captured.args, captured.kwargs)
+        result = RewriteResult(program, captured.program, None, pipeline, captured.args, captured.kwargs,
+                               captured.store)
         err.print(f"[bold red]verification failed[/] ({failure}); writing anyway because of --force")
     if result.report is not None:
         if args.format == "json":
@@ -149,7 +170,7 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
         adapter = adapter_payload(result.program.module(), name)
     if args.output:
         from .save import save_program
-        save_program(result.program, args.output, source=args.model)
+        save_program(result.program, args.output, source=args.model, store=result.store)
         if args.format != "json":
             console.print(f"wrote {args.output}")
     elif args.format != "json" and not args.save_adapter:
@@ -272,6 +293,31 @@ def cmd_eval(argv, console: Console, err: Console) -> int:
     return evaluate.run(args, console)
 
 
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """transformers logs load reports and config warnings at warning level; the CLI prints one line per outcome
+    (--debug shows them)."""
+    if not quiet:
+        yield
+        return
+    previous = os.environ.get("TRANSFORMERS_VERBOSITY")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"        # for an import that happens inside the command
+    logging_ = sys.modules.get("transformers.utils.logging")
+    level = logging_.get_verbosity() if logging_ is not None else None
+    if logging_ is not None:
+        logging_.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = previous
+        logging_ = sys.modules.get("transformers.utils.logging")
+        if logging_ is not None:
+            logging_.set_verbosity(level if level is not None else logging_.WARNING)
+
+
 COMMANDS = {"passes": cmd_passes, "show": cmd_show, "diff": cmd_diff, "eval": cmd_eval}
 
 
@@ -293,7 +339,8 @@ def main(argv=None) -> int:
     if argv and argv[0] in COMMANDS:
         argv = argv[1:]
     try:
-        return command(argv, console, err)
+        with _quiet_transformers(not debug):
+            return command(argv, console, err)
     except RewriteError as e:
         if debug:
             raise

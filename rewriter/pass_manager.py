@@ -135,7 +135,8 @@ class PassContext:
         here and nowhere else. Hence the rules for callers: `fn` is a module-level function, each item a tuple of
         tensors / numbers / strings (picklable), results tensors or plain data; anything random is seeded from the
         item (a per-layer seed), never from global state, so the result is the same wherever it ran."""
-        return [fn(*item) for item in self.progress(items, description)]
+        from .parallel import current
+        return current().map(fn, items, lambda it: self.progress(it, description))
 
     def activations(self, nodes: list[fx.Node]) -> dict[fx.Node, Any]:
         """Values of `nodes` on the example inputs (runs the current graph once)."""
@@ -254,7 +255,7 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
             result.error_vs_original = relative_error(original_outputs, outputs)
             ok = True
             if p.contract is Contract.EXACT:
-                result.tolerance = exact_tolerance(outputs)
+                result.tolerance = exact_tolerance(outputs, gm)
                 ok, _ = exact_agreement(previous_outputs, outputs, truth, result.tolerance)
             elif p.contract is Contract.APPROXIMATE and p.error_bound is not None:
                 result.tolerance = p.error_bound

@@ -132,6 +132,98 @@ def test_untied_head_and_no_tokenizer(tmp_path):
         hf.load_hf(folder, text="hello")
 
 
+# ---------------------------------------------------------------------------------------------- dtypes
+def test_checkpoint_dtype_is_kept_and_weights_stay_mapped(tmp_path):
+    from rewriter.lazy_weights import WeightStore
+    from tests.hf_zoo import save
+    folder, dtype, _ = save("llama", tmp_path / "llama-bf16")
+    assert dtype == torch.bfloat16 and hf.checkpoint_dtype(folder) == torch.bfloat16
+    def data_bytes(path):      # a safetensors file: 8-byte header length, the JSON header, then the data
+        with open(path, "rb") as f:
+            return os.path.getsize(path) - 8 - int.from_bytes(f.read(8), "little")
+    assert hf.checkpoint_bytes(folder) == sum(data_bytes(f) for f in hf.checkpoint_files(folder))
+    model, args, kwargs = hf.load_hf(folder)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    store = WeightStore(model.checkpoint)
+    big = [p for p in model.parameters() if p.numel() >= 1024]
+    assert big and all(store.file_backed(p) for p in big)        # views of the mapped shard, not copies
+    with torch.no_grad():
+        assert model(*args, **kwargs).dtype == torch.bfloat16
+    result = rewrite(folder, None, "lora{rank=4,init=gaussian},lora-merge", verify=True)
+    assert result.report.passes[1].tolerance == 3e-2               # judged in bf16
+    assert {t.dtype for t in result.program.state_dict.values() if t.is_floating_point() and t.ndim == 2} == \
+        {torch.bfloat16}
+    fp32, _, _ = hf.load_hf(folder, dtype="float32")
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+    with pytest.raises(UserError, match="bad dtype"):
+        hf.load_hf(folder, dtype="float8")
+
+
+def test_dtype_option_only_for_checkpoints(capsys):
+    from rewriter.cli import main
+    assert main(["demo:tiny-gpt", "--pass", "lora", "--dtype", "bfloat16"]) == 2
+    assert "--dtype applies to Hugging Face folders" in capsys.readouterr().err
+    with pytest.raises(UserError, match="dtype= applies"):
+        rewrite(torch.nn.Linear(4, 4), (torch.randn(2, 4),), "lora", dtype="bfloat16")
+
+
+def test_gguf_dequantised_per_tensor_into_the_target_dtype(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    import gguf
+    from tests.hf_zoo import write_gguf
+    monkeypatch.setenv("REWRITE_CACHE", str(tmp_path / "cache"))
+    q8 = write_gguf(tmp_path / "q8.gguf", quantised=True)
+    f16 = write_gguf(tmp_path / "f16.gguf", quantised=False)
+    assert hf.gguf_dtype(q8) == torch.float32 and hf.gguf_dtype(f16) == torch.float16
+    tensors = {t.name: t for t in gguf.GGUFReader(q8).tensors}
+    up = tensors["blk.0.ffn_up.weight"]
+    exact = torch.from_numpy(gguf.dequantize(up.data, up.tensor_type).copy())
+    folders = set()
+    for dtype, expected in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
+        model, _, _, folder = hf.load_model(q8, dtype=dtype)
+        folders.add(folder)
+        weight = model.model.model.layers[0].mlp.up_proj.weight
+        assert weight.dtype == expected and torch.equal(weight, exact.to(expected))   # dequantised, rounded once
+    assert len(folders) == 2                                                              # one cache per dtype
+    model, _, _, _ = hf.load_model(f16)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------- vision, seq2seq
+def test_vit_folder_through_the_cli(tmp_path, capsys):
+    from rewriter.cli import main
+    from tests.hf_zoo import save
+    folder, _, _ = save("vit", tmp_path / "vit")
+    assert main([folder, "--pass", "lora{rank=4}", "--input-shape", "1x3x32x32", "--verify", "-q"]) == 0
+    assert "lora{rank=4}: 13 rewritten" in capsys.readouterr().out   # 2 × 6 + pooler
+    model, args, kwargs = hf.load_hf(folder)
+    assert model.kind == "vision" and args[0].shape == (2, 3, 32, 32) and kwargs == {}
+    with pytest.raises(UserError, match="BxCxHxW"):
+        hf.load_hf(folder, input_shape="2x16:int64")
+    with pytest.raises(UserError, match="vision model"):
+        hf.load_hf(folder, text="hello")
+
+
+def test_encoder_decoder_inputs(tmp_path):
+    from tests.hf_zoo import save
+    folder, _, _ = save("t5", tmp_path / "t5")
+    model, args, kwargs = hf.load_hf(folder)
+    assert model.kind == "seq2seq" and len(args) == 2 and kwargs == {}
+    _, args, _ = hf.load_hf(folder, input_shape="2x5:int64")
+    assert [a.shape for a in args] == [(2, 5), (2, 5)]                    # the decoder reads the same ids
+    with torch.no_grad():
+        assert model(*args).shape == (2, 5, 96)                           # decoder logits
+
+
+def test_export_failure_of_a_transformers_model_is_not_blamed_on_the_user(llama_dir):
+    model, _, kwargs = hf.load_hf(llama_dir)
+    with pytest.raises(UserError) as e:
+        rewrite(model, (torch.zeros(2, 3, 4),), "lora", example_kwargs=kwargs)   # ids of the wrong rank
+    text = _one_line(e)
+    assert "transformers' LlamaForCausalLM does not trace" in text and "make the code traceable" not in text
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def _one_line(excinfo):
     text = str(excinfo.value)

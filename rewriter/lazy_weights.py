@@ -1,0 +1,304 @@
+"""Bounded memory for big checkpoints: every large weight is file-backed, and pages go back after use.
+
+The rule (measured by `python -m bench.scale`, see the README): rewriting a checkpoint of S bytes peaks at about
+S·(pages touched since the last release) + a few layers + the runtime (~1 GiB), never at "the model, copied".
+
+How:
+1. **Weights are views of the memory-mapped shards.** rewriter.hf loads a folder in the checkpoint's own dtype;
+   transformers then binds each parameter as a view of the safetensors file mapping (private, copy-on-write): no
+   byte is read until something touches it, and a touched page is file-backed — the kernel can drop it again.
+2. **New big tensors go to disk too.** A pass that replaces W by something as big (a merged weight, an int8
+   correction, Monarch factors) creates ordinary anonymous memory; between layers `tidy` writes each new CPU tensor
+   of ≥ `spill_bytes` to a scratch file, maps it back (private, writable) and swaps it in with `tensor.data = …`:
+   the same Python object (ties, references held by the pass, requires_grad all survive) now backed by the file.
+   The scratch file is unlinked at once; its blocks go when the last view goes.
+3. **Pages go back.** `release` asks the kernel to reclaim the resident pages of every checkpoint and scratch
+   mapping (madvise MADV_PAGEOUT): clean file pages leave this process (they are re-read from the page cache if
+   needed again); pages written in place (copy-on-write) are anonymous now and stay — nothing is ever lost.
+
+When (all from rewriter.api / rewriter.capture / rewriter.save, no pass needs to know): after the finite-weights
+check of each tensor at capture, between the layers of every pass (its `ctx.progress` loop or `map_layers`), after
+every pass, before the final export, and while saving after each tensor is written. A whole-model forward run
+(the activations a pass calibrates on, a `--verify` check) touches every weight between two of those points, so
+while a run is in progress a **governor** thread also watches the file-backed resident size and releases the
+mappings whenever it has grown by more than `GOVERNOR_BUDGET` (256 MiB) — measured on TinyLlama-1.1B, the one
+activation run of `monarch` otherwise added S (2.05 GiB) to the peak. What still costs memory: a teacher copy
+for distillation passes; a `--dtype` other than the checkpoint's (converted copies are spilled after capture, so
+they cost disk, not memory, once the first pass starts).
+
+The scratch folder: $REWRITE_SCRATCH, else <cache>/scratch under $REWRITE_CACHE (~/.cache/rewrite); never a
+tmpfs (that would be memory again). Linux only (/proc/self/maps, madvise); elsewhere the store does nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+MADV_PAGEOUT = 21          # Linux ≥ 5.4: reclaim these pages (file pages dropped, anonymous ones swapped or kept)
+GOVERNOR_BUDGET = 256 * 2**20   # file-backed pages allowed to accumulate between releases during a run
+GOVERNOR_INTERVAL = 0.05        # seconds between two looks at the resident size
+SPILL_BYTES = 2**20        # tensors at least this big are spilled (env REWRITE_SPILL_BYTES; 0 = never)
+PAGE = mmap.PAGESIZE
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc() if sys.platform.startswith("linux") else None
+M_MMAP_THRESHOLD = -3      # glibc mallopt parameter
+MMAP_THRESHOLD = 2**20     # allocations at least this big get their own mapping, returned to the system on free
+
+
+def limit_heap_growth() -> None:
+    """glibc raises its mmap threshold each time a big block is freed (up to 32 MiB), after which per-layer
+    temporaries of that size come from the heap and stay there when freed: measured here, a merge pass over a
+    300 MB model left 1.1 GB of freed-but-kept heap. Fixing the threshold keeps big blocks as their own mappings."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def trim_heap() -> None:
+    """Return free heap memory to the system (glibc malloc_trim)."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def pageout(start: int, end: int) -> bool:
+    """madvise(MADV_PAGEOUT) on the whole pages inside [start, end); True when the kernel accepted it."""
+    lo = -(-start // PAGE) * PAGE
+    hi = (end // PAGE) * PAGE
+    if _LIBC is None or hi <= lo:
+        return False
+    return _LIBC.madvise(lo, hi - lo, MADV_PAGEOUT) == 0
+
+
+def mapped_ranges(paths: set[str]) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of any of `paths` (from /proc/self/maps)."""
+    if not paths:
+        return []
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n").removesuffix(" (deleted)") in paths:
+                    lo, hi = parts[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+def _on_tmpfs(folder: str) -> bool:
+    """Is `folder` on a memory-backed file system (tmpfs, ramfs)?"""
+    try:
+        best, fstype = "", ""
+        real = os.path.realpath(folder)
+        with open("/proc/mounts") as f:
+            for line in f:
+                _, mount, kind = line.split()[:3]
+                if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+                    best, fstype = mount, kind
+        return fstype in ("tmpfs", "ramfs")
+    except OSError:
+        return False
+
+
+def scratch_dir() -> str:
+    folder = os.environ.get("REWRITE_SCRATCH")
+    if not folder:
+        root = os.environ.get("REWRITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rewrite")
+        folder = os.path.join(root, "scratch")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+@dataclass
+class WeightStore:
+    """The checkpoint files a program's weights are mapped from, plus the scratch files it spilled to."""
+
+    files: list[str] = field(default_factory=list)
+    spill_bytes: int = SPILL_BYTES
+    scratch: str | None = None
+    stats: dict = field(default_factory=lambda: {"spilled": 0, "spilled_bytes": 0, "releases": 0, "release_s": 0.0,
+                                                 "spill_s": 0.0})
+    _paths: set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        self._paths = {os.path.realpath(f) for f in self.files}
+        env = os.environ.get("REWRITE_SPILL_BYTES")
+        if env is not None:
+            self.spill_bytes = int(env)
+        if _LIBC is None:
+            self.spill_bytes = 0
+        elif self.spill_bytes and self.scratch is None:
+            self.scratch = scratch_dir()
+        if self.scratch is not None and _on_tmpfs(self.scratch):
+            self.spill_bytes = 0   # spilling to memory would only move the bytes, not free them
+        if self.active:
+            limit_heap_growth()
+
+    @property
+    def active(self) -> bool:
+        return _LIBC is not None and bool(self._paths)
+
+    # ---- where bytes live
+    def ranges(self) -> list[tuple[int, int]]:
+        return mapped_ranges(self._paths)
+
+    def file_backed(self, t: torch.Tensor, ranges: list[tuple[int, int]] | None = None) -> bool:
+        if t.device.type != "cpu" or not t.numel():
+            return False
+        ptr = t.untyped_storage().data_ptr()
+        return any(lo <= ptr < hi for lo, hi in (self.ranges() if ranges is None else ranges))
+
+    # ---- giving pages back
+    def release(self) -> None:
+        """Reclaim the resident pages of every checkpoint and scratch mapping (see the module docstring)."""
+        if not self.active:
+            return
+        start = time.perf_counter()
+        for lo, hi in self.ranges():
+            pageout(lo, hi)
+        trim_heap()
+        self.stats["releases"] += 1
+        self.stats["release_s"] += time.perf_counter() - start
+
+    def release_mappings(self) -> None:
+        """madvise(MADV_PAGEOUT) on every checkpoint and scratch mapping (release without the heap trim)."""
+        for lo, hi in self.ranges():
+            pageout(lo, hi)
+
+    @contextlib.contextmanager
+    def governed(self, budget: int = GOVERNOR_BUDGET, interval: float = GOVERNOR_INTERVAL):
+        """While the body runs, a daemon thread releases the mappings whenever the file-backed resident size has
+        grown by more than `budget` since the last release (see the module docstring)."""
+        if not self.active:
+            yield
+            return
+        stop = threading.Event()
+
+        def watch():
+            base = file_resident_bytes()
+            while not stop.wait(interval):
+                now = file_resident_bytes()
+                if now - base > budget:
+                    self.release_mappings()
+                    self.stats["governor_releases"] = self.stats.get("governor_releases", 0) + 1
+                    base = min(base, file_resident_bytes())
+        thread = threading.Thread(target=watch, name="rewrite-pager", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def release_tensor(self, t: torch.Tensor) -> None:
+        """Reclaim the pages of one tensor's storage (a no-op for anonymous memory with no swap)."""
+        if self.active and t.device.type == "cpu" and t.numel():
+            storage = t.untyped_storage()
+            pageout(storage.data_ptr(), storage.data_ptr() + storage.nbytes())
+
+    # ---- spilling new tensors to disk
+    def spill(self, module: torch.nn.Module) -> int:
+        """Move every big anonymous CPU tensor of `module` (parameters and buffers) to a scratch file; returns how
+        many bytes moved. The tensor objects stay the same (their `.data` is swapped)."""
+        if not (self.active and self.spill_bytes):
+            return 0
+        with self._lock:
+            start = time.perf_counter()
+            ranges = self.ranges()
+            moved = 0
+            seen: set[int] = set()
+            tensors = [t for _, t in module.named_parameters(remove_duplicate=False)] + \
+                      [t for _, t in module.named_buffers(remove_duplicate=False)]
+            for t in tensors:
+                if id(t) in seen:
+                    continue
+                seen.add(id(t))
+                nbytes = t.numel() * t.element_size()
+                if nbytes < self.spill_bytes or t.device.type != "cpu" or t.is_meta or t.is_sparse:
+                    continue
+                storage = t.untyped_storage()
+                if storage.nbytes() != nbytes or not t.is_contiguous() or t.storage_offset():
+                    continue        # a view of something bigger: the owner decides
+                if self.file_backed(t, ranges):
+                    continue
+                mapped = self._write_and_map(t.detach())
+                with torch.no_grad():
+                    t.data = mapped
+                moved += nbytes
+                self.stats["spilled"] += 1
+            self.stats["spilled_bytes"] += moved
+            self.stats["spill_s"] += time.perf_counter() - start
+            return moved
+
+    def _write_and_map(self, t: torch.Tensor) -> torch.Tensor:
+        fd, path = tempfile.mkstemp(prefix="spill-", suffix=".bin", dir=self.scratch)
+        try:
+            raw = t.reshape(-1).view(torch.uint8).numpy()
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(memoryview(raw))
+            size = raw.nbytes
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+            os.unlink(path)          # the mapping keeps the blocks; nothing is left behind on exit
+        self._paths.add(os.path.realpath(path))
+        mapped = torch.frombuffer(mapping, dtype=torch.uint8, count=size).view(t.dtype).view(t.shape)
+        return mapped
+
+    def tidy(self, module: torch.nn.Module | None = None) -> None:
+        """Between layers: spill new big tensors, then give pages back."""
+        if not self.active:
+            return
+        if module is not None:
+            self.spill(module)
+        self.release()
+
+
+def store_for(model) -> WeightStore | None:
+    """The store of a model loaded by rewriter.hf (it lists its checkpoint shards), else None."""
+    files = getattr(model, "checkpoint", None)
+    if not files:
+        return None
+    store = WeightStore(list(files))
+    return store if store.active else None
+
+
+def file_resident_bytes() -> int:
+    """This process's file-backed resident memory (RssFile in /proc/self/status, bytes); 0 where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (bytes), from /proc; 0 where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+    except OSError:
+        return 0
