@@ -271,13 +271,13 @@ class HealPass(Pass):
             out_f, in_f = signs.shape[1], int(layer.node.args[4])
             dev = signs.device
             dtype = layer.node.args[0].meta["val"].dtype if "val" in layer.node.args[0].meta else torch.float32
-            name = layer.some_tensor.rsplit(".", 1)[0]
-            u, v, add = trainable.add_branch(gm, layer.node, layer.node.args[0], out_f, in_f, self.rank, name,
+            u, v, add = trainable.add_branch(gm, layer.node, layer.node.args[0], out_f, in_f, self.rank,
+                                             layer.some_tensor,
                                              self.seed + i, dev, dtype)
             return ("shiftadd", u, v, add, None, None)
         w = site.weight_tensor(gm)
         u, v, add = trainable.add_branch(gm, site.node, site.x, site.out_features, site.in_features, self.rank,
-                                         site.name, self.seed + i, w.device, w.dtype)
+                                         site.weight.target, self.seed + i, w.device, w.dtype)
         return ("linear", u, v, add, site.weight_name, site.layout)
 
 

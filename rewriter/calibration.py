@@ -334,7 +334,8 @@ def _hf_model(ctx):
         from . import hf
         if not hf.is_hf_source(source):
             return None
-        model, _, _, _ = hf.load_model(source)
+        with torch.device("cpu"):   # the checkpoint's own device, whatever default device the caller set
+            model, _, _, _ = hf.load_model(source)
     except Exception:
         return None
     if not getattr(model, "causal", False):

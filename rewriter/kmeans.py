@@ -59,13 +59,31 @@ def seed_centres(x: torch.Tensor, k: int, generator: torch.Generator,
 
 
 def assign(x: torch.Tensor, centres: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Index of the nearest centre for every row (ties → lowest index)."""
+    """Index of the nearest centre for every row (ties → lowest index).
+
+    Distances come from ‖x‖² − 2x·c + ‖c‖² in x's precision (one matrix product), whose rounding error is about
+    ε·(‖x‖² + ‖c‖²): two centres closer than that to a row cannot be told apart that way. For those rows the
+    candidate centres within the error bound of the best are compared by Σ(x − c)² in float64 instead, so a row
+    equal to a centre always goes to it and nearby distinct rows are never merged by rounding."""
     c_sq = centres.pow(2).sum(-1)
+    eps = torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
     out = []
     for i in range(0, x.shape[0], chunk):
         xs = x[i:i + chunk]
-        d = xs.pow(2).sum(-1, keepdim=True) - 2 * xs @ centres.t() + c_sq
-        out.append(d.argmin(-1))
+        x_sq = xs.pow(2).sum(-1, keepdim=True)
+        d = x_sq - 2 * xs @ centres.t() + c_sq
+        best, labels = d.min(-1)
+        tol = 16 * eps * (x_sq[:, 0] + c_sq.max())
+        candidates = d <= (best + tol)[:, None]
+        ambiguous = candidates.sum(-1) > 1
+        if ambiguous.any():
+            rows = ambiguous.nonzero()[:, 0]
+            r, c = candidates[rows].nonzero().unbind(-1)
+            exact = torch.full((rows.numel(), centres.shape[0]), float("inf"), dtype=torch.float64,
+                               device=x.device)
+            exact[r, c] = (xs[rows[r]].double() - centres[c].double()).pow(2).sum(-1)
+            labels[rows] = exact.argmin(-1)
+        out.append(labels)
     return torch.cat(out)
 
 

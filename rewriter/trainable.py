@@ -26,7 +26,7 @@ from torch import fx
 
 from . import bcq, params
 from .ir import get_attr_value, insert_call
-from .matchers.linear import LinearSite
+from .matchers.linear import LinearSite, layer_tensor_name
 from .ops import blockdiag_linear, lowrank_linear, monarch_linear, shiftadd_linear, vq_logits
 from .projections import Factored
 
@@ -260,21 +260,23 @@ def close_shiftadd(gm, layer: Layer) -> None:
 
 
 # ---- LoRA branches -------------------------------------------------------------------------------------------------
-def add_branch(gm, node: fx.Node, x: fx.Node, out_f: int, in_f: int, rank: int, name: str, seed: int,
+def add_branch(gm, node: fx.Node, x: fx.Node, out_f: int, in_f: int, rank: int, layer_tensor: str, seed: int,
                device, dtype) -> tuple[str, str, fx.Node]:
-    """y ← y + x·Vᵀ·Uᵀ with U = 0 (m × r), V ~ N(0, 1/in) (r × n): (U's name, V's name, the add node)."""
+    """y ← y + x·Vᵀ·Uᵀ with U = 0 (m × r), V ~ N(0, 1/in) (r × n): (U's name, V's name, the add node).
+
+    `layer_tensor` names a tensor of the layer; U and V are stored beside it. The branch and the add go right after
+    `node` (x is defined before it), so every user of `node` — in whatever order they appear — sees the add."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     v = (torch.randn(rank, in_f, generator=gen, device="cpu") / in_f ** 0.5).to(device=device, dtype=dtype)
     u = torch.zeros(out_f, rank, device=device, dtype=dtype)
-    u_name = params.add_tensor(gm, f"{name}.heal_lora_u", u, trainable=True)
-    v_name = params.add_tensor(gm, f"{name}.heal_lora_v", v, trainable=True)
+    u_name = params.add_tensor(gm, layer_tensor_name(layer_tensor, "heal_lora_u"), u, trainable=True)
+    v_name = params.add_tensor(gm, layer_tensor_name(layer_tensor, "heal_lora_v"), v, trainable=True)
     users = list(node.users)
-    with gm.graph.inserting_after(node):
-        u_node, v_node = params.get_attr_node(gm, u_name), params.get_attr_node(gm, v_name)
-    branch = insert_call(gm, users[0] if users else node.next, lowrank_linear.OP, (x, u_node, v_node, None, None, 0),
+    u_node, v_node = params.get_attr_node(gm, u_name), params.get_attr_node(gm, v_name)
+    after = node.next
+    branch = insert_call(gm, after, lowrank_linear.OP, (x, u_node, v_node, None, None, 0),
                          pass_name="heal", rule="heal-lora")
-    add = insert_call(gm, users[0] if users else node.next, aten.add.Tensor, (node, branch), pass_name="heal",
-                      rule="heal-lora-add")
+    add = insert_call(gm, after, aten.add.Tensor, (node, branch), pass_name="heal", rule="heal-lora-add")
     for user in users:
         user.replace_input_with(node, add)
     gm.recompile()
