@@ -212,6 +212,7 @@ class HealPass(Pass):
         tensors = [named[name] for name in dict.fromkeys(trained) if name in named]
         status: dict = {}
         label = "KL" if loss == "kl" else "MSE"
+        history: list[float] = []
         try:
             history = distill.train(
                 distill.forward_of(gm), distill.forward_of(ctx.teacher), tensors, batches, steps=self.steps,
@@ -219,6 +220,8 @@ class HealPass(Pass):
                 progress=lambda it: ctx.progress(it, f"distilling ({sum(t.numel() for t in tensors):,} parameters)",
                                                  lambda: f"{label} {status.get('loss', float('nan')):.4f} "
                                                          f"running {status.get('running', float('nan')):.4f}"))
+        except distill.NoGradient as e:
+            ctx.message(f"heal: {e}; nothing trained end to end")
         finally:
             for name, p in dict(gm.named_parameters()).items():
                 p.requires_grad_(flags.get(name, p.requires_grad))

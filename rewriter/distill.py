@@ -58,6 +58,10 @@ def lr_at(step: int, steps: int, lr: float, warmup: float = 0.1) -> float:
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
+class NoGradient(Exception):
+    """The loss does not depend on any trained parameter (the output is computed without them)."""
+
+
 def train(forward: Callable, teacher_forward: Callable, params: list[torch.Tensor], batches: Iterable[list], *,
           steps: int, lr: float, accum: int = 1, loss: str = "kl", clip: float = 1.0,
           progress: Callable | None = None, status: dict | None = None) -> list[float]:
@@ -80,6 +84,8 @@ def train(forward: Callable, teacher_forward: Callable, params: list[torch.Tenso
             with torch.no_grad():
                 target = teacher_forward(batch)
             value = loss_fn(forward(batch), target) / accum
+            if not value.requires_grad:
+                raise NoGradient("the output the loss is taken on does not depend on the trained parameters")
             value.backward()
             total += float(value.detach())
         if clip:

@@ -52,7 +52,10 @@ def pass_specs() -> list[str]:
 # pipelines of several passes users run (and that found bugs before)
 PIPELINES = ["lora{rank=4},lora-merge", "lora{init=pissa},lora-merge,lora-unmerge", "lora{rank=2,init=gaussian},lora-merge",
              "monarch,two-pass-softmax", "lowrank{rank=2},lora{rank=2}", "shiftadd{bits=2},two-pass-softmax",
-             "softplus-attn,two-pass-softmax", "structured{budget=0.5},lora-merge"]
+             "softplus-attn,two-pass-softmax", "structured{budget=0.5},lora-merge",
+             "shiftadd{bits=2,calibrate=2},heal{steps=2,samples=4,seq=8,batch=2}",
+             "monarch{calibrate=2},vq-logits{codes=8,iters=2,calibrate=2},heal{steps=2,samples=4,seq=8,batch=2}",
+             "lora{name=a,init=gaussian},lora{name=b,init=gaussian},lora-combine{adapters=a+b,name=c},lora-batch"]
 
 
 @contextlib.contextmanager
