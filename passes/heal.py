@@ -38,8 +38,9 @@ from typing import Literal
 
 import torch
 
-from rewriter import calibration, distill, params, trainable
-from rewriter.errors import UserError
+from rewriter import calibration, distill, distributed, params, trainable
+from rewriter.errors import InternalError, UserError
+from rewriter.ir import get_attr_value
 from rewriter.matchers.linear import find_linears, is_lm_head
 from rewriter.pass_base import Contract, Pass
 
@@ -99,20 +100,25 @@ class HealPass(Pass):
             raise UserError("heal needs the program as it was before the pipeline (run it through rewrite())")
         io = calibration.describe(ctx)
         loss = "kl" if io.lm else "mse"
-        data = calibration.batches(ctx, calibration.DataSpec(self.data, self.samples, self.seq, self.seed),
-                                   rows=self.batch)
+        device = _device(gm)
+        figures = {"loss": loss, "ranks": distributed.setup(device)}
+        spec = calibration.DataSpec(self.data, self.samples, self.seq, self.seed)
+        data = distributed.broadcast_batches(
+            calibration.batches(ctx, spec, rows=self.batch) if distributed.is_main() else None, device)
         held = data[len(data) - self.holdout:] if 0 < self.holdout < len(data) else data[-1:]
         train_batches = data[: len(data) - len(held)] or data
         student_fwd, teacher_fwd = distill.forward_of(gm), distill.forward_of(teacher)
-        figures = {"loss": loss, "loss_before": distill.evaluate(student_fwd, teacher_fwd, held, loss)}
+        figures["loss_before"] = _held_loss(student_fwd, teacher_fwd, held, loss)
         snapshot = _snapshot(gm)
         layers = trainable.find_layers(gm)
         figures["data_seconds"] = round(time.perf_counter() - start, 1)
         if self.mode in ("layer", "both") and layers:
             t0 = time.perf_counter()
-            self._layer_stage(ctx, layers, train_batches, figures)
+            if distributed.is_main():                    # closed forms: rank 0 computes, the others receive
+                self._layer_stage(ctx, layers, train_batches, figures)
+            _sync_layers(gm, layers)
             figures["layer_seconds"] = round(time.perf_counter() - t0, 1)
-            figures["loss_after_layer"] = distill.evaluate(student_fwd, teacher_fwd, held, loss)
+            figures["loss_after_layer"] = _held_loss(student_fwd, teacher_fwd, held, loss)
             if figures["loss_after_layer"] > figures["loss_before"]:
                 _restore(gm, snapshot)
                 ctx.message("heal: the layer refits raised the held-out loss; undone")
@@ -125,7 +131,7 @@ class HealPass(Pass):
             figures["e2e_seconds"] = round(time.perf_counter() - t0, 1)
         if self.mode in ("e2e", "both") and self.steps:
             self._rederive_maps(ctx, held, loss, figures)
-        figures["loss_after"] = distill.evaluate(student_fwd, teacher_fwd, held, loss)
+        figures["loss_after"] = _held_loss(student_fwd, teacher_fwd, held, loss)
         start_loss = figures.get("loss_after_layer", figures["loss_before"])
         if figures["loss_after"] > start_loss:
             for _, u_name, v_name, add, _, _ in kept:
@@ -212,14 +218,18 @@ class HealPass(Pass):
         tensors = [named[name] for name in dict.fromkeys(trained) if name in named]
         status: dict = {}
         label = "KL" if loss == "kl" else "MSE"
+        local, accum = distributed.shard(batches, self.accum)      # one process: all of them, self.accum
+        student = distributed.wrap(gm, _device(gm))                # one process: gm itself
         try:
             history = distill.train(
-                distill.forward_of(gm), distill.forward_of(ctx.teacher), tensors, batches, steps=self.steps,
-                lr=self.lr, accum=self.accum, loss=loss, status=status,
+                distill.forward_of(gm, student), distill.forward_of(ctx.teacher), tensors, local,
+                steps=self.steps, lr=self.lr, accum=accum, loss=loss, status=status, average=distributed.mean,
                 progress=lambda it: ctx.progress(it, f"distilling ({sum(t.numel() for t in tensors):,} parameters)",
                                                  lambda: f"{label} {status.get('loss', float('nan')):.4f} "
                                                          f"running {status.get('running', float('nan')):.4f}"))
+            _check_identical(tensors)
         finally:
+            del student
             for name, p in dict(gm.named_parameters()).items():
                 p.requires_grad_(flags.get(name, p.requires_grad))
             for layer in opened:
@@ -254,9 +264,9 @@ class HealPass(Pass):
                              for i in range(0, rows.shape[0], 4096)]).to(old.dtype)
             if torch.equal(new, old):
                 continue
-            before = distill.evaluate(fwd, t_fwd, held, loss)
+            before = _held_loss(fwd, t_fwd, held, loss)
             params.set_tensor(gm, layer.tensors["code_map"], new)
-            after = distill.evaluate(fwd, t_fwd, held, loss)
+            after = _held_loss(fwd, t_fwd, held, loss)
             changed = int((new != old).sum())
             if after < before:
                 figures["code_map_changed"] = figures.get("code_map_changed", 0) + changed
@@ -290,6 +300,39 @@ def _first_output(gm):
         if isinstance(val, torch.Tensor):
             return val
     return None
+
+
+def _device(gm) -> torch.device:
+    """Where the program's weights live (the first floating-point parameter or buffer; the CPU if none)."""
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        if t.is_floating_point():
+            return t.device
+    return torch.device("cpu")
+
+
+def _held_loss(student_fwd, teacher_fwd, held, loss) -> float:
+    """The held-out loss that decides keep / undo: rank 0's, on every rank (so every rank decides alike)."""
+    value = distill.evaluate(student_fwd, teacher_fwd, held, loss) if distributed.is_main() else 0.0
+    return distributed.from_main(value)
+
+
+def _sync_layers(gm, layers) -> None:
+    """Data-parallel: every rewritten layer's tensors (the layer stage's output) from rank 0 to the others."""
+    if not distributed.active():
+        return
+    names = sorted({name for layer in layers for name in layer.tensors.values()})
+    for name, value in zip(names, distributed.broadcast_tensors([get_attr_value(gm, n) for n in names])):
+        if not distributed.is_main():
+            params.set_tensor(gm, name, value)
+
+
+def _check_identical(tensors) -> None:
+    """Data-parallel: after training every rank must hold the same trained tensors (DDP's contract; checked)."""
+    if not distributed.active():
+        return
+    low, high = distributed.checksum(tensors)
+    if low != high:
+        raise InternalError("heal: the ranks' trained parameters differ after data-parallel training")
 
 
 def params_dtype(gm, layer) -> torch.dtype:
