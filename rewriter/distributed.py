@@ -157,7 +157,9 @@ def checksum(tensors: list[torch.Tensor]) -> tuple[float, float]:
 def wrap(module: torch.nn.Module, device: torch.device | str = "cpu"):
     """`module` inside DistributedDataParallel (its forward averages the gradients of the parameters that require
     grad across the ranks during backward), or `module` itself in a single process. No initial broadcast
-    (init_sync=False): `heal` makes the parameters identical itself and checks it."""
+    (init_sync=False): `heal` makes the parameters identical itself and checks it. static_graph: the program is
+    the same every step, and a trained parameter the loss does not reach (train=all: a tensor the graph holds but
+    no longer reads) is found once, in the first step, instead of failing the reduction."""
     if not active():
         return module
     from torch.nn.parallel import DistributedDataParallel
@@ -165,4 +167,4 @@ def wrap(module: torch.nn.Module, device: torch.device | str = "cpu"):
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
         else None
     return DistributedDataParallel(module, device_ids=ids, init_sync=False,
-                                   forward_sync_buffers=False)
+                                   forward_sync_buffers=False, static_graph=True)

@@ -29,7 +29,7 @@ WORKER = textwrap.dedent(f"""
     from rewriter import rewrite
     from rewriter.demo_models import demo_model
     model, args = demo_model("tiny-gpt")
-    r = rewrite(model, args, passes={SPEC!r}, jobs=1)
+    r = rewrite(model, args, passes=sys.argv[2] if len(sys.argv) > 2 else {SPEC!r}, jobs=1)
     heal = next(p for p in r.report.passes if p.name == "heal")
     site = next(s for s in heal.sites if s["site"] == "program")
     torch.save({{"state": dict(r.program.state_dict), "site": site, "messages": heal.messages}}, sys.argv[1])
@@ -45,7 +45,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, world: int, timeout: float = 240):
+def _launch(tmp_path, world: int, timeout: float = 240, spec: str = SPEC):
     """Run WORKER in `world` processes (torchrun's environment); returns each rank's saved result."""
     for attempt in range(3):                        # a port taken between choosing it and binding it: retry
         port = _free_port()
@@ -54,7 +54,7 @@ def _launch(tmp_path, world: int, timeout: float = 240):
             env = dict(os.environ, PYTHONPATH=ROOT, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
                        WORLD_SIZE=str(world), LOCAL_RANK=str(r), OMP_NUM_THREADS="1")
             outs.append(tmp_path / f"w{world}_r{r}_{attempt}.pt")
-            procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(outs[-1])], env=env, cwd=ROOT,
+            procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(outs[-1]), spec], env=env, cwd=ROOT,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         logs = []
         try:
@@ -106,3 +106,11 @@ def test_shard_takes_every_wth_position_of_the_cycled_sequence(monkeypatch):
     assert distributed.shard(batches, accum=3)[1] == 2          # global batch 4 > 3 (documented)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.shard(batches, accum=3) == (batches, 3)
+
+
+def test_trained_parameters_the_loss_does_not_reach_do_not_stall_ddp(tmp_path):
+    # train=all trains every floating-point parameter, some of which the monarch program no longer reads: DDP
+    # (static_graph) must find them instead of failing the reduction, and the ranks still end identical
+    a, b = (r["state"] for r in _launch(tmp_path, 2, spec="monarch{blocks=2},heal{steps=2,train=all,lr=1e-5,"
+                                                          "samples=8,seq=16,batch=4}"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
