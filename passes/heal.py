@@ -27,6 +27,18 @@ products recomputed, and each vq code map re-derived (every token to the trained
 kept where that lowers the held-out loss. If the held-out loss ended higher than it started, every change is
 undone.
 
+Data-parallel (rewriter/distributed.py) — under `torchrun --nproc_per_node W -m rewriter.cli MODEL --pass "…,heal"`
+    (WORLD_SIZE > 1, or a process group already initialised) heal opens the default process group (gloo on the
+    CPU, nccl for a model on CUDA) and trains through PyTorch's DistributedDataParallel around the program: the
+    calibration batches are drawn on rank 0 and broadcast; the layer stage runs on rank 0 and its tensors are
+    broadcast; rank r trains on positions r, r+W, r+2W, … of the single process's cycled micro-batch sequence,
+    ceil(accum/W) per step, with the gradients averaged by DDP — so when W divides `accum` every step sees the same
+    micro-batches and the same mean gradient as one process (up to the order of the floating-point sums; with
+    W = accum = 2 bit for bit), otherwise the global batch is W·ceil(accum/W) micro-batches. Every keep / undo
+    decision uses rank 0's held-out loss (broadcast), the trained tensors are checked identical on every rank
+    (an all-reduced checksum), and only rank 0 prints and writes. Tested with gloo on the CPU (2 processes);
+    nccl is written but untested. One process: exactly as before.
+
 Contract: approximate (the function moves towards the teacher's; the measured error is reported). Reported:
 held-out loss before / after the layer stage / after training, per-layer losses, steps, time.
 """
