@@ -113,7 +113,10 @@ class HealPass(Pass):
         io = calibration.describe(ctx)
         loss = "kl" if io.lm else "mse"
         device = _device(gm)
-        figures = {"loss": loss, "ranks": distributed.setup(device)}
+        figures = {"loss": loss}
+        ranks = distributed.setup(device)                # 1 (and nothing initialised) outside torchrun
+        if ranks > 1:
+            figures["ranks"] = ranks
         spec = calibration.DataSpec(self.data, self.samples, self.seq, self.seed)
         data = distributed.broadcast_batches(
             calibration.batches(ctx, spec, rows=self.batch) if distributed.is_main() else None, device)

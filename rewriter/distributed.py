@@ -49,10 +49,10 @@ def close() -> None:
 
 
 def rank() -> int:
-    """This process's rank: the process group's, else the launcher's RANK, else 0."""
+    """This process's rank: the process group's, else the launcher's RANK when WORLD_SIZE > 1, else 0."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def world() -> int:
