@@ -27,6 +27,18 @@ products recomputed, and each vq code map re-derived (every token to the trained
 kept where that lowers the held-out loss. If the held-out loss ended higher than it started, every change is
 undone.
 
+Data-parallel (rewriter/distributed.py) — under `torchrun --nproc_per_node W -m rewriter.cli MODEL --pass "…,heal"`
+    (WORLD_SIZE > 1, or a process group already initialised) heal opens the default process group (gloo on the
+    CPU, nccl for a model on CUDA) and trains through PyTorch's DistributedDataParallel around the program: the
+    calibration batches are drawn on rank 0 and broadcast; the layer stage runs on rank 0 and its tensors are
+    broadcast; rank r trains on positions r, r+W, r+2W, … of the single process's cycled micro-batch sequence,
+    ceil(accum/W) per step, with the gradients averaged by DDP — so when W divides `accum` every step sees the same
+    micro-batches and the same mean gradient as one process (up to the order of the floating-point sums; with
+    W = accum = 2 bit for bit), otherwise the global batch is W·ceil(accum/W) micro-batches. Every keep / undo
+    decision uses rank 0's held-out loss (broadcast), the trained tensors are checked identical on every rank
+    (an all-reduced checksum), and only rank 0 prints and writes. Tested with gloo on the CPU (2 processes);
+    nccl is written but untested. One process: exactly as before.
+
 Contract: approximate (the function moves towards the teacher's; the measured error is reported). Reported:
 held-out loss before / after the layer stage / after training, per-layer losses, steps, time.
 """
@@ -38,8 +50,9 @@ from typing import Literal
 
 import torch
 
-from rewriter import calibration, distill, params, trainable
-from rewriter.errors import UserError
+from rewriter import calibration, distill, distributed, params, trainable
+from rewriter.errors import InternalError, UserError
+from rewriter.ir import get_attr_value
 from rewriter.matchers.linear import find_linears, is_lm_head
 from rewriter.pass_base import Contract, Pass
 
@@ -99,20 +112,28 @@ class HealPass(Pass):
             raise UserError("heal needs the program as it was before the pipeline (run it through rewrite())")
         io = calibration.describe(ctx)
         loss = "kl" if io.lm else "mse"
-        data = calibration.batches(ctx, calibration.DataSpec(self.data, self.samples, self.seq, self.seed),
-                                   rows=self.batch)
+        device = _device(gm)
+        figures = {"loss": loss}
+        ranks = distributed.setup(device)                # 1 (and nothing initialised) outside torchrun
+        if ranks > 1:
+            figures["ranks"] = ranks
+        spec = calibration.DataSpec(self.data, self.samples, self.seq, self.seed)
+        data = distributed.broadcast_batches(
+            calibration.batches(ctx, spec, rows=self.batch) if distributed.is_main() else None, device)
         held = data[len(data) - self.holdout:] if 0 < self.holdout < len(data) else data[-1:]
         train_batches = data[: len(data) - len(held)] or data
         student_fwd, teacher_fwd = distill.forward_of(gm), distill.forward_of(teacher)
-        figures = {"loss": loss, "loss_before": distill.evaluate(student_fwd, teacher_fwd, held, loss)}
+        figures["loss_before"] = _held_loss(student_fwd, teacher_fwd, held, loss)
         snapshot = _snapshot(gm)
         layers = trainable.find_layers(gm)
         figures["data_seconds"] = round(time.perf_counter() - start, 1)
         if self.mode in ("layer", "both") and layers:
             t0 = time.perf_counter()
-            self._layer_stage(ctx, layers, train_batches, figures)
+            if distributed.is_main():                    # closed forms: rank 0 computes, the others receive
+                self._layer_stage(ctx, layers, train_batches, figures)
+            _sync_layers(gm, layers)
             figures["layer_seconds"] = round(time.perf_counter() - t0, 1)
-            figures["loss_after_layer"] = distill.evaluate(student_fwd, teacher_fwd, held, loss)
+            figures["loss_after_layer"] = _held_loss(student_fwd, teacher_fwd, held, loss)
             if figures["loss_after_layer"] > figures["loss_before"]:
                 _restore(gm, snapshot)
                 ctx.message("heal: the layer refits raised the held-out loss; undone")
@@ -125,7 +146,7 @@ class HealPass(Pass):
             figures["e2e_seconds"] = round(time.perf_counter() - t0, 1)
         if self.mode in ("e2e", "both") and self.steps:
             self._rederive_maps(ctx, held, loss, figures)
-        figures["loss_after"] = distill.evaluate(student_fwd, teacher_fwd, held, loss)
+        figures["loss_after"] = _held_loss(student_fwd, teacher_fwd, held, loss)
         start_loss = figures.get("loss_after_layer", figures["loss_before"])
         if figures["loss_after"] > start_loss:
             for _, u_name, v_name, add, _, _ in kept:
@@ -213,16 +234,20 @@ class HealPass(Pass):
         status: dict = {}
         label = "KL" if loss == "kl" else "MSE"
         history: list[float] = []
+        local, accum = distributed.shard(batches, self.accum)      # one process: all of them, self.accum
+        student = distributed.wrap(gm, _device(gm))                # one process: gm itself
         try:
             history = distill.train(
-                distill.forward_of(gm), distill.forward_of(ctx.teacher), tensors, batches, steps=self.steps,
-                lr=self.lr, accum=self.accum, loss=loss, status=status,
+                distill.forward_of(gm, student), distill.forward_of(ctx.teacher), tensors, local,
+                steps=self.steps, lr=self.lr, accum=accum, loss=loss, status=status, average=distributed.mean,
                 progress=lambda it: ctx.progress(it, f"distilling ({sum(t.numel() for t in tensors):,} parameters)",
                                                  lambda: f"{label} {status.get('loss', float('nan')):.4f} "
                                                          f"running {status.get('running', float('nan')):.4f}"))
+            _check_identical(tensors)
         except distill.NoGradient as e:
             ctx.message(f"heal: {e}; nothing trained end to end")
         finally:
+            del student
             for name, p in dict(gm.named_parameters()).items():
                 p.requires_grad_(flags.get(name, p.requires_grad))
             for layer in opened:
@@ -257,9 +282,9 @@ class HealPass(Pass):
                              for i in range(0, rows.shape[0], 4096)]).to(old.dtype)
             if torch.equal(new, old):
                 continue
-            before = distill.evaluate(fwd, t_fwd, held, loss)
+            before = _held_loss(fwd, t_fwd, held, loss)
             params.set_tensor(gm, layer.tensors["code_map"], new)
-            after = distill.evaluate(fwd, t_fwd, held, loss)
+            after = _held_loss(fwd, t_fwd, held, loss)
             changed = int((new != old).sum())
             if after < before:
                 figures["code_map_changed"] = figures.get("code_map_changed", 0) + changed
@@ -293,6 +318,39 @@ def _first_output(gm):
         if isinstance(val, torch.Tensor):
             return val
     return None
+
+
+def _device(gm) -> torch.device:
+    """Where the program's weights live (the first floating-point parameter or buffer; the CPU if none)."""
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        if t.is_floating_point():
+            return t.device
+    return torch.device("cpu")
+
+
+def _held_loss(student_fwd, teacher_fwd, held, loss) -> float:
+    """The held-out loss that decides keep / undo: rank 0's, on every rank (so every rank decides alike)."""
+    value = distill.evaluate(student_fwd, teacher_fwd, held, loss) if distributed.is_main() else 0.0
+    return distributed.from_main(value)
+
+
+def _sync_layers(gm, layers) -> None:
+    """Data-parallel: every rewritten layer's tensors (the layer stage's output) from rank 0 to the others."""
+    if not distributed.active():
+        return
+    names = sorted({name for layer in layers for name in layer.tensors.values()})
+    for name, value in zip(names, distributed.broadcast_tensors([get_attr_value(gm, n) for n in names])):
+        if not distributed.is_main():
+            params.set_tensor(gm, name, value)
+
+
+def _check_identical(tensors) -> None:
+    """Data-parallel: after training every rank must hold the same trained tensors (DDP's contract; checked)."""
+    if not distributed.active():
+        return
+    low, high = distributed.checksum(tensors)
+    if low != high:
+        raise InternalError("heal: the ranks' trained parameters differ after data-parallel training")
 
 
 def params_dtype(gm, layer) -> torch.dtype:

@@ -79,12 +79,15 @@ def check_options(data: str, samples: int, seq: int, what: str = "calibrate") ->
 
 
 # ---- calling a program on flat inputs ----------------------------------------------------------------------------
-def run_flat(gm: fx.GraphModule, flat: list):
-    """The program's first output for flat inputs (placeholder order), through its generated code."""
+def run_flat(gm: fx.GraphModule, flat: list, call=None):
+    """The program's first output for flat inputs (placeholder order), through its generated code; `call` (a
+    wrapper of gm such as DistributedDataParallel) is called instead of gm when given."""
     spec = getattr(gm, "_in_spec", None)
     if spec is not None:
         args, kwargs = pytree.tree_unflatten(list(flat), spec)
-        out = gm(*args, **kwargs)
+        out = (call or gm)(*args, **kwargs)
+    elif call is not None:
+        out = call(*flat)
     else:
         out = fx.Interpreter(gm).run(*flat)
     leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]

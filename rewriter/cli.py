@@ -18,6 +18,7 @@ import sys
 
 from rich.console import Console
 
+from . import distributed
 from .errors import InternalError, RewriteError, UserError, first_line
 
 SUBCOMMANDS = ("passes", "show", "diff", "eval")
@@ -130,14 +131,16 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
         instruments.append(timer)
     if args.print_after:
         instruments.append(PrintAfter(set(args.print_after), console))
-    if args.dump_dir:
+    main_rank = distributed.is_main()    # under torchrun only rank 0 prints and writes; the others run quietly
+    if args.dump_dir and main_rank:
         instruments.append(DumpDir(args.dump_dir))
-    progress = None if args.quiet or args.format == "json" else _progress_factory(err)
+    progress = None if args.quiet or args.format == "json" or not main_rank else _progress_factory(err)
     from .errors import VerificationError
     try:
         result = direct() if direct else \
             run_captured(captured, pipeline, verify=args.verify, decompose=args.decompose, codegen=args.codegen,
-                         instruments=instruments, progress=progress, dump_kernels=args.dump_kernels,
+                         instruments=instruments, progress=progress,
+                         dump_kernels=args.dump_kernels if main_rank else None,
                          jobs=args.jobs, device=args.device)
         failure = None
     except VerificationError as e:
@@ -153,6 +156,8 @@ def cmd_rewrite(argv, console: Console, err: Console) -> int:
         result = RewriteResult(program, captured.program, None, pipeline, captured.args, captured.kwargs,
                                captured.store)
         err.print(f"[bold red]verification failed[/] ({failure}); writing anyway because of --force")
+    if not main_rank:
+        return 1 if failure is not None else 0
     if result.report is not None:
         if args.format == "json":
             print(json.dumps(result.report.to_json(), indent=2))
@@ -323,7 +328,8 @@ COMMANDS = {"passes": cmd_passes, "show": cmd_show, "diff": cmd_diff, "eval": cm
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    console = Console()
+    # under torchrun (rewriter/distributed.py) ranks other than 0 print nothing but errors
+    console = Console() if distributed.is_main() else Console(file=open(os.devnull, "w"))
     err = Console(stderr=True)
     debug = "--debug" in argv
     if not debug:  # torch logs warnings (export retries, deserialisation) that would bury the one-line message
@@ -357,6 +363,8 @@ def main(argv=None) -> int:
                   "(run with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         return 3
+    finally:
+        distributed.close()     # the process group `heal` opened under torchrun, if any
 
 
 if __name__ == "__main__":

@@ -64,10 +64,13 @@ class NoGradient(Exception):
 
 def train(forward: Callable, teacher_forward: Callable, params: list[torch.Tensor], batches: Iterable[list], *,
           steps: int, lr: float, accum: int = 1, loss: str = "kl", clip: float = 1.0,
-          progress: Callable | None = None, status: dict | None = None) -> list[float]:
+          progress: Callable | None = None, status: dict | None = None,
+          average: Callable[[float], float] | None = None) -> list[float]:
     """Minimise LOSSES[loss](forward(b), teacher_forward(b)) over `params` for `steps` optimizer steps of `accum`
     micro-batches each (taken from `batches`, cycled). Returns the loss of every step. `progress(iterable)`
-    wraps the step loop (a progress bar); `status` (a dict) is updated with the running figures."""
+    wraps the step loop (a progress bar); `status` (a dict) is updated with the running figures. Data-parallel:
+    `forward` runs through a DDP wrapper (which averages the gradients across the ranks), `batches` is this rank's
+    shard and `average` (the mean over the ranks) turns each step's local loss into the global one."""
     loss_fn = LOSSES[loss]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     source = _cycle(batches)
@@ -91,6 +94,8 @@ def train(forward: Callable, teacher_forward: Callable, params: list[torch.Tenso
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
+        if average is not None:
+            total = average(total)
         history.append(total)
         running = total if running is None else 0.9 * running + 0.1 * total
         if status is not None:
@@ -115,9 +120,9 @@ def evaluate(forward: Callable, teacher_forward: Callable, batches: list, loss: 
     return sum(values) / max(1, len(values))
 
 
-def forward_of(gm: fx.GraphModule) -> Callable:
-    """flat inputs -> the program's first output."""
-    return lambda flat: run_flat(gm, flat)
+def forward_of(gm: fx.GraphModule, call=None) -> Callable:
+    """flat inputs -> the program's first output (through `call`, a wrapper of gm such as DDP, when given)."""
+    return lambda flat: run_flat(gm, flat, call)
 
 
 # ---- layer statistics ----------------------------------------------------------------------------------------------
