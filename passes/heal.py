@@ -358,13 +358,20 @@ def params_dtype(gm, layer) -> torch.dtype:
     return value.dtype if value.is_floating_point() else torch.float32
 
 
-def _snapshot(gm) -> dict:
-    """Every parameter and buffer tensor by name (the objects: passes replace tensors, they never mutate them —
-    except training, which is why trained tensors are cloned)."""
-    return {name: t.detach().clone() for name, t in list(gm.named_parameters()) + list(gm.named_buffers())}
+def _snapshot(gm) -> list:
+    """Every parameter and buffer tensor, once per tensor object with all the names bound to it (tied weights),
+    cloned (passes replace tensors, they never mutate them — but training does)."""
+    groups: dict[int, tuple[list[str], torch.Tensor]] = {}
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if id(t) in groups:
+            groups[id(t)][0].append(name)
+        else:
+            groups[id(t)] = ([name], t.detach().clone())
+    return list(groups.values())
 
 
-def _restore(gm, snapshot: dict) -> None:
-    for name, t in snapshot.items():
-        if params.has_attr(gm, name):
-            params.set_tensor(gm, name, t)
+def _restore(gm, snapshot: list) -> None:
+    for names, t in snapshot:
+        live = [name for name in names if params.has_attr(gm, name)]
+        if live:
+            params.set_tied(gm, live, t)

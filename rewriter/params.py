@@ -65,6 +65,22 @@ def set_tensor(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
         owner.register_buffer(attr, value, persistent=persistent)
 
 
+def set_tied(gm: fx.GraphModule, names: list[str], value: torch.Tensor) -> None:
+    """`set_tensor` under names[0], then bind that same object under every other name (tied weights stay tied:
+    one tensor, several names)."""
+    set_tensor(gm, names[0], value)
+    obj = get_attr_value(gm, names[0])
+    for name in names[1:]:
+        owner, attr = owner_and_attr(gm, name)
+        if isinstance(obj, torch.nn.Parameter):
+            owner.register_parameter(attr, obj)
+        else:
+            persistent = attr not in getattr(owner, "_non_persistent_buffers_set", set())
+            if attr in owner._parameters:
+                del owner._parameters[attr]
+            owner.register_buffer(attr, obj, persistent=persistent)
+
+
 def make_trainable(gm: fx.GraphModule, qualname: str, trainable: bool) -> None:
     """Turn a buffer into a Parameter (trainable=True) or a Parameter into a buffer (trainable=False)."""
     owner, attr = owner_and_attr(gm, qualname)

@@ -204,3 +204,31 @@ def test_small_odd_models_are_rewritten_or_declined_never_crash(spec):
             continue
         out = r.module()(*args)
         assert all(torch.isfinite(t).all() for t in (out if isinstance(out, tuple) else (out,)))
+
+
+def test_undo_keeps_tied_weights_tied():
+    """An undone stage restores the snapshot: one tensor bound under two names (a tied embedding and LM head)
+    must come back as one tensor, not two copies (that doubled SmolLM2's head parameters after an undo)."""
+    from torch import fx
+
+    from passes.heal import _restore, _snapshot
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    gm = fx.symbolic_trace(Tied())
+    snap = _snapshot(gm)
+    before = gm.embed.weight.detach().clone()
+    with torch.no_grad():
+        gm.embed.weight.add_(1.0)                       # training moved it
+    _restore(gm, snap)
+    assert gm.head.weight is gm.embed.weight
+    assert torch.equal(gm.embed.weight, before)
+    assert len(list(gm.parameters())) == 1
