@@ -148,21 +148,29 @@ class ShiftAddPass(Pass):
                             f"{', '.join(layers[:12])}{' ...' if len(layers) > 12 else ''}")
         bytes_before = cost.program_params(gm).get("bytes", 0)
         spec = calibration.spec_of(self)
-        stats = calibration.layer_stats(ctx, spec) if spec.samples > 0 else None
-        grams = {s.name: stats.gram(s.name) if stats is not None else None for s in sites}
+        calibrated = spec.samples > 0
         acts = ctx.activations([s.x for s in sites])
         xs = {s.name: acts[s.x].reshape(-1, s.in_features).float() for s in sites}
-        weights = {s.name: site_weight(gm, s) for s in sites}
+        chunks = calibration.site_chunks(ctx, spec, sites) if calibrated else [sites]
         bits_for = {s.name: self.bits for s in sites}
         if self.budget:
-            bits_for = self._allocate(ctx, sites, weights, grams, xs)
-        items = [(weights[s.name], grams[s.name], bits_for[s.name], self.group, self.rounds, self.terms, self.refit)
-                 for s in sites]
-        results = ctx.map_layers(quantize_layer, items, "quantising")
+            errors = {}
+            for chunk in chunks:
+                errors.update(self._sensitivities(ctx, chunk, spec, xs))
+            bits_for = self._allocate(ctx, sites, errors)
+        # fitted chunk by chunk (each chunk's Grams, fp32 weights and fits freed before the next), replaced in the
+        # graph once every chunk is done, so every chunk's statistics saw the program as the pass received it
+        fitted = []
+        for chunk in chunks:
+            stats = calibration.layer_stats(ctx, spec, chunk) if calibrated else None
+            items = [(site_weight(gm, s), stats.gram(s.name) if stats is not None else None, bits_for[s.name],
+                      self.group, self.rounds, self.terms, self.refit) for s in chunk]
+            fitted += zip(chunk, ctx.map_layers(quantize_layer, items, "quantising"))
+            del stats, items
         weights_before = weights_after = 0
         worse = []
-        for site, (signs, exps, group, figures) in zip(sites, results):
-            w = weights[site.name]
+        for site, (signs, exps, group, figures) in fitted:
+            w = site_weight(gm, site)
             q = bcq.BCQWeight(signs, exps, site.in_features, group)
             x = xs[site.name]
             figures["output_error"] = bcq.relative_error(x @ w.t(), x @ q.dequantize().t())
@@ -181,7 +189,7 @@ class ShiftAddPass(Pass):
         ctx.message(f"quantised linear weights: {weights_before:,} B -> {weights_after:,} B "
                     f"({100 * (1 - weights_after / max(weights_before, 1)):.1f}% less); model: {bytes_before:,} B -> "
                     f"{bytes_after:,} B ({100 * (1 - bytes_after / max(bytes_before, 1)):.1f}% less)")
-        if stats is not None:
+        if calibrated:
             ctx.message(f"calibrated output error vs round-to-nearest at equal bits per weight: "
                         f"{len(sites) - len(worse)}/{len(sites)} layers not worse"
                         + (f" (worse: {', '.join(worse[:8])}{' ...' if len(worse) > 8 else ''})" if worse else ""))
@@ -196,12 +204,16 @@ class ShiftAddPass(Pass):
         replace_node(gm, site.node, new)
         params.remove_if_unused(gm, site.weight_name)
 
-    def _allocate(self, ctx, sites, weights, grams, xs) -> dict[str, int]:
+    def _sensitivities(self, ctx, chunk, spec, xs) -> dict[str, dict[int, float]]:
+        """Output error of each layer of `chunk` at 2, 3 and 4 bits (calibrated when `spec` calibrates)."""
+        stats = calibration.layer_stats(ctx, spec, chunk) if spec.samples > 0 else None
+        items = [(site_weight(ctx.gm, s), stats.gram(s.name) if stats is not None else None, xs[s.name], self.group,
+                  self.terms) for s in chunk]
+        return {s.name: e for s, e in zip(chunk, ctx.map_layers(sensitivity, items, "measuring sensitivity"))}
+
+    def _allocate(self, ctx, sites, errors) -> dict[str, int]:
         """Per-layer bits under the average-bits budget from measured sensitivities; reports the table."""
-        items = [(weights[s.name], grams[s.name], xs[s.name], self.group, self.terms) for s in sites]
-        measured = ctx.map_layers(sensitivity, items, "measuring sensitivity")
-        errors = {s.name: e for s, e in zip(sites, measured)}
-        sizes = {s.name: weights[s.name].numel() for s in sites}
+        sizes = {s.name: s.in_features * s.out_features for s in sites}
         choice = allocate_bits(errors, sizes, self.budget)
         avg = sum(sizes[n] * b for n, b in choice.items()) / sum(sizes.values())
         rows = [f"{n}: " + " ".join(f"{b}b={errors[n][b]:.4f}" for b in SENSITIVITY_BITS) + f" -> {choice[n]} bits"

@@ -114,7 +114,7 @@ class StructuredPass(Pass):
             raise UserError(f'structured: no linear layer matches targets="{self.targets}"')
         acts = ctx.activations([s.x for s in sites])
         spec = calibration.spec_of(self)
-        stats = calibration.layer_stats(ctx, spec) if spec.samples > 0 else None
+        stats = calibration.layer_stats(ctx, spec, sites) if spec.samples > 0 else None
         items = []
         for site in sites:
             w = site.weight_out_in(gm).detach()

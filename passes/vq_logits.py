@@ -122,7 +122,7 @@ class VQLogitsPass(Pass):
         gm = ctx.gm
         heads = self._heads(gm)
         spec = calibration.spec_of(self)
-        stats = calibration.layer_stats(ctx, spec) if spec.samples > 0 else None
+        stats = calibration.layer_stats(ctx, spec, heads) if spec.samples > 0 else None
         acts = ctx.activations([n for s in heads for n in (s.x, s.node)])
         items, plans = [], []
         for site in heads:

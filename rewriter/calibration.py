@@ -511,16 +511,58 @@ class LayerStats:
         return self.grams.get(name)
 
 
-def layer_stats(ctx, spec: DataSpec) -> LayerStats:
-    """Grams of the inputs of every linear layer of the program (captured once per pipeline per `spec`)."""
+GRAM_BUDGET = int(os.environ.get("REWRITE_GRAM_BYTES", str(512 * 2**20)))
+
+
+def gram_bytes(sites) -> int:
+    """Bytes of the fp32 Grams of these linear sites (one per distinct input: q/k/v share theirs)."""
+    return sum(s.in_features ** 2 * 4 for s in {s.x: s for s in sites}.values())
+
+
+def layer_stats(ctx, spec: DataSpec, sites=None) -> LayerStats:
+    """Grams of the inputs of the program's linear layers on the calibration data.
+
+    When the Grams of every linear of the program fit in GRAM_BUDGET ($REWRITE_GRAM_BYTES, default 512 MiB —
+    every model in the tests, SmolLM2, MiniLM) they are captured once per pipeline per `spec`, on the program as
+    the first calibrating pass receives it, and shared by every later pass (`sites` is then ignored). Past that
+    (a 1B model's Grams take ~4 GB, an 8B model's ~32 GB) only the Grams of `sites` are captured, on the program
+    as it is now, and not kept: passes walk their layers in chunks of at most the budget (`site_chunks`) and
+    rewrite them once every chunk has been fitted, so every chunk still sees the program the pass received."""
+    from .matchers.linear import find_linears
     key = ("stats", spec.data, spec.samples, spec.seq, spec.seed)
     cache = _cache(ctx)
     if key in cache:
         return cache[key]
+    every = find_linears(ctx.gm)
+    whole = gram_bytes(every) <= GRAM_BUDGET or sites is None
+    stats = _capture_stats(ctx, spec, every if whole else list(sites))
+    if whole:
+        cache[key] = stats
+    return stats
+
+
+def site_chunks(ctx, spec: DataSpec, sites: list) -> list[list]:
+    """`sites` cut into consecutive chunks whose Grams fit GRAM_BUDGET (one chunk when every Gram of the program
+    fits, or without calibration)."""
     from .matchers.linear import find_linears
+    if spec.samples <= 0 or gram_bytes(find_linears(ctx.gm)) <= GRAM_BUDGET:
+        return [list(sites)] if sites else []
+    chunks, chunk, inputs = [], [], set()
+    for s in sites:
+        grows = s.x not in inputs
+        if chunk and grows and gram_bytes(chunk) + s.in_features ** 2 * 4 > GRAM_BUDGET:
+            chunks.append(chunk)
+            chunk, inputs = [], set()
+        chunk.append(s)
+        inputs.add(s.x)
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+def _capture_stats(ctx, spec: DataSpec, sites: list) -> LayerStats:
     io = describe(ctx)
     data = batches(ctx, spec)
-    sites = find_linears(ctx.gm)
     by_input: dict[fx.Node, list[str]] = {}
     for s in sites:
         by_input.setdefault(s.x, []).append(s.name)
@@ -534,7 +576,7 @@ def layer_stats(ctx, spec: DataSpec) -> LayerStats:
             if n in by_input and isinstance(value, torch.Tensor) and value.is_floating_point():
                 x = value.detach().reshape(-1, value.shape[-1]).float()
                 g = x.t() @ x
-                sums[n] = g if n not in sums else sums[n] + g
+                sums[n] = g if n not in sums else sums[n].add_(g)
                 counts[n] = counts.get(n, 0) + x.shape[0]
             return value
 
@@ -549,13 +591,12 @@ def layer_stats(ctx, spec: DataSpec) -> LayerStats:
     stats = LayerStats(source=spec.data)
     for node, names in by_input.items():
         if node in sums:
-            h = sums[node] / max(counts[node], 1)
+            h = sums.pop(node).div_(max(counts[node], 1))
             for name in names:
                 stats.grams[name] = h
             stats.rows = max(stats.rows, counts[node])
     if probs_sum is not None:
         stats.mean_probs = (probs_sum / max(prob_rows, 1)).float()
-    cache[key] = stats
     return stats
 
 

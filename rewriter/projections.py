@@ -347,43 +347,58 @@ def project_sites(ctx, sites: list[LinearSite], fit: Callable[..., "Factored | s
     else None). Then measure, rewrite and record each layer: weight error, output error on the example inputs,
     and with calibration the calibrated output error (which max_error is judged on)."""
     gm = ctx.gm
-    stats = calibration.layer_stats(ctx, spec) if spec is not None and spec.samples > 0 else None
+    calibrated = spec is not None and spec.samples > 0
     acts = ctx.activations([s.x for s in sites]) if sites else {}
-    items = []
-    for site in sites:
-        w = site.weight_out_in(gm).detach()
-        h = stats.gram(site.name) if stats is not None else None
-        items.append((w, h) + tuple(options))
-    results = ctx.map_layers(fit, items, description)
-    for site, item, result in zip(sites, items, results):
-        w, h = item[0], item[1]
-        if isinstance(result, str):
-            ctx.skip(site.name, result)
+    # (site, fac, figures), or (site, skip reason, figures or None): recorded and rewritten in site order once every
+    # chunk is fitted, so that each chunk's statistics saw the program as the pass received it
+    accepted = []
+    for chunk in (calibration.site_chunks(ctx, spec, sites) if calibrated else [sites]):
+        stats = calibration.layer_stats(ctx, spec, chunk) if calibrated else None
+        items = []
+        for site in chunk:
+            w = site.weight_out_in(gm).detach()
+            h = stats.gram(site.name) if stats is not None else None
+            items.append((w, h) + tuple(options))
+        results = ctx.map_layers(fit, items, description)
+        for site, item, result in zip(chunk, items, results):
+            w, h = item[0], item[1]
+            if isinstance(result, str):
+                accepted.append((site, result, None))
+                continue
+            fac = result
+            approx = fac.dense()
+            x = acts.get(site.x)
+            bias = site.bias_tensor(gm)
+            bias = bias.detach() if bias is not None else None
+            w_err = weight_error(w, approx)
+            o_err = output_error(x, w, approx, bias) if isinstance(x, torch.Tensor) else None
+            c_err = weighted.relative_error(w, approx, h) if h is not None else None
+            # the report's site table shows the first five figures: keep the ones that matter first
+            figures = dict(params_before=w.numel(), params_after=fac.params, weight_error=w_err, output_error=o_err)
+            if c_err is not None:
+                figures["calibrated_error"] = c_err
+            if fac.params >= w.numel():
+                accepted.append((site, f"{fac.kind} form has {fac.params} params >= dense {w.numel()}: no saving",
+                                 None))
+                continue
+            judged = c_err if c_err is not None else o_err
+            if max_error is not None and judged is not None and judged > max_error:
+                accepted.append((site, f"output error {judged:.3g} > max_error {max_error:g}", figures))
+                continue
+            accepted.append((site, fac, figures))
+        del stats, items, results
+    for site, fac, figures in accepted:
+        if isinstance(fac, str):
+            if figures is None:
+                ctx.skip(site.name, fac)
+            else:
+                ctx.site(site.name, "skipped", reason=fac, **figures)
             continue
-        fac = result
-        approx = fac.dense()
-        x = acts.get(site.x)
-        bias = site.bias_tensor(gm)
-        bias = bias.detach() if bias is not None else None
-        w_err = weight_error(w, approx)
-        o_err = output_error(x, w, approx, bias) if isinstance(x, torch.Tensor) else None
-        c_err = weighted.relative_error(w, approx, h) if h is not None else None
-        # the report's site table shows the first five figures: keep the ones that matter first
-        figures = dict(params_before=w.numel(), params_after=fac.params, weight_error=w_err, output_error=o_err)
-        if c_err is not None:
-            figures["calibrated_error"] = c_err
-        if fac.params >= w.numel():
-            ctx.skip(site.name, f"{fac.kind} form has {fac.params} params >= dense {w.numel()}: no saving")
-            continue
-        judged = c_err if c_err is not None else o_err
-        if max_error is not None and judged is not None and judged > max_error:
-            ctx.site(site.name, "skipped", reason=f"output error {judged:.3g} > max_error {max_error:g}", **figures)
-            continue
-        rows = layer_rows(site)
+        rows, numel = layer_rows(site), figures["params_before"]
         apply(gm, site, fac, pass_name=pass_name, pre_merge=pre_merge)
         dense_path = pre_merge is not None and 0 < rows <= pre_merge
-        ctx.site(site.name, **figures, flops_before=2 * rows * w.numel(),
-                 flops_after=2 * rows * w.numel() if dense_path else rows * fac.flops_per_row(),
+        ctx.site(site.name, **figures, flops_before=2 * rows * numel,
+                 flops_after=2 * rows * numel if dense_path else rows * fac.flops_per_row(),
                  kind=fac.kind, **fac.info)
 
 

@@ -326,3 +326,25 @@ def test_passes_create_no_tensor_off_the_weights_device(tiny_gpt, spec, monkeypa
     for name, t in list(r.program.state_dict.items()):
         assert t.device.type == "cpu", name
     assert Pass  # the base class is untouched
+
+
+@pytest.mark.parametrize("spec", ["monarch{blocks=2,calibrate=4}", "shiftadd{bits=3,group=32,calibrate=4}",
+                                  "shiftadd{bits=3,group=32,calibrate=4,budget=3}"])
+def test_grams_in_chunks_give_the_same_program(tiny_gpt, spec, monkeypatch):
+    """Past the Gram budget a pass captures its layers' statistics chunk by chunk (bounded memory for big models)
+    and rewrites only after the last chunk, so every chunk sees the program as the pass received it: the result
+    is bit-identical to capturing every Gram at once."""
+    model, args = tiny_gpt
+    whole = rewrite(model, args, spec).program.state_dict
+    captured = []
+    real = calibration._capture_stats
+
+    def spy(ctx, data_spec, sites):
+        captured.append(len(sites))
+        return real(ctx, data_spec, sites)
+    monkeypatch.setattr(calibration, "_capture_stats", spy)
+    monkeypatch.setattr(calibration, "GRAM_BUDGET", 2 * 64 * 64 * 4)     # two 64-wide Grams per chunk
+    chunked = rewrite(model, args, spec).program.state_dict
+    assert len(captured) > 2 and max(captured) < 12, captured
+    assert whole.keys() == chunked.keys()
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
