@@ -134,7 +134,7 @@ class HealPass(Pass):
             _sync_layers(gm, layers)
             figures["layer_seconds"] = round(time.perf_counter() - t0, 1)
             figures["loss_after_layer"] = _held_loss(student_fwd, teacher_fwd, held, loss)
-            if figures["loss_after_layer"] > figures["loss_before"]:
+            if not figures["loss_after_layer"] <= figures["loss_before"]:     # (NaN counts as worse)
                 _restore(gm, snapshot)
                 ctx.message("heal: the layer refits raised the held-out loss; undone")
                 figures["loss_after_layer"] = figures["loss_before"]
@@ -142,13 +142,14 @@ class HealPass(Pass):
         kept = []
         if self.mode in ("e2e", "both") and self.steps:
             t0 = time.perf_counter()
-            kept = self._e2e_stage(ctx, trainable.find_layers(gm), train_batches, loss, figures)
+            with torch.enable_grad():   # also when the caller runs the pipeline under no_grad (torch.compile)
+                kept = self._e2e_stage(ctx, trainable.find_layers(gm), train_batches, loss, figures)
             figures["e2e_seconds"] = round(time.perf_counter() - t0, 1)
         if self.mode in ("e2e", "both") and self.steps:
             self._rederive_maps(ctx, held, loss, figures)
         figures["loss_after"] = _held_loss(student_fwd, teacher_fwd, held, loss)
         start_loss = figures.get("loss_after_layer", figures["loss_before"])
-        if figures["loss_after"] > start_loss:
+        if not figures["loss_after"] <= start_loss:     # worse, or NaN / inf (a diverged low-precision run)
             for _, u_name, v_name, add, _, _ in kept:
                 trainable.drop_branch(gm, u_name, v_name, add)
             _restore(gm, snapshot)

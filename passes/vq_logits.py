@@ -157,8 +157,7 @@ class VQLogitsPass(Pass):
         k = codebook.shape[0]
         tied = len(params.readers(gm, site.weight_name)) > 1
         bias_t = site.bias_tensor(gm)
-        c_name = params.add_tensor(gm, site.tensor_name("vq_codebook"), codebook.contiguous(),
-                                   trainable=isinstance(site.weight_tensor(gm), torch.nn.Parameter))
+        c_name = params.add_tensor(gm, site.tensor_name("vq_codebook"), codebook.contiguous(), trainable=True)
         m_name = params.add_tensor(gm, site.tensor_name("vq_code_map"), code_map.to(torch.int32))
         c_node, m_node = params.get_attr_node(gm, c_name), params.get_attr_node(gm, m_name)
         rule = f"vq-{site.rule}"
