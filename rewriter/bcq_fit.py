@@ -197,9 +197,12 @@ def gptq(w: torch.Tensor, h: torch.Tensor, q: int, group: int, terms: int, round
     # static groups: every grid from the weights as given, columns weighted by their diag(H) importance
     importance = hd.diagonal().float().clone()
     importance[in_f:] = 0                                              # padding: not a weight
-    exps, alpha = fit_grid(work.view(-1, group), q, terms, rounds,
-                           importance.view(groups, group).repeat(out_f, 1))
-    exps, alpha = exps.view(out_f, groups, q, terms), alpha.view(out_f, groups, q)
+    flat, weights = work.view(-1, group), importance.view(groups, group).repeat(out_f, 1)
+    rows = max(1, (1 << 18) // group)      # the fit's temporaries are ~100 B per weight: bounded per chunk of rows
+    parts = [fit_grid(flat[s:s + rows], q, terms, rounds, weights[s:s + rows]) for s in range(0, flat.shape[0], rows)]
+    exps = torch.cat([e for e, _ in parts]).view(out_f, groups, q, terms)
+    alpha = torch.cat([a for _, a in parts]).view(out_f, groups, q)
+    del parts, flat, weights
     perm = torch.argsort(importance, descending=True, stable=True)      # act-order: important columns first
     hp = hd[perm][:, perm]
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).float()
