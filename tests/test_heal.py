@@ -232,3 +232,19 @@ def test_undo_keeps_tied_weights_tied():
     assert gm.head.weight is gm.embed.weight
     assert torch.equal(gm.embed.weight, before)
     assert len(list(gm.parameters())) == 1
+
+
+def test_output_independent_of_trained_parameters_trains_nothing_and_says_so():
+    """heal's loss is taken on the first output; when no trained parameter reaches it, the end-to-end stage ends
+    with a message (it was an autograd crash: exit 3)."""
+    class SideLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x * 2, self.lin(x)
+
+    r = rewrite(SideLinear(), (torch.randn(3, 4),), "heal{steps=2,samples=4,seq=8,batch=2}")
+    heal = next(p for p in r.report.passes if p.name == "heal")
+    assert any("nothing trained end to end" in m for m in heal.messages), heal.messages
