@@ -511,7 +511,26 @@ class LayerStats:
         return self.grams.get(name)
 
 
-GRAM_BUDGET = int(os.environ.get("REWRITE_GRAM_BYTES", str(512 * 2**20)))
+GRAM_BUDGET: int | None = None     # bytes; None = $REWRITE_GRAM_BYTES, else 512 MiB (tests set it directly)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def gram_budget() -> int:
+    """The Gram memory budget in bytes: GRAM_BUDGET, else $REWRITE_GRAM_BYTES (a byte count, or with a K/M/G
+    suffix: 512M, 4G), else 512 MiB. A malformed value is the user's one-line error, not a traceback."""
+    if GRAM_BUDGET is not None:
+        return GRAM_BUDGET
+    raw = os.environ.get("REWRITE_GRAM_BYTES", "").strip()
+    if not raw:
+        return 512 * 2**20
+    number, unit = raw.rstrip("KMGkmgBb"), raw[len(raw.rstrip("KMGkmgBb")):].upper().rstrip("B")
+    try:
+        value = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        value = 0
+    if value <= 0:
+        raise UserError(f"REWRITE_GRAM_BYTES={raw!r} is not a positive byte count; give e.g. 536870912, 512M or 4G")
+    return value
 
 
 def gram_bytes(sites) -> int:
@@ -534,7 +553,7 @@ def layer_stats(ctx, spec: DataSpec, sites=None) -> LayerStats:
     if key in cache:
         return cache[key]
     every = find_linears(ctx.gm)
-    whole = gram_bytes(every) <= GRAM_BUDGET or sites is None
+    whole = gram_bytes(every) <= gram_budget() or sites is None
     stats = _capture_stats(ctx, spec, every if whole else list(sites))
     if whole:
         cache[key] = stats
@@ -545,12 +564,13 @@ def site_chunks(ctx, spec: DataSpec, sites: list) -> list[list]:
     """`sites` cut into consecutive chunks whose Grams fit GRAM_BUDGET (one chunk when every Gram of the program
     fits, or without calibration)."""
     from .matchers.linear import find_linears
-    if spec.samples <= 0 or gram_bytes(find_linears(ctx.gm)) <= GRAM_BUDGET:
+    if spec.samples <= 0 or gram_bytes(find_linears(ctx.gm)) <= gram_budget():
         return [list(sites)] if sites else []
+    budget = gram_budget()
     chunks, chunk, inputs = [], [], set()
     for s in sites:
         grows = s.x not in inputs
-        if chunk and grows and gram_bytes(chunk) + s.in_features ** 2 * 4 > GRAM_BUDGET:
+        if chunk and grows and gram_bytes(chunk) + s.in_features ** 2 * 4 > budget:
             chunks.append(chunk)
             chunk, inputs = [], set()
         chunk.append(s)

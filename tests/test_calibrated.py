@@ -348,3 +348,23 @@ def test_grams_in_chunks_give_the_same_program(tiny_gpt, spec, monkeypatch):
     assert len(captured) > 2 and max(captured) < 12, captured
     assert whole.keys() == chunked.keys()
     assert all(torch.equal(whole[k], chunked[k]) for k in whole)
+
+
+@pytest.mark.parametrize("raw, want", [("", 512 * 2**20), ("1048576", 2**20), ("512M", 512 * 2**20), ("4G", 4 * 2**30),
+                                       ("64kb", 64 * 2**10)])
+def test_gram_budget_reads_the_environment(raw, want, monkeypatch):
+    monkeypatch.setenv("REWRITE_GRAM_BYTES", raw)
+    assert calibration.gram_budget() == want
+
+
+@pytest.mark.parametrize("raw", ["lots", "-5", "0", "12X"])
+def test_bad_gram_budget_is_a_one_line_user_error(raw, monkeypatch, tiny_gpt):
+    """A malformed $REWRITE_GRAM_BYTES was an import-time traceback; it is the user's one-line error when a
+    calibrating pass needs the budget."""
+    monkeypatch.setenv("REWRITE_GRAM_BYTES", raw)
+    with pytest.raises(UserError) as e:
+        calibration.gram_budget()
+    assert "REWRITE_GRAM_BYTES" in str(e.value) and "\n" not in str(e.value)
+    model, args = tiny_gpt
+    with pytest.raises(UserError, match="REWRITE_GRAM_BYTES"):
+        rewrite(model, args, "lowrank{calibrate=2}")
