@@ -300,7 +300,6 @@ def _note(ctx, text: str) -> None:
 def sample_lm(ctx, io: ModelIO, n: int, seq: int, seed: int) -> torch.Tensor:
     """(n, seq) int64 token ids on the CPU: first token uniform, then temperature-1 samples from the original
     model (its Hugging Face form with a KV cache when known, else the program)."""
-    hf_model = _hf_model(ctx)
     teacher = ctx.teacher if ctx.teacher is not None else ctx.gm
     big = sum(p.numel() for p in teacher.parameters()) > DISK_CACHE_PARAMS
     path = None
@@ -313,6 +312,7 @@ def sample_lm(ctx, io: ModelIO, n: int, seq: int, seed: int) -> torch.Tensor:
                     return ids
             except Exception:
                 pass
+    hf_model = _hf_model(ctx)      # loaded only when the samples are not on disk yet
     if hf_model is not None:
         ids = _sample_hf(ctx, hf_model, io.vocab, n, seq, seed)
     else:
@@ -582,6 +582,9 @@ def site_chunks(ctx, spec: DataSpec, sites: list) -> list[list]:
 
 def _capture_stats(ctx, spec: DataSpec, sites: list) -> LayerStats:
     io = describe(ctx)
+    long = _hf_stats(ctx, io, spec, sites)
+    if long is not None:
+        return long
     data = batches(ctx, spec)
     by_input: dict[fx.Node, list[str]] = {}
     for s in sites:
@@ -617,6 +620,96 @@ def _capture_stats(ctx, spec: DataSpec, sites: list) -> LayerStats:
             stats.rows = max(stats.rows, counts[node])
     if probs_sum is not None:
         stats.mean_probs = (probs_sum / max(prob_rows, 1)).float()
+    return stats
+
+
+class _NotTheProgram(Exception):
+    """The Hugging Face model's hooks do not see what the program's layers see."""
+
+
+def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | None:
+    """Statistics of a static causal-LM program whose inputs are shorter than `seq` tokens (`rewrite smollm2`
+    exports 2×16 tokens), taken on seq-long sequences from the Hugging Face model it was captured from, with
+    forward hooks on the same linear modules. Without this the program could only be calibrated on 16-token
+    sequences: measured on SmolLM2 (shiftadd 4 bits, held-out output error per layer, geometric mean of 10 layers)
+    0.081 with 32×16 tokens against 0.070 with 32×128 — worse than round-to-nearest (0.074).
+
+    Taken only when the program still computes that model: no pass has rewritten a node yet, every site's weight is
+    the module's own (same dtype, equal), and program and model agree on the example inputs. None otherwise (the
+    caller then calibrates the program itself on inputs of its static shape)."""
+    from .ir import provenance
+    if io.dynamic or not io.lm or io.ids_index is None or io.length >= spec.seq or spec.samples < 1:
+        return None
+    if any(provenance(n) for n in ctx.gm.graph.nodes):
+        return None
+    model = _hf_model(ctx)
+    if model is None:
+        return None
+    hooked: dict[fx.Node, torch.nn.Module] = {}
+    by_input: dict[fx.Node, list] = {}
+    try:
+        for s in sites:
+            path, _, leaf = s.weight_name.rpartition(".")
+            module = model.get_submodule(path) if leaf == "weight" and path else None
+            w = getattr(module, "weight", None)
+            mine = s.weight_tensor(ctx.gm)
+            if not isinstance(w, torch.Tensor) or w.shape != mine.shape or w.dtype != mine.dtype \
+                    or w.device != mine.device or not torch.equal(w, mine):
+                return None
+            if hooked.setdefault(s.x, module) is not module and module in hooked.values():
+                return None           # one module on two inputs (a shared layer): its hook would mix them
+            by_input.setdefault(s.x, []).append(s)
+        device = mine.device
+        with torch.no_grad():
+            ids = io.example[io.ids_index].to(device=device, dtype=torch.long)
+            want = run_flat(ctx.gm, list(io.example)).float()
+            got = model(ids).float()
+        if got.shape != want.shape or float((got - want).norm()) > 1e-2 * float(want.norm()):
+            return None
+    except Exception:        # a module path that is not the program's, a model that does not run alone: the program
+        return None
+    sums: dict[fx.Node, torch.Tensor] = {}
+    counts: dict[fx.Node, int] = {}
+
+    def hook_for(node, width):
+        def hook(module, args, out):
+            x = args[0].detach() if args and isinstance(args[0], torch.Tensor) else None
+            if x is None or x.shape[-1] != width:
+                raise _NotTheProgram()
+            x = x.reshape(-1, width).float()
+            sums[node] = x.t() @ x if node not in sums else sums[node].addmm_(x.t(), x)
+            counts[node] = counts.get(node, 0) + x.shape[0]
+        return hook
+
+    ids, source = _token_ids(ctx, io, spec.data, spec.samples, spec.seq, spec.seed)
+    rows = max(1, BATCH_TOKENS // spec.seq)
+    handles = [m.register_forward_hook(hook_for(node, by_input[node][0].in_features)) for node, m in hooked.items()]
+    probs_sum, prob_rows = None, 0
+    try:
+        with torch.no_grad():
+            for start in ctx.progress(range(0, ids.shape[0], rows),
+                                      f"capturing layer statistics ({len(sites)} layers, {spec.seq}-token sequences)"):
+                batch = ids[start:start + rows].to(device)
+                logits = model(batch)
+                if len(counts) != len(hooked) or any(c != prob_rows + batch.numel() for c in counts.values()):
+                    raise _NotTheProgram()          # a module called more (or less) than once per token
+                p = torch.softmax(logits.detach().double().reshape(-1, logits.shape[-1]), -1)
+                probs_sum = p.sum(0) if probs_sum is None else probs_sum + p.sum(0)
+                prob_rows += p.shape[0]
+    except _NotTheProgram:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    _note(ctx, f"calibration data: {source} (the program's inputs are {io.length} tokens long: statistics taken "
+               f"on the Hugging Face model it computes, with hooks on the same layers)")
+    stats = LayerStats(source=spec.data)
+    for node, group in by_input.items():
+        h = sums.pop(node).div_(max(counts[node], 1))
+        for s in group:
+            stats.grams[s.name] = h
+        stats.rows = max(stats.rows, counts[node])
+    stats.mean_probs = (probs_sum / max(prob_rows, 1)).float()
     return stats
 
 

@@ -329,3 +329,42 @@ def test_smollm2_real_weights_exact_passes():
         logits = model(*args, **kwargs)
     # real weights: the continuation is predicted far above chance (vocabulary 49152)
     assert torch.log_softmax(logits[0, :-1], -1).gather(-1, args[0][0, 1:, None]).mean() > -8
+
+
+def _recorded_stats(monkeypatch):
+    from rewriter import calibration
+    seen = []
+    real = calibration._capture_stats
+
+    def spy(ctx, spec, sites):
+        stats = real(ctx, spec, sites)
+        seen.append(stats)
+        return stats
+    monkeypatch.setattr(calibration, "_capture_stats", spy)
+    return seen
+
+
+def test_static_program_is_calibrated_on_seq_long_sequences(llama_dir, monkeypatch):
+    """A folder exports with 2×16-token example inputs (static), but calibration asks for `seq` tokens: the layer
+    statistics come from the Hugging Face model (hooks on the same layers) on seq-long sequences — the same Grams
+    as calibrating a dynamic export of the program on those sequences."""
+    seen = _recorded_stats(monkeypatch)
+    static = rewrite(llama_dir, None, "lowrank{calibrate=4,seq=32}")
+    dynamic = rewrite(llama_dir, None, "lowrank{calibrate=4,seq=32}", dynamic=True)
+    a, b = seen
+    assert a.rows == b.rows == 4 * 32
+    assert a.grams.keys() == b.grams.keys() and len(a.grams) >= 14
+    for name in a.grams:
+        assert torch.allclose(a.grams[name], b.grams[name], rtol=1e-4, atol=1e-6), name
+    assert torch.allclose(a.mean_probs, b.mean_probs, rtol=1e-4, atol=1e-7)
+    assert any("hooks on the same layers" in m for p in static.report.passes for m in p.messages)
+    assert not any("hooks" in m for p in dynamic.report.passes for m in p.messages)
+
+
+def test_rewritten_program_is_calibrated_on_itself(llama_dir, monkeypatch):
+    """Once a pass has changed the program the model's hooks no longer see what its layers see: calibration runs
+    the program itself, on inputs of its static shape."""
+    seen = _recorded_stats(monkeypatch)
+    out = rewrite(llama_dir, None, "lora{rank=2,init=gaussian},lora-merge,lowrank{calibrate=4,seq=32}")
+    assert seen[0].rows == 4 * 16
+    assert not any("hooks" in m for p in out.report.passes for m in p.messages)
