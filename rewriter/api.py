@@ -95,6 +95,8 @@ def run_captured(captured: Captured, pipeline: list[Pass], *, verify=False, deco
     store = captured.store
     # what passes may know about the model (calibration samples from the source's own model, tokenises files)
     known = {"source": captured.source, "dynamic": captured.dynamic, **(resources or {})}
+    if store is not None:   # for passes that hold big results before they enter the program (projections.py)
+        known["weight_store"] = store
     if store is not None:   # bounded memory: spill and give pages back between layers and after every pass
         progress = _tidying_progress(progress, store, gm)
         instruments = [*instruments, _TidyAfterPass(store)]

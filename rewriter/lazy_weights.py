@@ -250,6 +250,25 @@ class WeightStore:
             self.stats["spill_s"] += time.perf_counter() - start
             return moved
 
+    def spill_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """A file-backed copy of `t` (same dtype, shape, bytes) when it is a big contiguous anonymous CPU tensor,
+        else `t` itself. For results a pass holds before they enter the program: calibrated `monarch` keeps every
+        layer's factors until the last chunk of layers is fitted (so that each chunk's statistics see the program
+        it received), which on TinyLlama-1.1B is ~0.7 GB of anonymous memory if they stay in RAM."""
+        nbytes = t.numel() * t.element_size()
+        if not (self.active and self.spill_bytes) or nbytes < self.spill_bytes or t.device.type != "cpu" \
+                or t.requires_grad or not t.is_contiguous() or t.is_sparse or t.untyped_storage().nbytes() != nbytes:
+            return t
+        with self._lock:
+            if self.file_backed(t):
+                return t
+            start = time.perf_counter()
+            mapped = self._write_and_map(t)
+            self.stats["spilled"] += 1
+            self.stats["spilled_bytes"] += nbytes
+            self.stats["spill_s"] += time.perf_counter() - start
+        return mapped
+
     def _write_and_map(self, t: torch.Tensor) -> torch.Tensor:
         fd, path = tempfile.mkstemp(prefix="spill-", suffix=".bin", dir=self.scratch)
         try:

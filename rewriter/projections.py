@@ -385,7 +385,7 @@ def project_sites(ctx, sites: list[LinearSite], fit: Callable[..., "Factored | s
             if max_error is not None and judged is not None and judged > max_error:
                 accepted.append((site, f"output error {judged:.3g} > max_error {max_error:g}", figures))
                 continue
-            accepted.append((site, fac, figures))
+            accepted.append((site, _spilled(ctx, fac), figures))
         del stats, items, results
     for site, fac, figures in accepted:
         if isinstance(fac, str):
@@ -400,6 +400,17 @@ def project_sites(ctx, sites: list[LinearSite], fit: Callable[..., "Factored | s
         ctx.site(site.name, **figures, flops_before=2 * rows * numel,
                  flops_after=2 * rows * numel if dense_path else rows * fac.flops_per_row(),
                  kind=fac.kind, **fac.info)
+
+
+def _spilled(ctx, fac: Factored) -> Factored:
+    """`fac` with its factors moved to scratch files when the program's weights are mapped from a checkpoint
+    (rewriter/lazy_weights.py): every layer's factors wait in `accepted` until the last chunk is fitted, and in
+    RAM they would add up to about half the checkpoint for blocks=4. Same tensors, same bytes."""
+    store = ctx.resources.get("weight_store")
+    if store is None:
+        return fac
+    return Factored(fac.kind, fac.out_features, fac.in_features,
+                    {k: store.spill_tensor(v) for k, v in fac.factors.items()}, fac.info)
 
 
 def default_sites(gm: fx.GraphModule, targets: str, exclude: str) -> list[LinearSite]:

@@ -38,7 +38,7 @@ def damped(h: torch.Tensor, size: int | None = None, damp: float = DAMP) -> torc
     n = h.shape[0]
     size = n if size is None else size
     out = torch.zeros(size, size, dtype=torch.float64, device=h.device)
-    out[:n, :n] = h.double()
+    out[:n, :n] = h                        # converts in place: no second float64 copy of a 5632-wide Gram
     diag = out.diagonal()
     positive = diag[:n][diag[:n] > 0]
     mean = float(positive.mean()) if positive.numel() else 1.0
@@ -102,8 +102,10 @@ def relative_error(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> fl
     """sqrt(tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ)) with the undamped H (padding of `approx` beyond W's columns ignored)."""
     n = w.shape[1]
     hd = h.double()[:n, :n]
-    d = w.double() - approx.double()[: w.shape[0], :n]
-    den = float(((w.double() @ hd) * w.double()).sum())
+    wd = w.double()                        # once: each float64 copy of a 2048 × 5632 weight is 92 MB
+    d = wd - approx.double()[: w.shape[0], :n]
+    den = float(((wd @ hd) * wd).sum())
+    del wd
     return (max(float(((d @ hd) * d).sum()), 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 

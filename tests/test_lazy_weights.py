@@ -216,3 +216,31 @@ def test_spilling_between_layers_creates_no_tensor_without_a_device(checkpoint, 
     sd, sd_plain = tagged.program.state_dict, plain.program.state_dict
     assert all(t.device.type == "cpu" for t in sd.values())
     assert sd.keys() == sd_plain.keys() and all(torch.equal(sd[k], sd_plain[k]) for k in sd)
+
+
+@linux_only
+def test_fitted_factors_wait_for_the_rewrite_on_disk(checkpoint, scratch, monkeypatch):
+    """Calibrated monarch fits its layers chunk by chunk and rewrites only after the last chunk (every chunk sees
+    the program it received), so every layer's factors wait meanwhile: on TinyLlama-1.1B ~0.7 GB of anonymous
+    memory. With a weight store they wait in scratch files instead, and the program is the same as in memory."""
+    from rewriter import calibration, projections
+    spec = "monarch{blocks=4,calibrate=2}"
+    monkeypatch.setattr(calibration, "GRAM_BUDGET", 2 * 128 * 128 * 4)       # several chunks
+    monkeypatch.setenv("REWRITE_SPILL_BYTES", "0")
+    plain = rewrite(checkpoint, None, spec)
+    monkeypatch.setenv("REWRITE_SPILL_BYTES", "4096")
+    waiting = []
+    real_apply = projections.apply
+
+    def spy(gm, site, fac, **kwargs):
+        waiting.append(fac)
+        return real_apply(gm, site, fac, **kwargs)
+    monkeypatch.setattr(projections, "apply", spy)
+    result = rewrite(checkpoint, None, spec)
+    store = result.store
+    big = [t for fac in waiting for t in fac.factors.values() if t.numel() * t.element_size() >= 4096]
+    assert len(waiting) == 14 and big
+    ranges = store.ranges()
+    assert all(store.file_backed(t, ranges) for t in big)
+    sd, sd_plain = result.program.state_dict, plain.program.state_dict
+    assert sd.keys() == sd_plain.keys() and all(torch.equal(sd[k], sd_plain[k]) for k in sd)
