@@ -640,8 +640,8 @@ def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | Non
     """Statistics of a static causal-LM program whose inputs are shorter than `seq` tokens (`rewrite smollm2`
     exports 2×16 tokens), taken on seq-long sequences from the Hugging Face model it was captured from, with
     forward hooks on the same linear modules. Without this the program could only be calibrated on 16-token
-    sequences: measured on SmolLM2 (shiftadd 4 bits, held-out output error per layer, geometric mean of 10 layers)
-    0.081 with 32×16 tokens against 0.070 with 32×128 — worse than round-to-nearest (0.074).
+    sequences: measured on SmolLM2 (shiftadd 4 bits, held-out output error per layer, geometric mean of 10 layers,
+    `python -m bench.quant_layers`) 0.095 with 32×16 tokens against 0.072 with 32×128; round-to-nearest: 0.074.
 
     Taken only when the program still computes that model: no pass has rewritten a node yet, every site's weight is
     the module's own (same dtype, equal), and program and model agree on the example inputs. None otherwise (the

@@ -368,3 +368,13 @@ def test_bad_gram_budget_is_a_one_line_user_error(raw, monkeypatch, tiny_gpt):
     model, args = tiny_gpt
     with pytest.raises(UserError, match="REWRITE_GRAM_BYTES"):
         rewrite(model, args, "lowrank{calibrate=2}")
+
+
+def test_bench_gptq_reference_is_rtn_without_correlations_and_better_with_them():
+    """bench.quant_layers' GPTQ reference: with H ∝ I no error is pushed anywhere (it is RTN exactly); with
+    correlated inputs it lowers the calibrated output error below RTN's."""
+    from bench.quant_layers import gptq_uniform
+    w, h = _llm_like_layer(3, "laplace", 24, 128, True)
+    assert torch.equal(gptq_uniform(w, torch.eye(128), 4, 64), bcq_fit.rtn(w, 4, 64))
+    assert weighted.relative_error(w, gptq_uniform(w, h, 4, 64), h) < \
+        0.9 * weighted.relative_error(w, bcq_fit.rtn(w, 4, 64), h)
