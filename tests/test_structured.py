@@ -349,3 +349,15 @@ def test_structured_spends_leftover_budget_on_best_error_per_param():
     assert total <= 125
     # two upgrades of 25 params fit; the third layer gains least per parameter (0.05 / 25) and stays
     assert [p[0] for p in new] == ["half", "half", "quarter"] and total == 125
+
+
+@pytest.mark.parametrize("kind", ["monarch", "blockdiag"])
+def test_dense_form_in_column_chunks_is_the_whole_identity_product(kind):
+    """Factored.dense applies the layer to the identity a few columns at a time (bounded memory on wide layers):
+    bit-identical to applying it to the whole identity at once."""
+    from rewriter.projections import blockdiag_project, monarch_project
+    w = torch.randn(36, 60, generator=torch.Generator().manual_seed(1))
+    fac = (monarch_project if kind == "monarch" else blockdiag_project)(w, 4)
+    whole = fac.dense(rows=10**9)
+    assert torch.equal(fac.dense(rows=7), whole)
+    assert torch.allclose(whole.float(), fac.dense(torch.float32, rows=13), atol=1e-5)
