@@ -190,8 +190,9 @@ class ShiftAddPass(Pass):
                     f"({100 * (1 - weights_after / max(weights_before, 1)):.1f}% less); model: {bytes_before:,} B -> "
                     f"{bytes_after:,} B ({100 * (1 - bytes_after / max(bytes_before, 1)):.1f}% less)")
         if calibrated:
-            ctx.message(f"calibrated output error vs round-to-nearest at equal bits per weight: "
-                        f"{len(sites) - len(worse)}/{len(sites)} layers not worse"
+            ctx.message(f"output error on the calibration data vs round-to-nearest at equal bits per weight: "
+                        f"{len(sites) - len(worse)}/{len(sites)} layers not worse (held-out text can differ: "
+                        f"python -m bench.quant_layers)"
                         + (f" (worse: {', '.join(worse[:8])}{' ...' if len(worse) > 8 else ''})" if worse else ""))
 
     # ---- helpers ---------------------------------------------------------------------------------------------
