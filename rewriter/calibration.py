@@ -608,9 +608,8 @@ def _capture_stats(ctx, spec: DataSpec, sites: list) -> LayerStats:
             out = Capture(ctx.gm).run(*flat)
             if io.lm:
                 logits = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)][0]
-                p = torch.softmax(logits.detach().double().reshape(-1, logits.shape[-1]), -1)
-                probs_sum = p.sum(0) if probs_sum is None else probs_sum + p.sum(0)
-                prob_rows += p.shape[0]
+                probs_sum = _add_probs(probs_sum, logits)
+                prob_rows += logits.numel() // logits.shape[-1]
     stats = LayerStats(source=spec.data)
     for node, names in by_input.items():
         if node in sums:
@@ -630,6 +629,16 @@ def _same_weight(a: torch.Tensor, b: torch.Tensor, whole: int = 1 << 20) -> bool
     if a.numel() <= whole or a.ndim < 2 or a.shape[0] <= 16:
         return torch.equal(a, b)
     return torch.equal(a[:8], b[:8]) and torch.equal(a[-8:], b[-8:])
+
+
+def _add_probs(total: torch.Tensor | None, logits: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """total + Σ over positions of softmax(logits) in float64, `chunk` positions at a time: one float64 copy of a
+    2,048-position batch over a 32,000-token vocabulary is 0.5 GB (measured: +1.4 GiB on TinyLlama-1.1B)."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    for s in range(0, flat.shape[0], chunk):
+        p = torch.softmax(flat[s:s + chunk].double(), -1).sum(0)
+        total = p if total is None else total + p
+    return total
 
 
 class _NotTheProgram(Exception):
@@ -702,9 +711,8 @@ def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | Non
                 logits = model(batch)
                 if len(counts) != len(hooked) or any(c != prob_rows + batch.numel() for c in counts.values()):
                     raise _NotTheProgram()          # a module called more (or less) than once per token
-                p = torch.softmax(logits.detach().double().reshape(-1, logits.shape[-1]), -1)
-                probs_sum = p.sum(0) if probs_sum is None else probs_sum + p.sum(0)
-                prob_rows += p.shape[0]
+                probs_sum = _add_probs(probs_sum, logits)
+                prob_rows += logits.numel() // logits.shape[-1]
     except _NotTheProgram:
         return None
     finally:
