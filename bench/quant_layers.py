@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--json", metavar="FILE")
     ns = ap.parse_args(argv)
+    if ns.every < 1 or not 2 <= ns.bits <= 8:
+        ap.error("--every must be >= 1 and --bits in 2..8")
     layers: dict = {}
     rewrite(ns.model, None, _CollectLayers(every=ns.every, sink=(layers,)), dynamic=True)
     rows = []

@@ -564,9 +564,9 @@ def site_chunks(ctx, spec: DataSpec, sites: list) -> list[list]:
     """`sites` cut into consecutive chunks whose Grams fit GRAM_BUDGET (one chunk when every Gram of the program
     fits, or without calibration)."""
     from .matchers.linear import find_linears
-    if spec.samples <= 0 or gram_bytes(find_linears(ctx.gm)) <= gram_budget():
+    budget = gram_budget() if spec.samples > 0 else 0
+    if spec.samples <= 0 or gram_bytes(find_linears(ctx.gm)) <= budget:
         return [list(sites)] if sites else []
-    budget = gram_budget()
     chunks, chunk, inputs = [], [], set()
     for s in sites:
         grows = s.x not in inputs
@@ -597,10 +597,7 @@ def _capture_stats(ctx, spec: DataSpec, sites: list) -> LayerStats:
         def run_node(self, n):
             value = super().run_node(n)
             if n in by_input and isinstance(value, torch.Tensor) and value.is_floating_point():
-                x = value.detach().reshape(-1, value.shape[-1]).float()
-                g = x.t() @ x
-                sums[n] = g if n not in sums else sums[n].add_(g)
-                counts[n] = counts.get(n, 0) + x.shape[0]
+                _accumulate(sums, counts, n, value)
             return value
 
     with torch.no_grad():
@@ -610,6 +607,20 @@ def _capture_stats(ctx, spec: DataSpec, sites: list) -> LayerStats:
                 logits = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)][0]
                 probs_sum = _add_probs(probs_sum, logits)
                 prob_rows += logits.numel() // logits.shape[-1]
+    return _layer_stats(spec, by_input, sums, counts, probs_sum, prob_rows)
+
+
+def _accumulate(sums: dict, counts: dict, key, value: torch.Tensor) -> None:
+    """Add one input batch's x·xᵀ (rows: every position) to the running Gram of `key`."""
+    x = value.detach().reshape(-1, value.shape[-1]).float()
+    g = x.t() @ x
+    sums[key] = g if key not in sums else sums[key].add_(g)
+    counts[key] = counts.get(key, 0) + x.shape[0]
+
+
+def _layer_stats(spec: DataSpec, by_input: dict, sums: dict, counts: dict, probs_sum, prob_rows: int) -> LayerStats:
+    """The mean Grams (one per distinct input, shared by the layer names reading it) and mean next-token
+    distribution from the running sums."""
     stats = LayerStats(source=spec.data)
     for node, names in by_input.items():
         if node in sums:
@@ -664,7 +675,8 @@ def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | Non
     if model is None:
         return None
     hooked: dict[fx.Node, torch.nn.Module] = {}
-    by_input: dict[fx.Node, list] = {}
+    by_input: dict[fx.Node, list[str]] = {}
+    widths: dict[fx.Node, int] = {}
     try:
         for s in sites:
             path, _, leaf = s.weight_name.rpartition(".")
@@ -674,9 +686,9 @@ def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | Non
             if not isinstance(w, torch.Tensor) or w.shape != mine.shape or w.dtype != mine.dtype \
                     or w.device != mine.device or not _same_weight(w, mine):
                 return None
-            if hooked.setdefault(s.x, module) is not module and module in hooked.values():
-                return None           # one module on two inputs (a shared layer): its hook would mix them
-            by_input.setdefault(s.x, []).append(s)
+            hooked.setdefault(s.x, module)       # q/k/v share one input: the first one's hook sees it
+            widths[s.x] = s.in_features
+            by_input.setdefault(s.x, []).append(s.name)
         device = mine.device
         with torch.no_grad():
             ids = io.example[io.ids_index].to(device=device, dtype=torch.long)
@@ -691,17 +703,14 @@ def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | Non
 
     def hook_for(node, width):
         def hook(module, args, out):
-            x = args[0].detach() if args and isinstance(args[0], torch.Tensor) else None
-            if x is None or x.shape[-1] != width:
+            if not args or not isinstance(args[0], torch.Tensor) or args[0].shape[-1] != width:
                 raise _NotTheProgram()
-            x = x.reshape(-1, width).float()
-            sums[node] = x.t() @ x if node not in sums else sums[node].addmm_(x.t(), x)
-            counts[node] = counts.get(node, 0) + x.shape[0]
+            _accumulate(sums, counts, node, args[0])
         return hook
 
     ids, source = _token_ids(ctx, io, spec.data, spec.samples, spec.seq, spec.seed)
     rows = max(1, BATCH_TOKENS // spec.seq)
-    handles = [m.register_forward_hook(hook_for(node, by_input[node][0].in_features)) for node, m in hooked.items()]
+    handles = [m.register_forward_hook(hook_for(node, widths[node])) for node, m in hooked.items()]
     probs_sum, prob_rows = None, 0
     try:
         with torch.no_grad():
@@ -710,7 +719,7 @@ def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | Non
                 batch = ids[start:start + rows].to(device)
                 logits = model(batch)
                 if len(counts) != len(hooked) or any(c != prob_rows + batch.numel() for c in counts.values()):
-                    raise _NotTheProgram()          # a module called more (or less) than once per token
+                    raise _NotTheProgram()   # a module called more (a layer shared by two inputs) or less than once
                 probs_sum = _add_probs(probs_sum, logits)
                 prob_rows += logits.numel() // logits.shape[-1]
     except _NotTheProgram:
@@ -720,14 +729,7 @@ def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | Non
             h.remove()
     _note(ctx, f"calibration data: {source} (the program's inputs are {io.length} tokens long: statistics taken "
                f"on the Hugging Face model it computes, with hooks on the same layers)")
-    stats = LayerStats(source=spec.data)
-    for node, group in by_input.items():
-        h = sums.pop(node).div_(max(counts[node], 1))
-        for s in group:
-            stats.grams[s.name] = h
-        stats.rows = max(stats.rows, counts[node])
-    stats.mean_probs = (probs_sum / max(prob_rows, 1)).float()
-    return stats
+    return _layer_stats(spec, by_input, sums, counts, probs_sum, prob_rows)
 
 
 def spec_of(pass_obj) -> DataSpec:

@@ -368,3 +368,24 @@ def test_rewritten_program_is_calibrated_on_itself(llama_dir, monkeypatch):
     out = rewrite(llama_dir, None, "lora{rank=2,init=gaussian},lora-merge,lowrank{calibrate=4,seq=32}")
     assert seen[0].rows == 4 * 16
     assert not any("hooks" in m for p in out.report.passes for m in p.messages)
+
+
+def test_cached_samples_do_not_load_the_source_model(llama_dir, monkeypatch, tmp_path):
+    """Self-sampled calibration sequences of a big model are cached on disk; a later run reads them back without
+    loading the Hugging Face model again (for a 1B model that load alone maps the whole checkpoint)."""
+    from rewriter import calibration
+    monkeypatch.setenv("REWRITE_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibration, "DISK_CACHE_PARAMS", 0)       # treat the tiny model as big
+    loads = []
+    real = calibration._hf_model
+
+    def counting(ctx):
+        loads.append(1)
+        return real(ctx)
+    monkeypatch.setattr(calibration, "_hf_model", counting)
+    first = rewrite(llama_dir, None, "lowrank{calibrate=4,seq=32}", dynamic=True).program.state_dict
+    assert loads and list(tmp_path.glob("calibration/*.pt"))
+    loads.clear()
+    again = rewrite(llama_dir, None, "lowrank{calibrate=4,seq=32}", dynamic=True).program.state_dict
+    assert not loads
+    assert all(torch.equal(first[k], again[k]) for k in first)
