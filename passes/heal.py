@@ -210,7 +210,7 @@ class HealPass(Pass):
         if self.train in ("auto", "new"):
             for layer in layers:
                 if layer.kind == "shiftadd":
-                    trained.append(trainable.open_shiftadd(gm, layer))
+                    trained += trainable.open_shiftadd(gm, layer)
                     opened.append(layer)
             trained += [name for name, p in gm.named_parameters()
                         if name not in teacher_names and p.is_floating_point() and name not in trained]

@@ -1,39 +1,47 @@
-"""`shiftadd` — binary-coding quantisation with power-of-two scales (ShiftAddLLM, You et al. 2024).
+"""`shiftadd` — binary-coded weights combined by shifts and adds (ShiftAddLLM, You et al. 2024; LUT-GEMM).
 
-Each matched weight W (out, in) becomes, per row r and group j of `group` input columns,
+Each matched weight W (out, in) becomes, per row r and group j of `group` input columns, q sign planes
+Bᵢ ∈ {±1}^group (packed 8 per uint8) and one of two codes (rewriter/bcq.py):
 
-    W[r, group j] ≈ Σᵢ αᵢ·Bᵢ,   Bᵢ ∈ {±1}^group,   αᵢ = Σₜ 2^{eᵢₜ}  (terms t < `terms`; exponents stored as int8)
+    affine (default)  W[r, group j] ≈ s·Σᵢ 2^{i−1}·Bᵢ + β       s, β fp16 per (row, group)
+                      = the asymmetric uniform grid with 2^q levels; bits per weight = bits + 32/group (4.5 at
+                      bits=4, group=64: exactly round-to-nearest's with an fp16 scale and zero point). The planes
+                      combine by shifts; per (row, group) one multiply by s and one of the input's group sum by β.
+    pow2              W[r, group j] ≈ Σᵢ αᵢ·Bᵢ,  αᵢ = Σₜ 2^{eᵢₜ} (terms t < `terms`; int8 exponents): no multiply at
+                      all; bits per weight = bits + 8·bits·terms/group (4.5 at bits=4, group=64, terms=1).
 
-so x·Wᵀ needs only sign flips, additions and shifts. Signs are packed 8 per uint8: bits per weight =
-bits + 8·bits·terms/group (4.5 at bits=4, group=64 — the same as 4-bit round-to-nearest with an fp16 scale and
-zero point per 64 weights).
+Why affine is the default: its family contains round-to-nearest's grid, so a fit of it is never worse than
+round-to-nearest at equal bits; the pow2 code's power-of-two scales and missing zero point cost more than its
+free per-plane scales gain. Measured per layer on SmolLM2 at 4 bits, held-out text (python -m bench.quant_layers):
+the README's "Where shiftadd's 4 bits stand".
 
-Fit (rewriter/bcq_fit.py). Calibrated (calibrate=N > 0, the default; N samples of `data`, H = the layer's input
-Gram): every group's grid is fitted (uniform and greedy starts, `rounds` of alternating least squares, an exact
-search over the power-of-two snappings), then GPTQ-style error feedback with act-order rounds the columns in order
-of decreasing input energy, pushing each one's error onto the columns not yet rounded, and a coordinate-descent
-refit of the scales under H (`refit` sweeps) that never increases the output error. Data-free (calibrate=0): the
-grid fit and nearest values only (minimises the weight error).
+Fit (rewriter/bcq_fit.py), calibrated (calibrate=N > 0, the default; N samples of `data`, H = the layer's input
+Gram): affine — the per-group grid (min/max range, clip ratio searched), GPTQ error feedback in act-order over it,
+then the exact least-squares refit of every row's scales and offsets under H, and per row round-to-nearest
+wherever that is better on the calibration data. pow2 — every group's grid fitted (uniform and greedy starts,
+`rounds` of alternating least squares, an exact search over the power-of-two snappings), GPTQ error feedback, and
+a coordinate-descent refit of the scales (`refit` sweeps). Data-free (calibrate=0): the grid fit and nearest values.
 Per layer the report has weight_error (‖W − Ŵ‖/‖W‖), output_error (‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ on the example inputs),
 calibrated_error (the same on the calibration data) and rtn_error: that of asymmetric round-to-nearest with the
-same bits per weight (rewriter/bcq_fit.rtn — the baseline shiftadd must not lose to). A layer whose fit loses is
-refitted with k× more terms per scale over k× larger groups (same bits per weight; `refitted_as` says which was
-kept) and `worse_than_rtn` marks a layer that still loses; bits_per_weight, bytes before/after; a message gives
+same bits per weight (rewriter/bcq_fit.rtn — the baseline shiftadd must not lose to). pow2: a layer whose fit loses
+is refitted with k× more terms per scale over k× larger groups (same bits per weight; `refitted_as` says which was
+kept); `worse_than_rtn` marks a layer that still loses; bits_per_weight, bytes before/after; a message gives
 the model's memory before/after and how many layers beat round-to-nearest.
 
 Graph, before → after (rule "bcq-<matcher rule>"):
 
-    y = aten.linear(x, W, b)        y = rewrite.shiftadd_linear(x, signs, exponents, b, in_features, group)
-    y = aten.addmm(b, x, W_io)      y = rewrite.shiftadd_linear(x, signs, exponents, b, in_features, group)
+    y = aten.linear(x, W, b)        y = rewrite.shiftadd_linear(x, signs, exponents, b, in_features, group
+    y = aten.addmm(b, x, W_io)                                      [, scales, offsets])      (affine: scales, offsets)
 
 W is removed (unless another op still reads it, e.g. a tied embedding).
 
 Options:
+    code       "affine" (default) or "pow2" (above)
     bits       sign planes per weight (1–8; ShiftAddLLM uses 2–4)
-    group      input columns sharing one α vector (multiple of 8)
-    rounds     alternating least-squares rounds of each grid fit (0 = best of the uniform/greedy starts)
-    terms      powers of two summed per α (1 = a single shift)
-    refit      scale-refit sweeps after the error feedback (calibrated only)
+    group      input columns sharing one scale (and offset) per row (multiple of 8)
+    rounds     pow2: alternating least-squares rounds of each grid fit (0 = best of the uniform/greedy starts)
+    terms      pow2: powers of two summed per α (1 = a single shift)
+    refit      pow2: scale-refit sweeps after the error feedback; affine: 0 skips the least-squares refit
     calibrate / data / seq / seed   calibration samples and where they come from (rewriter/calibration.py)
     budget     average bits per weight (2–4): bits chosen per layer, from each layer's output error at 2/3/4 bits
                (calibrated, or on the example inputs), to minimise the summed squared relative output error with
@@ -56,21 +64,26 @@ OP = torch.ops.rewrite.shiftadd_linear.default
 SENSITIVITY_BITS = (2, 3, 4)
 
 
-def quantize_layer(w, h, bits, group, rounds, terms, refit):
-    """One layer (runs in ctx.map_layers): (signs, exponents, group, figures) — the packed fit and its errors, with
-    the equal-bits round-to-nearest baseline's calibrated error. Calibrated, a layer whose fit loses to that
+def quantize_layer(w, h, bits, group, rounds, terms, refit, code="pow2", affine_dtype=torch.float16):
+    """One layer (runs in ctx.map_layers): (BCQWeight, figures) — the packed fit and its errors, with the
+    equal-bits round-to-nearest baseline's calibrated error. pow2 code, calibrated: a layer whose fit loses to that
     baseline is refitted with more terms per scale over proportionally larger groups (g·k, terms·k: the same bits
-    per weight, finer scales), when that does not cost more bits with this layer's padding; the best is kept."""
+    per weight, finer scales), when that does not cost more bits with this layer's padding; the best is kept.
+    The affine code holds round-to-nearest's grid, and its fit falls back to it row by row (rewriter/bcq_fit.py)."""
     wf = w.detach().float()
     in_f = wf.shape[1]
-    q = bcq.quantize(wf, bits, group, rounds, terms, hessian=h, refit=refit)
+    if code == "affine":
+        q = bcq.quantize_affine(wf, bits, group, hessian=h, refit=refit, dtype=affine_dtype)
+    else:
+        q = bcq.quantize(wf, bits, group, rounds, terms, hessian=h, refit=refit)
     wq = q.dequantize()
     figures = {"weight_error": bcq.relative_error(wf, wq)}
     if h is not None:
         err = weighted.relative_error(wf, wq, h)
-        rtn = weighted.relative_error(wf, bcq_fit.rtn(wf, bits, bcq_fit.rtn_group(bits, group, terms)), h)
+        rtn_group = group if code == "affine" else bcq_fit.rtn_group(bits, group, terms)
+        rtn = weighted.relative_error(wf, bcq_fit.rtn(wf, bits, rtn_group, affine_dtype), h)
         config = (group, terms)
-        if err > rtn:
+        if err > rtn and code == "pow2":
             for k in (2, 3, 4):
                 g2, t2 = group * k, terms * k
                 if t2 > 4 or layer_bits(bits, g2, t2, in_f) > layer_bits(bits, group, terms, in_f) + 1e-9:
@@ -84,21 +97,24 @@ def quantize_layer(w, h, bits, group, rounds, terms, refit):
             figures["refitted_as"] = f"group={config[0]},terms={config[1]}"
         figures["calibrated_error"] = err
         figures["rtn_error"] = rtn
-    return q.signs, q.exponents, q.group, figures
+    return q, figures
 
 
-def layer_bits(bits, group, terms, in_features) -> float:
-    """Bits per weight of one layer, padding included: bits·in_pad/in + 8·bits·terms·groups/in."""
+def layer_bits(bits, group, terms, in_features, code="pow2") -> float:
+    """Bits per weight of one layer, padding included: bits·in_pad/in + 8·bits·terms·groups/in (pow2), or
+    bits·in_pad/in + 32·groups/in (affine: an fp16 scale and offset per group)."""
     pad = bcq.padded_in(in_features, group)
-    return (bits * pad + 8 * bits * terms * pad // group) / in_features
+    per_group = 32 if code == "affine" else 8 * bits * terms
+    return (bits * pad + per_group * pad // group) / in_features
 
 
-def sensitivity(w, h, x, group, terms):
+def sensitivity(w, h, x, group, terms, code="pow2"):
     """One layer's output error at 2, 3 and 4 bits (quick data-free fits; calibrated error, else on x)."""
     wf = w.detach().float()
     out = {}
     for b in SENSITIVITY_BITS:
-        wq = bcq.quantize(wf, b, group, 0, terms).dequantize()
+        q = bcq.quantize_affine(wf, b, group) if code == "affine" else bcq.quantize(wf, b, group, 0, terms)
+        wq = q.dequantize()
         out[b] = weighted.relative_error(wf, wq, h) if h is not None else bcq.relative_error(x @ wf.t(), x @ wq.t())
     return out
 
@@ -108,9 +124,11 @@ class ShiftAddPass(Pass):
     name = "shiftadd"
     contract = Contract.APPROXIMATE
     target_ops = LINEAR_OPS
-    summary = "binary-coded weights with power-of-two scales (packed signs, LUT matmul), calibrated GPTQ fit; 2–4 bits"
+    summary = ("binary-coded weights (packed signs, LUT matmul) on a uniform grid (affine) or with power-of-two scales "
+               "(pow2), calibrated GPTQ fit; 2–4 bits")
     fuzz_options = {"calibrate": 2}
 
+    code: str = "affine"
     bits: int = 3
     group: int = 64
     rounds: int = 2
@@ -125,6 +143,8 @@ class ShiftAddPass(Pass):
     exclude: str = ""
 
     def __post_init__(self):
+        if self.code not in ("affine", "pow2"):
+            raise ValueError(f'code must be "affine" or "pow2", got "{self.code}"')
         if not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be in 1..8, got {self.bits}")
         if self.group < 8 or self.group % 8:
@@ -164,14 +184,14 @@ class ShiftAddPass(Pass):
         for chunk in chunks:
             stats = calibration.layer_stats(ctx, spec, chunk) if calibrated else None
             items = [(site_weight(gm, s), stats.gram(s.name) if stats is not None else None, bits_for[s.name],
-                      self.group, self.rounds, self.terms, self.refit) for s in chunk]
+                      self.group, self.rounds, self.terms, self.refit, self.code,
+                      bcq.affine_dtype(s.weight_tensor(gm).dtype)) for s in chunk]
             fitted += zip(chunk, ctx.map_layers(quantize_layer, items, "quantising"))
             del stats, items
         weights_before = weights_after = 0
         worse = []
-        for site, (signs, exps, group, figures) in fitted:
+        for site, (q, figures) in fitted:
             w = site_weight(gm, site)
-            q = bcq.BCQWeight(signs, exps, site.in_features, group)
             x = xs[site.name]
             figures["output_error"] = bcq.relative_error(x @ w.t(), x @ q.dequantize().t())
             if "rtn_error" in figures:
@@ -201,6 +221,10 @@ class ShiftAddPass(Pass):
         exps = params.add_tensor(gm, site.tensor_name("bcq_exponents"), q.exponents)
         args = (site.x, params.get_attr_node(gm, signs), params.get_attr_node(gm, exps), site.bias,
                 site.in_features, q.group)
+        if q.scales is not None:
+            scales = params.add_tensor(gm, site.tensor_name("bcq_scales"), q.scales)
+            offsets = params.add_tensor(gm, site.tensor_name("bcq_offsets"), q.offsets)
+            args += (params.get_attr_node(gm, scales), params.get_attr_node(gm, offsets))
         new = insert_call(gm, site.node, OP, args, pass_name=self.name, rule=f"bcq-{site.rule}", replaces=site.node)
         replace_node(gm, site.node, new)
         params.remove_if_unused(gm, site.weight_name)
@@ -209,7 +233,7 @@ class ShiftAddPass(Pass):
         """Output error of each layer of `chunk` at 2, 3 and 4 bits (calibrated when `spec` calibrates)."""
         stats = calibration.layer_stats(ctx, spec, chunk) if spec.samples > 0 else None
         items = [(site_weight(ctx.gm, s), stats.gram(s.name) if stats is not None else None, xs[s.name], self.group,
-                  self.terms) for s in chunk]
+                  self.terms, self.code) for s in chunk]
         return {s.name: e for s, e in zip(chunk, ctx.map_layers(sensitivity, items, "measuring sensitivity"))}
 
     def _allocate(self, ctx, sites, errors) -> dict[str, int]:

@@ -9,10 +9,22 @@ Fitting (rewriter/bcq_fit.py): a grid per group — uniform and greedy starts, a
 search over the power-of-two snappings — and, calibrated, GPTQ-style error feedback (Frantar et al. 2022) followed by
 a coordinate-descent refit of the scales under the calibration Gram that never increases the output error.
 
+Two codes share that form and one op:
+    pow2     (ShiftAddLLM) every (row, group, plane) has its own αᵢ, a sum of `terms` powers of two: no multiply.
+    affine   (LUT-GEMM-like, uniform grid) the planes are fixed powers of two, αᵢ = 2^{i−1}, shared by every group,
+             and each (row, group) has one scale s and one offset β (fp16):
+                 W[r, j·g:(j+1)·g] ≈ s[r, j]·Σᵢ 2^{i−1}·Bᵢ + β[r, j]
+             i.e. the asymmetric uniform grid with 2^q levels (level L = Σᵢ 2^i·bitᵢ, value s·(L − (2^q−1)/2) + β):
+             round-to-nearest's grid is one of its members, so a fit of it is never worse than round-to-nearest.
+             Per (row, group) the planes are combined by shifts, then one multiply by s and one by β·Σx.
+
 Storage (what the custom op `rewrite::shiftadd_linear` reads):
     signs      uint8 (q, out, in_pad/8): bit u of byte k of plane i is Bᵢ[·, 8k+u] == +1
-    exponents  int8  (out, groups, q, terms)
-Bits per weight = q + 8·q·terms/group (e.g. 3.19 at q = 3, group = 128).
+    exponents  int8  (out, groups, q, terms), or broadcastable to it ((1, 1, q, 1) for the affine code)
+    scales     None, or (out, groups) float: multiplies the group's Σᵢ αᵢ·Bᵢ
+    offsets    None, or (out, groups) float: added to every weight of the group
+Bits per weight = q + 8·q·terms/group (pow2; e.g. 3.19 at q = 3, group = 128), q + 32/group (affine: the same as
+round-to-nearest with an fp16 scale and zero point per group).
 
 LUT matmul (`lut_matmul`, the algorithm the Triton kernel implements): for every 8 activations x₀..x₇ a
 256-entry table lut[idx] = Σᵤ (2·bitᵤ(idx) − 1)·xᵤ is built by doubling (start at −Σx, entry idx + 2ᵘ = entry idx
@@ -88,17 +100,20 @@ class BCQWeight:
     exponents: torch.Tensor   # int8 (out, groups, q, terms)
     in_features: int
     group: int
+    scales: torch.Tensor | None = None    # (out, groups) fp16: the affine code's per-group scale
+    offsets: torch.Tensor | None = None   # (out, groups) fp16: the affine code's per-group offset
 
     @property
     def bits(self) -> int:
         return self.signs.shape[0]
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.signs, self.exponents, self.in_features, self.group)
+        return dequantize(self.signs, self.exponents, self.in_features, self.group, self.scales, self.offsets)
 
     @property
     def nbytes(self) -> int:
-        return self.signs.numel() + self.exponents.numel()
+        extra = sum(t.numel() * t.element_size() for t in (self.scales, self.offsets) if t is not None)
+        return self.signs.numel() + self.exponents.numel() + extra
 
     @property
     def bits_per_weight(self) -> float:
@@ -127,6 +142,31 @@ def quantize(weight: torch.Tensor, bits: int = 3, group: int = 128, rounds: int 
     return from_patterns(exps, pattern, in_f, group)
 
 
+def affine_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of the affine code's scales and offsets for a model of `weight_dtype`."""
+    return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float16
+
+
+def affine_exponents(q: int, device=None) -> torch.Tensor:
+    """The affine code's shared plane exponents (1, 1, q, 1): αᵢ = 2^{i−1}."""
+    return (torch.arange(q, device=device) - 1).to(torch.int8).view(1, 1, q, 1)
+
+
+def quantize_affine(weight: torch.Tensor, bits: int = 4, group: int = 64, hessian: torch.Tensor | None = None,
+                    damp: float = 0.1, refit: int = 1, dtype: torch.dtype = torch.float16) -> BCQWeight:
+    """Quantise W (out, in) to the affine code (rewriter/bcq_fit.py): per-group grid (clip search), then — with
+    `hessian` — GPTQ error feedback and a least-squares refit of the scales and offsets under H. Scales and
+    offsets are stored in `dtype`: fp16, or bf16 for a bf16 model (fp16's range is narrower)."""
+    from . import bcq_fit
+    if group % 8:
+        raise ValueError(f"group must be a multiple of 8, got {group}")
+    w = weight.detach().float()
+    scales, offsets, levels = bcq_fit.quantize_affine(w, bits, group, hessian, damp, refit, dtype)
+    exps = affine_exponents(bits, w.device)
+    packed = from_patterns(exps, levels, w.shape[1], group)
+    return BCQWeight(packed.signs, exps, w.shape[1], group, scales.to(dtype), offsets.to(dtype))
+
+
 def from_patterns(exps: torch.Tensor, pattern: torch.Tensor, in_features: int, group: int) -> BCQWeight:
     """The packed form of exponents (out, G, q, terms) and sign patterns (out, G, g) (bit i of a pattern = plane i)."""
     q = exps.shape[2]
@@ -136,13 +176,24 @@ def from_patterns(exps: torch.Tensor, pattern: torch.Tensor, in_features: int, g
 
 
 # ---- the two matmul paths ---------------------------------------------------------------------------------
-def dequantize(signs: torch.Tensor, exponents: torch.Tensor, in_features: int, group: int) -> torch.Tensor:
+def full_exponents(signs: torch.Tensor, exponents: torch.Tensor, group: int) -> torch.Tensor:
+    """exponents expanded (a view) to (out, groups, q, terms) — the affine code stores them broadcastable."""
+    q, out_f, nbytes = signs.shape
+    return exponents.expand(out_f, nbytes * 8 // group, q, exponents.shape[-1])
+
+
+def dequantize(signs: torch.Tensor, exponents: torch.Tensor, in_features: int, group: int,
+               scales: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """float32 W (out, in) from the packed form."""
     b = unpack_signs(signs)                                       # (q, out, in_pad)
     q, out_f, n_pad = b.shape
-    scale = exp_values(exponents)                                 # (out, G, q)
+    scale = exp_values(full_exponents(signs, exponents, group))  # (out, G, q)
     b = b.view(q, out_f, n_pad // group, group)
     w = (b * scale.permute(2, 0, 1)[..., None]).sum(0)            # (out, G, g)
+    if scales is not None:
+        w = w * scales.float()[..., None]
+    if offsets is not None:
+        w = w + offsets.float()[..., None]
     return w.reshape(out_f, n_pad)[:, :in_features]
 
 
@@ -156,8 +207,10 @@ def build_lut(x: torch.Tensor) -> torch.Tensor:
 
 
 def lut_matmul(x: torch.Tensor, signs: torch.Tensor, exponents: torch.Tensor, in_features: int, group: int,
-               bias: torch.Tensor | None = None, max_elements: int = 1 << 24) -> torch.Tensor:
-    """y = x·Wᵀ (+ b) computed from packed signs through 256-entry tables and power-of-two scales.
+               bias: torch.Tensor | None = None, max_elements: int = 1 << 24, scales: torch.Tensor | None = None,
+               offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·Wᵀ (+ b) computed from packed signs through 256-entry tables and power-of-two scales (then, for the
+    affine code, one multiply by the group's scale and one of the group's input sum by its offset).
 
     Vectorised over rows of x and of W; the only Python loops are over the q bit planes, the terms, and — when
     the gathered partial sums (N·out·in/8 values per plane) would exceed `max_elements` — over blocks of output
@@ -170,6 +223,7 @@ def lut_matmul(x: torch.Tensor, signs: torch.Tensor, exponents: torch.Tensor, in
     row_block = max(1, min(n, max_elements // (nbytes * 256)))
     out_block = max(1, min(out_f, max_elements // (row_block * nbytes)))
     base = torch.arange(nbytes, device=x.device) * 256
+    exponents = full_exponents(signs, exponents, group)
     groups = exponents.shape[1]
     e = exponents.float()
     zero = exponents == ZERO_EXP
@@ -179,13 +233,18 @@ def lut_matmul(x: torch.Tensor, signs: torch.Tensor, exponents: torch.Tensor, in
         lut = build_lut(xs).reshape(xs.shape[0], nbytes * 256)
         for o0 in range(0, out_f, out_block):
             o1 = min(out_f, o0 + out_block)
-            acc = y[r0:r0 + row_block, o0:o1]
+            acc = xs.new_zeros(xs.shape[0], o1 - o0, groups)                              # per-group sums
             for i in range(q):   # bit planes (q ≤ 8), not rows
                 idx = (signs[i, o0:o1].long() + base).reshape(-1)                         # (out·nbytes,)
                 partial = lut.index_select(1, idx).view(xs.shape[0], o1 - o0, groups, group // 8).sum(-1)
                 for t in range(exponents.shape[-1]):
                     scaled = torch.ldexp(partial, e[o0:o1, :, i, t])
-                    acc += torch.where(zero[o0:o1, :, i, t], 0.0, scaled).sum(-1)
+                    acc += torch.where(zero[o0:o1, :, i, t], 0.0, scaled)
+            if scales is not None:
+                acc = acc * scales[o0:o1].float()
+            if offsets is not None:
+                acc = acc + offsets[o0:o1].float() * xs.view(xs.shape[0], 1, groups, group).sum(-1)
+            y[r0:r0 + row_block, o0:o1] = acc.sum(-1)
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, out_f).to(x.dtype)

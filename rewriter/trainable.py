@@ -6,13 +6,15 @@ re-projection, and the temporary training forms of the parts that are not plain 
     blockdiag   blocks, u | None (+ dense)     the op on the identity             blocks, u
     lowrank     u, v (+ dense)                 u·v                                u, v
     shiftadd    signs (packed), exponents      Σᵢ 2^e·Bᵢ                          the scales α (straight-through)
+                (+ scales s, offsets β)        s·Σᵢ 2^e·Bᵢ + β (affine code)      s and β (plain fp32 copies)
     vq          codebook, code map             —                                  the codebook
     linear      weight (dense, untouched)      W                                  a LoRA branch U·V, merged after
 
 Shift-add scales train through a straight-through estimator: the forward uses the snapped scales
 snap(α) (sums of `terms` powers of two — exactly what the packed form will hold), the gradient reaches the
 continuous α as if snapping were the identity; after training the exponents are re-derived from α, so the saved
-program keeps its packed form. A LoRA branch y += x·Vᵀ·Uᵀ (U = 0 at the start, so the program is unchanged) is a
+program keeps its packed form. The affine code's scales and offsets are continuous: they train as fp32 copies and
+are rounded back to their stored dtype (fp16) after training. A LoRA branch y += x·Vᵀ·Uᵀ (U = 0 at the start, so the program is unchanged) is a
 `rewrite::lowrank_linear` beside the layer: merged into a dense W after training (W += U·V in float64, rounded
 once), kept beside layers that cannot absorb it (binary weights).
 """
@@ -35,7 +37,7 @@ KINDS = {monarch_linear.OP: "monarch", blockdiag_linear.OP: "blockdiag", lowrank
          shiftadd_linear.OP: "shiftadd", torch.ops.rewrite.vq_logits.default: "vq"}
 # argument positions of the tensors of each op: role -> index
 ROLES = {"monarch": {"w1": 1, "w2": 2, "dense": 5}, "blockdiag": {"blocks": 1, "u": 2, "dense": 5},
-         "lowrank": {"u": 1, "v": 2, "dense": 4}, "shiftadd": {"signs": 1, "exponents": 2},
+         "lowrank": {"u": 1, "v": 2, "dense": 4}, "shiftadd": {"signs": 1, "exponents": 2, "scales": 6, "offsets": 7},
          "vq": {"codebook": 1, "code_map": 2}}
 REQUIRED = {"monarch": ("w1", "w2"), "blockdiag": ("blocks",), "lowrank": ("u", "v"),
             "shiftadd": ("signs", "exponents"), "vq": ("codebook", "code_map")}
@@ -115,7 +117,7 @@ def dense_weight(gm, layer: Layer) -> torch.Tensor | None:
     if layer.kind == "shiftadd":
         n = layer.node
         return bcq.dequantize(layer.value(gm, "signs"), layer.value(gm, "exponents"), int(n.args[4]),
-                              int(n.args[5])).double()
+                              int(n.args[5]), layer.value(gm, "scales"), layer.value(gm, "offsets")).double()
     return None
 
 
@@ -123,7 +125,9 @@ def config(gm, layer: Layer) -> tuple:
     """What the layer's re-projection needs besides the target: (kind, ...) of plain values."""
     if layer.kind == "shiftadd":
         exps = layer.value(gm, "exponents")
-        return ("shiftadd", exps.shape[2], int(layer.node.args[5]), exps.shape[3])
+        scales = layer.value(gm, "scales")
+        code = "pow2" if scales is None else str(scales.dtype).replace("torch.", "")  # affine: its scales' dtype
+        return ("shiftadd", exps.shape[2], int(layer.node.args[5]), exps.shape[3], code)
     fac = factored(gm, layer)
     if fac.kind == "monarch":
         return ("monarch", fac.factors["w1"].shape[0])
@@ -143,7 +147,10 @@ def reproject(target: torch.Tensor, h: torch.Tensor, cfg: tuple, dtype_name: str
     kind = cfg[0]
     w = target.to(dtype) if dtype != torch.float64 else target
     if kind == "shiftadd":
-        _, bits, group, terms = cfg
+        _, bits, group, terms, code = cfg
+        if code != "pow2":
+            q = bcq.quantize_affine(target.float(), bits, group, hessian=h, dtype=getattr(torch, code))
+            return {"signs": q.signs, "exponents": q.exponents, "scales": q.scales, "offsets": q.offsets}
         q = bcq.quantize(target.float(), bits, group, 2, terms, hessian=h)
         return {"signs": q.signs, "exponents": q.exponents}
     if kind == "monarch":
@@ -162,7 +169,8 @@ def dense_of(tensors: dict[str, torch.Tensor], layer_dense_like: Factored | None
              out_f: int) -> torch.Tensor:
     """Ŵ (float64) of a re-projected layer (tensors as `reproject` returns them)."""
     if cfg[0] == "shiftadd":
-        return bcq.dequantize(tensors["signs"], tensors["exponents"], in_f, cfg[2]).double()
+        return bcq.dequantize(tensors["signs"], tensors["exponents"], in_f, cfg[2], tensors.get("scales"),
+                              tensors.get("offsets")).double()
     kind = {"monarch": "monarch", "blockdense": "blockdense", "blockdiag": "blockdiag", "lowrank": "lowrank"}[cfg[0]]
     return Factored(kind, out_f, in_f, tensors).dense(torch.float64)
 
@@ -223,39 +231,67 @@ def scaled_signs_linear(x, alpha, signs, bias, in_features, group, terms):
     return _ScaledSigns.apply(x, alpha, signs, bias, in_features, group, terms)
 
 
-def open_shiftadd(gm, layer: Layer) -> str:
-    """Swap the layer's op for the straight-through form with a trainable α (returns α's name)."""
+def affine_signs_linear(x, signs, exponents, bias, in_features, group, scales, offsets):
+    """The affine code with float scales and offsets that autograd reaches (the training form)."""
+    w = bcq.dequantize(signs, exponents, in_features, group, scales, offsets).to(x.dtype)
+    return F.linear(x, w, bias)
+
+
+def open_shiftadd(gm, layer: Layer) -> list[str]:
+    """Swap the layer's op for its training form (returns the names of the tensors to train): the straight-through
+    form with a trainable α (pow2 code), or fp32 trainable copies of the scales and offsets (affine code)."""
     n = layer.node
-    exps = layer.value(gm, "exponents")
-    alpha = bcq.exp_values(exps)                                                          # (out, G, q)
-    name = params.add_tensor(gm, f"{layer.tensors['exponents']}_alpha", alpha, trainable=True)
-    with gm.graph.inserting_before(n):
-        a_node = params.get_attr_node(gm, name)
-        new = gm.graph.call_function(scaled_signs_linear, (n.args[0], a_node, n.args[1], n.args[3], n.args[4],
-                                                           n.args[5], exps.shape[3]))
+    x, signs, exps_node, bias, in_f, group = n.args[:6]
+    if "scales" in layer.tensors:
+        names = [params.add_tensor(gm, f"{layer.tensors[role]}_train", layer.value(gm, role).float(), trainable=True)
+                 for role in ("scales", "offsets")]
+        with gm.graph.inserting_before(n):
+            s_node, b_node = (params.get_attr_node(gm, name) for name in names)
+            new = gm.graph.call_function(affine_signs_linear, (x, signs, exps_node, bias, in_f, group, s_node, b_node))
+        layer.tensors["scales_train"], layer.tensors["offsets_train"] = names
+    else:
+        exps = layer.value(gm, "exponents")
+        alpha = bcq.exp_values(exps)                                                      # (out, G, q)
+        names = [params.add_tensor(gm, f"{layer.tensors['exponents']}_alpha", alpha, trainable=True)]
+        with gm.graph.inserting_before(n):
+            a_node = params.get_attr_node(gm, names[0])
+            new = gm.graph.call_function(scaled_signs_linear, (x, a_node, signs, bias, in_f, group, exps.shape[3]))
+        layer.tensors["alpha"] = names[0]
     n.replace_all_uses_with(new)
-    layer.node, layer.tensors["alpha"] = new, name
+    layer.node = new
     gm.graph.erase_node(n)
     gm.recompile()
-    return name
+    return names
 
 
 def close_shiftadd(gm, layer: Layer) -> None:
-    """Re-derive the exponents from the trained α and put the packed op back."""
+    """Put the packed op back: exponents re-derived from the trained α (pow2), or the trained scales and offsets
+    rounded to their stored dtype (affine)."""
     n = layer.node
-    alpha = get_attr_value(gm, layer.tensors["alpha"]).detach()
-    terms = int(n.args[6])
-    exps, _ = bcq.snap_pow2(alpha, terms)
-    params.set_tensor(gm, layer.tensors["exponents"], exps.to(torch.int8))
+    if "alpha" in layer.tensors:
+        alpha = get_attr_value(gm, layer.tensors["alpha"]).detach()
+        exps, _ = bcq.snap_pow2(alpha, int(n.args[6]))
+        params.set_tensor(gm, layer.tensors["exponents"], exps.to(torch.int8))
+        x, signs, bias, in_f, group = n.args[0], n.args[2], n.args[3], n.args[4], n.args[5]
+        trained = [layer.tensors.pop("alpha")]
+    else:
+        x, signs, _, bias, in_f, group = n.args[:6]
+        trained = []
+        for role in ("scales", "offsets"):
+            value = get_attr_value(gm, layer.tensors[f"{role}_train"]).detach()
+            params.set_tensor(gm, layer.tensors[role], value.to(layer.value(gm, role).dtype))
+            trained.append(layer.tensors.pop(f"{role}_train"))
     with gm.graph.inserting_before(n):
-        e_node = params.get_attr_node(gm, layer.tensors["exponents"])
-        new = gm.graph.call_function(shiftadd_linear.OP, (n.args[0], n.args[2], e_node, n.args[3], n.args[4],
-                                                           n.args[5]))
+        args = (x, signs, params.get_attr_node(gm, layer.tensors["exponents"]), bias, in_f, group)
+        if "scales" in layer.tensors:
+            args += tuple(params.get_attr_node(gm, layer.tensors[role]) for role in ("scales", "offsets"))
+        new = gm.graph.call_function(shiftadd_linear.OP, args)
     new.meta.update({k: v for k, v in n.meta.items() if k != "val"})
     n.replace_all_uses_with(new)
     gm.graph.erase_node(n)
     layer.node = new
-    params.remove_if_unused(gm, layer.tensors.pop("alpha"))
+    for name in trained:
+        params.remove_if_unused(gm, name)
     gm.recompile()
 
 

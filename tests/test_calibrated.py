@@ -123,23 +123,26 @@ def _llm_like_layer(seed, dist, out_f, in_f, correlated):
 
 @given(seed=st.integers(0, 2**16), dist=st.sampled_from(["gauss", "laplace", "t5"]), correlated=st.booleans(),
        bits=st.integers(2, 4), config=st.sampled_from([(64, 1), (128, 2)]), out_f=st.integers(8, 48),
-       blocks=st.integers(2, 3))
+       blocks=st.integers(2, 3), code=st.sampled_from(["affine", "pow2"]))
 @settings(max_examples=20)
 def test_shiftadd_never_worse_than_round_to_nearest_at_equal_bits(seed, dist, correlated, bits, config, out_f,
-                                                                   blocks):
+                                                                   blocks, code):
     """Calibrated shiftadd vs asymmetric min/max RTN with fp16 scale and zero point at the same bits per weight,
     on the calibrated output error, for LLM-like layers (heavy-ish tails, per-row scales, outlier channels)."""
     from passes.shiftadd import layer_bits, quantize_layer
     group, terms = config
+    terms = 1 if code == "affine" else terms
     w, h = _llm_like_layer(seed, dist, out_f, 128 * blocks, correlated)
-    signs, exps, g_used, figures = quantize_layer(w, h, bits, group, 2, terms, 1)
-    rtn_group = bcq_fit.rtn_group(bits, group, terms)
-    assert bcq_fit.rtn_bits_per_weight(bits, rtn_group) >= layer_bits(bits, group, terms, w.shape[1]) - 1e-9
-    got = weighted.relative_error(w, bcq.dequantize(signs, exps, w.shape[1], g_used), h)
+    q, figures = quantize_layer(w, h, bits, group, 2, terms, 1, code)
+    rtn_group = group if code == "affine" else bcq_fit.rtn_group(bits, group, terms)
+    assert bcq_fit.rtn_bits_per_weight(bits, rtn_group) >= layer_bits(bits, group, terms, w.shape[1], code) - 1e-9
+    got = weighted.relative_error(w, q.dequantize(), h)
     assert got == pytest.approx(figures["calibrated_error"])
     assert figures["rtn_error"] == pytest.approx(weighted.relative_error(w, bcq_fit.rtn(w, bits, rtn_group), h))
     assert got <= figures["rtn_error"], (got, figures)
-    assert layer_bits(bits, g_used, exps.shape[-1], w.shape[1]) <= layer_bits(bits, group, terms, w.shape[1]) + 1e-9
+    terms_used = 1 if code == "affine" else q.exponents.shape[-1]
+    assert layer_bits(bits, q.group, terms_used, w.shape[1], code) <= \
+        layer_bits(bits, group, terms, w.shape[1], code) + 1e-9
 
 
 @given(seed=st.integers(0, 2**16), bits=st.integers(2, 4), terms=st.integers(1, 2))
