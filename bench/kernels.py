@@ -17,7 +17,8 @@ and reports selected / aten (the selection's promise: ≤ 1.05) and selected / b
     lora      d 4096, r 16, 256–8192 tokens; also PEFT's three GEMMs. Goal: selected ≤ 1.10× base at ≥ 1,024 tokens
     monarch   d 4096 as 64 blocks of 64 (16–16,384 tokens) and 16 blocks; a b = 4 1024→4096 FFN layer.
               Goal at ≥ 4,096 tokens: ≥ 3× faster than dense at 64 blocks, ≥ 2.2× on the FFN layer
-    shiftadd  3 bit planes, group 128, batch 1 (and 16). Goal: ≤ 0.5× the fp16 GEMV at batch 1
+    shiftadd  3 bit planes, group 128, batch 1 (and 16); the affine code at 4 planes, group 64 (4.5 bits per
+              weight). Goal: ≤ 0.5× the fp16 GEMV at batch 1
     vq        V 50,257 / 32,000, K 1,024–2,048. Goal: ≥ the reference; ≥ 3× the dense head at K = 1,024
     attention softplus LSSA, causal, d 64/128, T 1k–8k. Goal: ≤ 1.3× SDPA
     softmax   two-pass vs torch.softmax, GB/s vs a copy. Goal: ≥ 90 % of copy bandwidth
@@ -227,24 +228,37 @@ def bench_monarch(quick: bool, dtype, device="cuda", sizes=None) -> list[dict]:
 
 
 def bench_shiftadd(quick: bool, dtype, device="cuda", sizes=None) -> list[dict]:
+    """sizes: (n_in, n_out, rows[, code]): code "pow2" (the default: 3 planes, group 128, per-plane exponents) or
+    "affine" (4 planes, group 64: shared exponents (1, 1, q, 1), fp16 scales and offsets per (row, group))."""
     import codegen.ops as kops
     from codegen.templates import shiftadd_linear as sa_t
-    q, group = 3, 128
-    configs = [(4096, 4096, 1)] if quick else [(4096, 4096, 1), (4096, 11008, 1), (11008, 4096, 1), (4096, 4096, 16)]
+    from rewriter import bcq
+    configs = [(4096, 4096, 1), (4096, 4096, 1, "affine")] if quick else \
+        [(4096, 4096, 1), (4096, 11008, 1), (11008, 4096, 1), (4096, 4096, 16),
+         (4096, 4096, 1, "affine"), (4096, 11008, 1, "affine"), (11008, 4096, 1, "affine"), (4096, 4096, 16, "affine")]
     rows = []
-    for n_in, n_out, m in sizes or configs:
+    for n_in, n_out, m, *code in sizes or configs:
+        affine = code == ["affine"]
+        q, group = (4, 64) if affine else (3, 128)
         groups = -(-n_in // group)
         # timing does not depend on the values: random packed planes and exponents (a real quantiser run on
         # 4096² weights takes minutes and is benchmarked in bench/shiftadd.py)
         signs = torch.randint(0, 256, (q, n_out, groups * group // 8), dtype=torch.uint8, device=device)
-        exps = torch.randint(-9, -4, (n_out, groups, q, 1), dtype=torch.int8, device=device)
+        if affine:     # W ≈ s·Σᵢ 2^{i−1}·Bᵢ + β with s ~ 2^−9, β ~ 2^−10: weights of the fp16 W's size
+            exps = bcq.affine_exponents(q, device)
+            extra = ((torch.rand(n_out, groups, device=device) + 1).div(512).half(),
+                     torch.randn(n_out, groups, device=device).div(1024).half())
+        else:
+            exps = torch.randint(-9, -4, (n_out, groups, q, 1), dtype=torch.int8, device=device)
+            extra = ()
         x = torch.randn(m, n_in, device=device, dtype=dtype)
         w = torch.randn(n_out, n_in, device=device, dtype=dtype) / n_in ** 0.5
-        args = (x, signs, exps, None, n_in, group)
+        args = (x, signs, exps, None, n_in, group, *extra)
         row = measure("shiftadd_linear", sa_t.candidates(*args), lambda: kops.SHIFTADD(*args))
         gemv = _bench(lambda: F.linear(x, w))
-        row.update(bench="shiftadd", shape=f"{m}x{n_in}->{n_out} q{q} g{group}", dtype=_tag(dtype),
-                   weight_bytes_ratio=(signs.numel() + exps.numel()) / (w.numel() * w.element_size()))
+        packed_bytes = signs.numel() + exps.numel() + sum(t.numel() * t.element_size() for t in extra)
+        row.update(bench="shiftadd", shape=f"{m}x{n_in}->{n_out} q{q} g{group}" + (" affine" if affine else ""),
+                   dtype=_tag(dtype), weight_bytes_ratio=packed_bytes / (w.numel() * w.element_size()))
         rows.append(_finish(row, gemv[0], "≤ 0.5× the fp16 GEMV at batch 1"))
     return rows
 

@@ -234,6 +234,10 @@ def template_cases(quick: bool):
         for m in (1, 16):
             add(f"shiftadd {tag} {m}x4096→4096 q3 g128", sa_t.candidates, E(m, 4096, dtype=dt),
                 E(3, 4096, 512, dtype=torch.uint8), E(4096, 32, 3, 1, dtype=torch.int8), None, 4096, 128)
+            # the affine code: shared exponents (1, 1, q, 1) read through stride-0 views, fp16 scales and offsets
+            add(f"shiftadd affine {tag} {m}x4096→4096 q4 g64 +bias", sa_t.candidates, E(m, 4096, dtype=dt),
+                E(4, 4096, 512, dtype=torch.uint8), E(1, 1, 4, 1, dtype=torch.int8), E(4096, dtype=dt), 4096, 64,
+                E(4096, 64, dtype=torch.float16), E(4096, 64, dtype=torch.float16))
         for rows in (1, 512):
             for log_softmax, bias in ((False, False), (True, False), (True, True)):
                 add(f"vq {tag} {rows}x768 V50257 K1024 log_softmax={log_softmax} bias={bias}", vq_t.candidates,

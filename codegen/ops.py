@@ -322,18 +322,19 @@ def _(h, codebook, code_map, bias=None, log_softmax=False):
 
 @torch.library.custom_op("rewrite_triton::shiftadd_linear", mutates_args=())
 def shiftadd_linear(x: torch.Tensor, signs: torch.Tensor, exponents: torch.Tensor, bias: torch.Tensor | None,
-                    in_features: int, group: int) -> torch.Tensor:
-    args = (x, signs, exponents, bias, in_features, group)
+                    in_features: int, group: int, scales: torch.Tensor | None = None,
+                    offsets: torch.Tensor | None = None) -> torch.Tensor:
+    args = (x, signs, exponents, bias, in_features, group, scales, offsets)
     if not shiftadd_t.lut_pays_off(_rows(x), signs):
         return shiftadd_t.reference(*args)      # by design, not a fallback: many rows → dequantised GEMM
-    return _run("shiftadd_linear", lambda: shiftadd_t.supported(*args), [x, signs, exponents, bias],
+    return _run("shiftadd_linear", lambda: shiftadd_t.supported(*args), [x, signs, exponents, bias, scales, offsets],
                 lambda: _rows(x) * signs.shape[1], lambda: shiftadd_t.candidates(*args),
                 lambda: shiftadd_t.reference(*args),
                 args)
 
 
 @shiftadd_linear.register_fake
-def _(x, signs, exponents, bias, in_features, group):
+def _(x, signs, exponents, bias, in_features, group, scales=None, offsets=None):
     return x.new_empty(*x.shape[:-1], signs.shape[1])
 
 
