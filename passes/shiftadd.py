@@ -153,6 +153,8 @@ class ShiftAddPass(Pass):
             raise ValueError(f"rounds and refit must be >= 0, got {self.rounds}, {self.refit}")
         if not 1 <= self.terms <= 4:
             raise ValueError(f"terms must be in 1..4, got {self.terms}")
+        if self.code == "affine" and self.terms != 1:
+            raise ValueError(f"terms={self.terms} applies to code=pow2 (the affine code has one fp16 scale per group)")
         calibration.check_options(self.data, self.calibrate, self.seq)
         if self.budget and not 2.0 <= self.budget <= 4.0:
             raise ValueError(f"budget must be an average bit width in [2, 4] (or 0 = off), got {self.budget}")

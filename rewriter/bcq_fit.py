@@ -379,7 +379,7 @@ def refit_affine(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, scales:
     """With the levels fixed, Ŵ[r] is linear in the row's 2G unknowns (s, β): solve the normal equations of
     min (w_r − Ŵ_r)·H·(w_r − Ŵ_r)ᵀ for every row exactly (float64, padding not counted, H damped as in the error
     feedback: without it the directions the calibration data never excites — a LayerNorm's output has one —
-    let the weights drift far from W for a negligible gain), round to fp16 and keep, per row, whichever of the
+    let the weights drift far from W for a negligible gain), round to `dtype` and keep, per row, whichever of the
     old and new (s, β) has the lower (damped) error. With c = L − (2^q−1)/2 and blocks j, k of
     columns, the system is  [Σ_{a∈j,b∈k} c_a H_ab c_b, Σ c_a H_ab ; Σ H_ab c_b, Σ H_ab]·[s; β] = [Σ_{a∈j} c_a (Hw)_a;
     Σ_{a∈j} (Hw)_a], built through T[a, k] = Σ_{b∈k} H_ab c_b without forming a dense design matrix."""

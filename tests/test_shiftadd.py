@@ -336,7 +336,7 @@ def test_in_out_layout():
 
 
 @pytest.mark.parametrize("spec", ["shiftadd{group=12}", "shiftadd{bits=0}", "shiftadd{budget=5}",
-                                  "shiftadd{calibrate=-1}", "shiftadd{code=fp8}"])
+                                  "shiftadd{calibrate=-1}", "shiftadd{code=fp8}", "shiftadd{terms=2}"])
 def test_bad_options_one_line(spec):
     with pytest.raises(UserError) as e:
         parse_pass(spec)
