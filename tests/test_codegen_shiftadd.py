@@ -39,14 +39,20 @@ def test_lut_kernel_matches_float64(rows, in_f, out_f, q, group, terms, dtype, h
     signs, exps = _packed(g, out_f, in_f, q, group, terms)
     x = (torch.randn(rows, in_f, generator=g) / in_f ** 0.5).to(dtype)
     bias = torch.randn(out_f, generator=g).to(dtype) if has_bias else None
-    out = guarded_output((rows, out_f), dtype, strided=strided)
+    _check_against_float64(x, signs, exps, bias, in_f, group, strided)
+
+
+def _check_against_float64(x, signs, exps, bias, in_f, group, strided, scales=None, offsets=None, blocks=None):
+    """The kernel on guarded (out-of-bounds-detecting) buffers against the float64 reference."""
+    out = guarded_output((x.shape[0], signs.shape[1]), x.dtype, strided=strided)
     sa_t.launch(guarded(x, strided), on_device(signs), on_device(exps), guarded(bias) if bias is not None else None,
-                in_f, group, out=out)
-    want = sa_op.reference(_d(x), signs, exps, _d(bias), in_f, group)
+                in_f, group, guarded(scales, strided) if scales is not None else None,
+                guarded(offsets, strided) if offsets is not None else None, blocks=blocks, out=out)
+    want = sa_op.reference(_d(x), signs, exps, _d(bias), in_f, group, scales, offsets)
     assert guard_intact(out), "write outside the output"
     got = out.cpu()
     assert not torch.isnan(got).any(), "NaN leaked from a guard region: out-of-bounds read"
-    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+    torch.testing.assert_close(got.double(), want, **TOL[x.dtype])
 
 
 def test_lut_kernel_on_quantised_weights_and_strided_packing():
@@ -171,15 +177,7 @@ def test_lut_kernel_affine_code_matches_float64(rows, in_f, out_f, q, group, dty
     x = (torch.randn(rows, in_f, generator=g) / in_f ** 0.5).to(dtype)
     bias = torch.randn(out_f, generator=g).to(dtype) if has_bias else None
     blocks = sa_t.pick_blocks(rows, out_f, signs.shape[2] * 8 // group, group // 8, split=split)
-    out = guarded_output((rows, out_f), dtype, strided=strided)
-    sa_t.launch(guarded(x, strided), on_device(signs), on_device(exps), guarded(bias) if bias is not None else None,
-                in_f, group, guarded(scales, strided) if scales is not None else None,
-                guarded(offsets, strided) if offsets is not None else None, blocks=blocks, out=out)
-    want = sa_op.reference(_d(x), signs, exps, _d(bias), in_f, group, scales, offsets)
-    assert guard_intact(out), "write outside the output"
-    got = out.cpu()
-    assert not torch.isnan(got).any(), "NaN leaked from a guard region: out-of-bounds read"
-    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+    _check_against_float64(x, signs, exps, bias, in_f, group, strided, scales, offsets, blocks)
 
 
 def test_lut_kernel_on_affine_quantised_weights():
