@@ -60,6 +60,27 @@ def test_heal_keeps_the_compact_form(tiny_gpt):
     assert set(r.program.state_dict) == set(rewrite(model, args, passes="softplus-attn").program.state_dict)
 
 
+@pytest.mark.parametrize("code,lr", [("affine", "1e-5"), ("pow2", "1e-3")])
+def test_heal_trains_the_shiftadd_scales_and_keeps_the_signs(tiny_gpt, code, lr):
+    """affine: the fp16 scales and offsets train (fp32 copies, rounded back; scales of ~1e-2 need a small lr);
+    pow2: the α behind the exponents."""
+    model, args = tiny_gpt
+    spec = f"shiftadd{{bits=3,group=32,calibrate=8,code={code}}}"
+    base = rewrite(model, args, passes=spec).program.state_dict
+    r = rewrite(model, args, passes=f"{spec},heal{{mode=e2e,steps=30,lr={lr},{FAST}}}")
+    s, _ = _site(r.report)
+    assert s["loss_after"] < s["loss_before"], s
+    healed = r.program.state_dict
+    trained = ("bcq_scales", "bcq_offsets") if code == "affine" else ("bcq_exponents",)
+    for name, t in healed.items():
+        if name.endswith("bcq_signs"):
+            assert torch.equal(t, base[name])
+    changed = [n for n in healed if n.endswith(trained) and not torch.equal(healed[n], base[n])]
+    assert changed, "no scale moved"
+    if code == "affine":
+        assert all(healed[n].dtype == torch.float16 for n in changed)
+
+
 def test_adapters_beside_binary_weights_are_kept(tiny_gpt):
     model, args = tiny_gpt
     r = rewrite(model, args, passes=f"shiftadd{{bits=2,group=32,calibrate=8}},heal{{steps=20,lr=1e-3,adapters=true,"
