@@ -7,9 +7,9 @@
 #
 #     OUT=/some/dir bash bench/gpu_session.sh     (PYTHON: the interpreter with CUDA torch; default python3)
 #
-# Stages (limits in seconds): versions → bench.kernels fp16 (200) → make test-gpu's kernel half (110) →
-# bench.e2e fp16 (110): the GPT with LoRA r 16, Monarch b 4 and softplus attention → CUDA fuzz and device tests
-# (60) → bench.kernels bf16 (what time is left).
+# Stages (limits in seconds, LIMIT_* to change): versions → bench.kernels fp16 (200) → make test-gpu's kernel half
+# (110) → bench.e2e fp16 (110): the GPT with LoRA r 16, Monarch b 4 and softplus attention → CUDA fuzz and device
+# tests (60) → bench.kernels bf16 (what time is left).
 set -u
 OUT="${OUT:-gpu-session}"
 PYTHON="${PYTHON:-python3}"
@@ -53,17 +53,30 @@ print(json.dumps(dict(gpu=torch.cuda.get_device_name() if p else None, sms=p.mul
 PY
 cat "$OUT/versions.json"
 
-# each row is appended to a .jsonl file as soon as it is measured: a stage cut short keeps what it measured
-stage kernels-fp16 200 "$PYTHON" -m bench.kernels --dtype float16 --out "$OUT/kernels.jsonl"
-# REWRITE_KERNELS=triton: op-level tests exercise the kernels even where selection would pick the aten path
-stage test-gpu 110 env REWRITE_KERNELS=triton REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 \
-    "$PYTHON" -m pytest -q -p no:xdist -p no:cacheprovider tests/test_codegen_*.py
-stage e2e-fp16 110 "$PYTHON" -m bench.e2e --dtype float16 --out "$OUT/e2e.jsonl" --passes "lora{rank=16}" \
-    --passes "monarch{blocks=4,exclude=lm_head}" --passes softplus-attn
-# every pass on CUDA-resident random and demo models (API, torch.compile), selection on auto
-stage fuzz-gpu 60 env REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 \
-    "$PYTHON" -m pytest -q -p no:xdist -p no:cacheprovider -x tests/test_devices.py tests/test_fuzz_api.py
-stage kernels-bf16 200 "$PYTHON" -m bench.kernels --dtype bfloat16 --out "$OUT/kernels.jsonl"
+# STAGES picks and orders the stages; KERNEL_BENCHES limits bench.kernels to some benches (e.g. "monarch vq");
+# EXAMPLES_SCALE scales the property tests' examples (REWRITE_EXAMPLES_SCALE) in test-gpu.
+STAGES="${STAGES:-kernels-fp16 test-gpu e2e-fp16 fuzz-gpu kernels-bf16}"
+ONLY=""
+for b in ${KERNEL_BENCHES:-}; do ONLY="$ONLY --only $b"; done
+for s in $STAGES; do
+    case $s in
+    # each row is appended to a .jsonl file as soon as it is measured: a stage cut short keeps what it measured
+    kernels-fp16) stage kernels-fp16 "${LIMIT_KERNELS:-200}" "$PYTHON" -m bench.kernels --dtype float16 $ONLY \
+        --out "$OUT/kernels.jsonl" ;;
+    kernels-bf16) stage kernels-bf16 "${LIMIT_KERNELS:-200}" "$PYTHON" -m bench.kernels --dtype bfloat16 $ONLY \
+        --out "$OUT/kernels.jsonl" ;;
+    # REWRITE_KERNELS=triton: op-level tests exercise the kernels even where selection would pick the aten path
+    test-gpu) stage test-gpu "${LIMIT_TESTS:-110}" env REWRITE_KERNELS=triton REWRITE_TEST_DEVICE=cuda \
+        TRITON_INTERPRET=0 REWRITE_EXAMPLES_SCALE="${EXAMPLES_SCALE:-1}" \
+        "$PYTHON" -m pytest -q -p no:xdist -p no:cacheprovider tests/test_codegen_*.py ;;
+    e2e-fp16) stage e2e-fp16 "${LIMIT_E2E:-110}" "$PYTHON" -m bench.e2e --dtype float16 --out "$OUT/e2e.jsonl" \
+        --passes "lora{rank=16}" --passes "monarch{blocks=4,exclude=lm_head,calibrate=0}" --passes softplus-attn ;;
+    # every pass on CUDA-resident random and demo models (API), selection on auto
+    fuzz-gpu) stage fuzz-gpu "${LIMIT_FUZZ:-60}" env REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 \
+        "$PYTHON" -m pytest -q -p no:xdist -p no:cacheprovider tests/test_devices.py tests/test_fuzz_api.py ;;
+    *) echo "unknown stage $s" ;;
+    esac
+done
 
 # at most 8 files come back from a lease: the figures and the stage list as they are, the rest packed
 tar -czf "$OUT/kernel-cache.tar.gz" -C "$(dirname "$REWRITE_KERNEL_CACHE")" "$(basename "$REWRITE_KERNEL_CACHE")" \

@@ -60,18 +60,21 @@ def _run(name: str, refusal, tensors: list, out_numel, candidates, reference, ar
     if checked is None:
         reason = refusal() or offsets_reason(*tensors, out_numel=out_numel())
         lead = next(t for t in tensors if isinstance(t, torch.Tensor))
-        checked = (reason, lead.device, lead.dtype, shape_bucket(name, args) if reason is None else None)
+        checked = (reason, lead.device, lead.dtype, shape_bucket(name, args) if reason is None else None,
+                   can_launch(*tensors))
         if len(_CHECKED) >= 8192:
             _CHECKED.clear()
         _CHECKED[key] = checked
-    reason, device, dtype, bucket = checked
-    if reason is None and can_launch(*tensors):
-        return select.dispatch(name, candidates(), device, dtype, bucket)
+    reason, device, dtype, bucket, launchable = checked
+    if reason is None and launchable:
+        return select.dispatch(name, candidates(), device, dtype, bucket, fast_key=key)
     notice_fallback(f"rewrite_triton.{name}", reason or "no device for Triton kernels")
     return reference()
 
 
-_CHECKED: dict = {}     # (op, argument signature) -> (refusal or None, device, dtype, shape bucket)
+# (op, argument signature) -> (refusal or None, device, dtype, shape bucket, whether a kernel can run on them):
+# all of it depends only on the signature (can_launch: on the devices in it, Triton and the interpreter flag)
+_CHECKED: dict = {}
 
 
 def _kernel_or_reference(name: str, reason: str | None, tensors: list, out_numel: int, launch, reference):

@@ -238,6 +238,7 @@ _MEMO: dict = {}                 # (op, device, dtype, bucket) -> Decision      
 _ABSENT: set = set()             # keys with no decision on disk (not looked up again until one is measured)
 _CHOSEN: dict = {}               # ((op, device, dtype, bucket), mode) -> (candidate name, Decision)
 _LAST: dict = {}                 # op -> the Decision behind its latest call
+_FAST: dict = {}                 # (caller's signature key, mode) -> (settled candidate name, Decision or None)
 
 
 def selection_dir():
@@ -273,6 +274,7 @@ def clear_memory() -> None:
     _ABSENT.clear()
     _CHOSEN.clear()
     _LAST.clear()
+    _FAST.clear()
 
 
 def decisions() -> list[Decision]:
@@ -400,12 +402,31 @@ def _remember(memo, m, pool, name, decision):
 
 
 def dispatch(op: str, candidates: list[Candidate], device: torch.device, dtype: torch.dtype,
-             shape_bucket: tuple) -> torch.Tensor:
+             shape_bucket: tuple, fast_key=None) -> torch.Tensor:
     """Run the chosen candidate (the measuring calls already computed it: its output is not reused, the
-    selected candidate runs once more so the result never depends on which candidates were timed)."""
+    selected candidate runs once more so the result never depends on which candidates were timed).
+
+    `fast_key` (hashable; codegen.ops passes the op and its arguments' signature, which determine the device,
+    dtype and bucket): once a call with it has a settled choice — measured, loaded or a one-candidate pool, not a
+    fallback while nothing could be measured — later calls go straight to that candidate by name, skipping the
+    bucket's hashing and the pool (on a GPU a small kernel runs in less time than its host path)."""
+    m = mode()
+    if fast_key is not None:
+        settled = _FAST.get((fast_key, m))
+        if settled is not None:
+            name, decision = settled
+            for c in candidates:
+                if c.name == name:
+                    if decision is not None:
+                        _LAST[op] = decision
+                    return c.run()
     cand, decision = choose(op, candidates, device, dtype, shape_bucket)
     if decision is not None:
         _LAST[op] = decision
+    if fast_key is not None and (decision is None or _CHOSEN.get(((op, device, dtype, shape_bucket), m)) is not None):
+        if len(_FAST) >= 8192:
+            _FAST.clear()
+        _FAST[(fast_key, m)] = (cand.name, decision)
     return cand.run()
 
 

@@ -93,7 +93,8 @@ def train(forward: Callable, teacher_forward: Callable, params: list[torch.Tenso
             total += float(value.detach())
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
+        with torch.device("cpu"):   # AdamW keeps its step counts on the default device: the CPU, as torch intends
+            opt.step()              # (a caller's default device — CUDA or meta — would split its foreach groups)
         if average is not None:
             total = average(total)
         history.append(total)

@@ -136,6 +136,38 @@ def test_forcing_a_side_after_auto_reuses_the_stored_timings(monkeypatch):
     assert runs[-1] == "triton[b]" and len(timer.timed) == len(TIMES)
 
 
+def test_a_settled_choice_is_reused_by_its_signature_key(monkeypatch):
+    """dispatch(fast_key=…) — the host fast path the rewrite_triton ops take: once a key's choice is settled
+    (measured), later calls with that key run the winner without choosing again; another mode is another key;
+    a fallback taken while nothing could be measured is never settled; clear_memory forgets the settled ones."""
+    chosen = []
+    real_choose = select.choose
+    monkeypatch.setattr(select, "choose", lambda *a: chosen.append(a[0]) or real_choose(*a))
+
+    def call(key, runs, rows=5):
+        bucket = select.bucket((torch.empty(rows, 8),), (0,))
+        return select.dispatch("toy", _candidates(runs), CPU, torch.float16, bucket, fast_key=key)
+    timer, runs = Table(TIMES), []
+    with select.use_timer(timer):
+        for _ in range(3):
+            call("k", runs)
+        assert runs[-1] == "triton[b]"
+        assert len(chosen) == 1                          # chosen once, then the settled winner by name
+        monkeypatch.setenv("REWRITE_KERNELS", "aten")
+        call("k", runs)
+        call("k", runs)
+        assert runs[-1] == "aten-fast" and len(chosen) == 2
+        monkeypatch.delenv("REWRITE_KERNELS")
+        select.clear_memory()
+        call("k", runs)
+        assert len(chosen) == 3 and runs[-1] == "triton[b]"
+    if select.interpreter():            # no timer, nothing stored: the unmeasured default, chosen every call
+        chosen.clear()
+        call("k2", runs, rows=100)
+        call("k2", runs, rows=100)
+        assert len(chosen) == 2 and runs[-1] == "triton[a]"
+
+
 def test_bad_env_value_is_a_one_line_user_error(monkeypatch):
     monkeypatch.setenv("REWRITE_KERNELS", "cuda")
     with pytest.raises(UserError) as e:

@@ -361,3 +361,21 @@ def test_dense_form_in_column_chunks_is_the_whole_identity_product(kind):
     whole = fac.dense(rows=10**9)
     assert torch.equal(fac.dense(rows=7), whole)
     assert torch.allclose(whole.float(), fac.dense(torch.float32, rows=13), atol=1e-5)
+
+
+@pytest.mark.parametrize("out_features,bias", [(64, True), (60, False)])
+def test_monarch_op_path_runs_off_the_cpu(out_features, bias):
+    """The op keeps reusable workspaces on the CPU only; on any other device (CUDA; here meta, which stands in
+    for it) it allocates its intermediates. Regression: on CUDA the workspace was None and every Monarch layer
+    crashed."""
+    from rewriter.ops.monarch_linear import factored
+    mon = monarch_project(torch.randn(out_features, 64), 4)
+    w1, w2 = mon.factors["w1"], mon.factors["w2"]
+    b = torch.randn(out_features) if bias else None
+    x = torch.randn(3, 5, 64)
+    want = factored(x, w1, w2, b, out_features)
+    meta = [t.to("meta") if t is not None else None for t in (x, w1, w2, b)]
+    got = factored(*meta, out_features)
+    assert got.device.type == "meta" and got.shape == want.shape == (3, 5, out_features)
+    ref = x.double() @ mon.dense().t() + (b.double() if bias else 0)
+    assert (want.double() - ref).abs().max() <= 1e-4 * ref.abs().max()

@@ -102,14 +102,14 @@ def _fused(x2, w1, w2, bias, m):
 _WORKSPACE = threading.local()
 
 
-def _scratch(name: str, shape: tuple, dtype, device) -> torch.Tensor | None:
-    """A reusable buffer for an intermediate that never leaves the op (None: let the op allocate). On the CPU a
-    fresh large tensor costs page faults on every call — glibc maps big blocks afresh and the kernel zeroes
-    each 4 KiB page on first touch — so h, g and o (a Monarch layer's rows × b·q and rows × b·s intermediates)
+def _scratch(name: str, shape: tuple, dtype, device) -> torch.Tensor:
+    """A buffer for an intermediate that never leaves the op: reused across calls on the CPU, fresh elsewhere.
+    On the CPU a fresh large tensor costs page faults on every call — glibc maps big blocks afresh and the kernel
+    zeroes each 4 KiB page on first touch — so h, g and o (a Monarch layer's rows × b·q and rows × b·s intermediates)
     live in per-thread buffers, one per (name, shape, dtype), at most 24 of them. CUDA's caching allocator
-    already reuses memory: None there."""
+    already reuses memory: a plain torch.empty there (and on any other device)."""
     if device.type != "cpu":
-        return None
+        return torch.empty(shape, dtype=dtype, device=device)
     buffers = getattr(_WORKSPACE, "buffers", None)
     if buffers is None:
         buffers = _WORKSPACE.buffers = {}
