@@ -68,12 +68,24 @@ def kernels_mode(mode: str | None):
 
 
 def rewritten(model, example, spec: str):
-    """The pass's program as an unlifted GraphModule (fp32, CPU) and the seconds the rewrite took."""
+    """The pass's program (an ExportedProgram, fp32, CPU) and the seconds the rewrite took."""
     from rewriter import rewrite
     start = time.perf_counter()
     with contextlib.redirect_stderr(open(os.devnull, "w")):
         result = rewrite(model, example, passes=spec, dynamic=True)
-    return result.program.module(), time.perf_counter() - start
+    return result.program, time.perf_counter() - start
+
+
+def on_device(program, device: torch.device, dtype: torch.dtype):
+    """A fresh unlifted GraphModule of `program` on `device` in `dtype`. Off the CPU the program is moved with
+    torch.export's move_to_device_pass first: its graph holds the devices it was exported on (an arange of
+    positions on the CPU, say), which moving the module's weights alone leaves behind."""
+    import copy
+    program = copy.deepcopy(program)
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+        program = move_to_device_pass(program, str(device))
+    return program.module().to(device=device, dtype=dtype)
 
 
 def lowered(gm, example):
@@ -148,8 +160,8 @@ def run(config: dict, passes: list[str], dtypes: list, device: torch.device, com
             compiled = torch.compile(base)
             fns["compile"] = lambda compiled=compiled: compiled(ids_d)
         sites = {}
-        for spec, (gm, _) in programs.items():
-            gm_d = __import__("copy").deepcopy(gm).to(device=device, dtype=dtype)
+        for spec, (program, _) in programs.items():
+            gm_d = on_device(program, device, dtype)
             low, site_impls = lowered(gm_d, example_d)
             sites[spec] = site_impls
             with torch.no_grad(), kernels_mode("aten"):

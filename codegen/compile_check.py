@@ -149,7 +149,7 @@ def recording(into: list, case: list, all_configs: bool = True):
         into.append(Launch(self, args, dict(kwargs), resolve(grid, bound(self, args, kwargs)), case[0], group,
                            archs))
 
-    def record_dispatch(op, candidates, device, dtype, shape_bucket):
+    def record_dispatch(op, candidates, device, dtype, shape_bucket, fast_key=None):
         triton_side = [c for c in candidates if c.kind == "triton"]
         return run_all_triton(triton_side if all_configs else triton_side[:1])
 
@@ -161,11 +161,13 @@ def recording(into: list, case: list, all_configs: bool = True):
     JITFunction.run, select.dispatch, kops.can_launch, gemm.dense_linear = \
         record_jit, record_dispatch, (lambda *tensors: True), no_gemm
     gemm.RECORD_TMA[0] = True          # the Hopper candidates too (compiled for sm_90 only)
+    kops._CHECKED.clear()              # the ops memoise can_launch per signature: none from before or during this
     try:
         yield
     finally:
         JITFunction.run, select.dispatch, kops.can_launch, gemm.dense_linear = saved
         gemm.RECORD_TMA[0] = False
+        kops._CHECKED.clear()
 
 
 def template_cases(quick: bool):
