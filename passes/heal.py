@@ -16,7 +16,8 @@ mode=layer (closed forms, rewriter/distill.py) — each rewritten layer (monarch
 mode=e2e — AdamW on the whole program's output: KL(p_teacher ‖ p_student) per position for a language model,
     normalised MSE otherwise (rewriter/distill.py: warm-up + cosine learning rate, `accum` micro-batches per
     step, gradient clipping). What trains (train=auto): the parameters the pipeline created (factors, codebooks)
-    and the shift-add scales (straight-through power-of-two snapping, rewriter/trainable.py); with nothing of that
+    and the shift-add scales (straight-through power-of-two snapping, rewriter/trainable.py; the affine code's
+    scales and offsets at lr·2^(1−q), q bit planes: they are a grid step, not a weight); with nothing of that
     kind (e.g. after softplus-attn) LoRA branches of rank `rank` on the linear layers. train=new: only the first
     group; lora: LoRA branches; all: every floating-point parameter. adapters=true also puts LoRA branches beside
     shift-add layers (kept in the program: binary weights cannot absorb them).
@@ -207,10 +208,13 @@ class HealPass(Pass):
         gm = ctx.gm
         teacher_names = set(dict(ctx.teacher.named_parameters()))
         opened, branches, trained = [], [], []
+        lr_scale: dict[str, float] = {}            # tensor name -> its learning rate's scale (default 1)
         if self.train in ("auto", "new"):
             for layer in layers:
                 if layer.kind == "shiftadd":
-                    trained += trainable.open_shiftadd(gm, layer)
+                    names = trainable.open_shiftadd(gm, layer)
+                    lr_scale.update(dict.fromkeys(names, trainable.shiftadd_lr_scale(gm, layer)))
+                    trained += names
                     opened.append(layer)
             trained += [name for name, p in gm.named_parameters()
                         if name not in teacher_names and p.is_floating_point() and name not in trained]
@@ -231,7 +235,8 @@ class HealPass(Pass):
         flags = {name: p.requires_grad for name, p in named.items()}
         for name, p in named.items():
             p.requires_grad_(name in trained)
-        tensors = [named[name] for name in dict.fromkeys(trained) if name in named]
+        kept_names = [name for name in dict.fromkeys(trained) if name in named]
+        tensors = [named[name] for name in kept_names]
         status: dict = {}
         label = "KL" if loss == "kl" else "MSE"
         history: list[float] = []
@@ -241,6 +246,7 @@ class HealPass(Pass):
             history = distill.train(
                 distill.forward_of(gm, student), distill.forward_of(ctx.teacher), tensors, local,
                 steps=self.steps, lr=self.lr, accum=accum, loss=loss, status=status, average=distributed.mean,
+                lr_scales=[lr_scale.get(name, 1.0) for name in kept_names],
                 progress=lambda it: ctx.progress(it, f"distilling ({sum(t.numel() for t in tensors):,} parameters)",
                                                  lambda: f"{label} {status.get('loss', float('nan')):.4f} "
                                                          f"running {status.get('running', float('nan')):.4f}"))

@@ -65,21 +65,31 @@ class NoGradient(Exception):
 def train(forward: Callable, teacher_forward: Callable, params: list[torch.Tensor], batches: Iterable[list], *,
           steps: int, lr: float, accum: int = 1, loss: str = "kl", clip: float = 1.0,
           progress: Callable | None = None, status: dict | None = None,
-          average: Callable[[float], float] | None = None) -> list[float]:
+          average: Callable[[float], float] | None = None, lr_scales: list[float] | None = None) -> list[float]:
     """Minimise LOSSES[loss](forward(b), teacher_forward(b)) over `params` for `steps` optimizer steps of `accum`
     micro-batches each (taken from `batches`, cycled). Returns the loss of every step. `progress(iterable)`
     wraps the step loop (a progress bar); `status` (a dict) is updated with the running figures. Data-parallel:
     `forward` runs through a DDP wrapper (which averages the gradients across the ranks), `batches` is this rank's
-    shard and `average` (the mean over the ranks) turns each step's local loss into the global one."""
+    shard and `average` (the mean over the ranks) turns each step's local loss into the global one.
+    `lr_scales` (one per tensor of `params`, default 1): that tensor's learning rate is lr·scale throughout the
+    schedule — Adam moves every element by about the learning rate whatever its gradient's size, so a tensor
+    much smaller than the weights it stands for (a quantization grid's step) needs a proportionally smaller one."""
     loss_fn = LOSSES[loss]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    scales = lr_scales or [1.0] * len(params)
+    if len(scales) != len(params):
+        raise ValueError(f"{len(scales)} lr_scales for {len(params)} tensors")
+    by_scale: dict[float, list] = {}
+    for p, scale in zip(params, scales):
+        by_scale.setdefault(float(scale), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr_scale": scale} for scale, ps in by_scale.items()], lr=lr,
+                            betas=(0.9, 0.99), weight_decay=0.0)
     source = _cycle(batches)
     history: list[float] = []
     running = None
     steps_iter = range(steps) if progress is None else progress(range(steps))
     for step in steps_iter:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
+            group["lr"] = lr_at(step, steps, lr) * group["lr_scale"]
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(accum):

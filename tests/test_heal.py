@@ -60,14 +60,14 @@ def test_heal_keeps_the_compact_form(tiny_gpt):
     assert set(r.program.state_dict) == set(rewrite(model, args, passes="softplus-attn").program.state_dict)
 
 
-@pytest.mark.parametrize("code,lr", [("affine", "1e-5"), ("pow2", "1e-3")])
+@pytest.mark.parametrize("code,lr", [("affine", None), ("pow2", "1e-3")])
 def test_heal_trains_the_shiftadd_scales_and_keeps_the_signs(tiny_gpt, code, lr):
-    """affine: the fp16 scales and offsets train (fp32 copies, rounded back; scales of ~1e-2 need a small lr);
-    pow2: the α behind the exponents."""
+    """affine: the fp16 scales and offsets train (fp32 copies, rounded back) at the default lr, which heal scales
+    down for them (they are a grid step); pow2: the α behind the exponents."""
     model, args = tiny_gpt
     spec = f"shiftadd{{bits=3,group=32,calibrate=8,code={code}}}"
     base = rewrite(model, args, passes=spec).program.state_dict
-    r = rewrite(model, args, passes=f"{spec},heal{{mode=e2e,steps=30,lr={lr},{FAST}}}")
+    r = rewrite(model, args, passes=f"{spec},heal{{mode=e2e,steps=30,{f'lr={lr},' if lr else ''}{FAST}}}")
     s, _ = _site(r.report)
     assert s["loss_after"] < s["loss_before"], s
     healed = r.program.state_dict
@@ -79,6 +79,17 @@ def test_heal_trains_the_shiftadd_scales_and_keeps_the_signs(tiny_gpt, code, lr)
     assert changed, "no scale moved"
     if code == "affine":
         assert all(healed[n].dtype == torch.float16 for n in changed)
+
+
+def test_lr_scales_give_each_tensor_its_own_learning_rate():
+    """distill.train(lr_scales=…): one AdamW step moves each element by about lr·scale (Adam's first step is
+    lr·sign(gradient)), whatever the gradient's size."""
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    forward = lambda batch: torch.cat([a * 1e3, b * 1e-3])[None]         # noqa: E731 — very different gradients
+    distill.train(forward, lambda batch: torch.ones(1, 6), [a, b], [[None]], steps=1, lr=0.1, loss="mse",
+                  clip=0.0, lr_scales=[1.0, 0.01])
+    assert torch.allclose(a.detach(), torch.full((3,), 0.1), rtol=1e-3)
+    assert torch.allclose(b.detach(), torch.full((3,), 0.001), rtol=1e-3)
 
 
 def test_adapters_beside_binary_weights_are_kept(tiny_gpt):
