@@ -423,7 +423,7 @@ def dispatch(op: str, candidates: list[Candidate], device: torch.device, dtype: 
     cand, decision = choose(op, candidates, device, dtype, shape_bucket)
     if decision is not None:
         _LAST[op] = decision
-    if fast_key is not None and (decision is None or _CHOSEN.get(((op, device, dtype, shape_bucket), m)) is not None):
+    if fast_key is not None and (decision is None or decision.source != "default"):    # settled, not a fallback
         if len(_FAST) >= 8192:
             _FAST.clear()
         _FAST[(fast_key, m)] = (cand.name, decision)
