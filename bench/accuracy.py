@@ -67,7 +67,8 @@ def variant_spec(spec: str, variant: str, heal: str) -> str:
     return spec
 
 
-def eval_args(model: str, spec: str, *, tokens: int, window: int, repeat: int, attn: str, rtn: str | None = None):
+def eval_args(model: str, spec: str, *, tokens: int, window: int, repeat: int, attn: str, rtn: str | None = None,
+              device: str | None = None):
     from rewriter import evaluate
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -77,6 +78,8 @@ def eval_args(model: str, spec: str, *, tokens: int, window: int, repeat: int, a
         argv += ["--pass", spec]
     if rtn:
         argv += ["--rtn", rtn]
+    if device:
+        argv += ["--device", device]
     return parser.parse_args(argv)
 
 
@@ -141,6 +144,12 @@ def table(groups, kind) -> str:
     return "\n".join(lines)
 
 
+def _append(path: str, record: dict) -> None:
+    record.pop("trace", None)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="512 tokens, 3 pipelines, no healing")
@@ -154,6 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--repeat", type=int, default=1, help="timed forward runs per program (median)")
     p.add_argument("--attn", choices=("eager", "sdpa"), default="eager")
+    p.add_argument("--device", default=None, help="run the models, passes and heal on this device (e.g. cuda)")
+    p.add_argument("--out", metavar="FILE.jsonl", help="also append each run to FILE as one JSON line, as soon as it "
+                   "ends (a bench cut short keeps what it measured)")
     p.add_argument("--progress", action="store_true", help="progress bars on stderr")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -167,6 +179,8 @@ def main(argv=None) -> int:
         variants = [v for v in variants if v != "healed"]
     console = Console(stderr=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if args.device and args.device.startswith("cuda") and torch.cuda.is_available():
+        machine += ", " + torch.cuda.get_device_name(torch.device(args.device))
     results = {"command": "python -m bench.accuracy " + shlex.join(argv if argv is not None else sys.argv[1:]),
                "machine": machine, "tokens": tokens, "window": window, "models": {}}
     for model in args.model or list(MODELS):
@@ -174,7 +188,7 @@ def main(argv=None) -> int:
         if importlib.util.find_spec(package) is None:
             console.print(f"[yellow]{model}: package {package} not installed; skipped[/yellow]")
             continue
-        kw = dict(tokens=tokens, window=window, repeat=args.repeat, attn=args.attn,
+        kw = dict(tokens=tokens, window=window, repeat=args.repeat, attn=args.attn, device=args.device,
                   console=console if args.progress else None)
         groups = []
         for spec in args.passes or (QUICK if args.quick else PASSES):
@@ -185,6 +199,9 @@ def main(argv=None) -> int:
                 pipeline = variant_spec(spec, variant, args.heal)
                 console.print(f"[dim]{model}: {pipeline} ...[/dim]")
                 rows[variant] = run_case(model, pipeline, **kw)
+                if args.out:
+                    _append(args.out, {"model": model, "pipeline": spec, "variant": variant, "machine": machine,
+                                       "ratio": _metric(rows[variant], kind), **rows[variant]})
                 console.print(f"[dim]   {rows[variant]['seconds']:.0f} s  {rows[variant]['command']}  "
                               f"{_metric(rows[variant], kind)}[/dim]")
             if rows:
@@ -193,6 +210,9 @@ def main(argv=None) -> int:
             for rtn in (args.rtn or ([] if args.passes else RTN)):
                 console.print(f"[dim]{model}: --rtn {rtn} ...[/dim]")
                 row = run_case(model, "", rtn=rtn, **kw)
+                if args.out:
+                    _append(args.out, {"model": model, "pipeline": f"rtn {rtn}", "variant": "calibrated",
+                                       "machine": machine, "ratio": _metric(row, kind), **row})
                 groups.append((f"round-to-nearest {rtn} (baseline)", {"calibrated": row}))
         results["models"][model] = {"kind": kind, "groups": [{"pipeline": s, "rows": r} for s, r in groups]}
     if args.json:
@@ -202,7 +222,7 @@ def main(argv=None) -> int:
                     r.pop("trace", None)
         print(json.dumps(results, indent=2))
         return 0
-    print(f"command: `{results['command']}`  ({machine}; CPU, fp32)\n")
+    print(f"command: `{results['command']}`  ({machine}; {args.device or 'cpu'}, fp32)\n")
     for model, m in results["models"].items():
         groups = [(g["pipeline"], g["rows"]) for g in m["groups"]]
         if m["kind"] == "causal":

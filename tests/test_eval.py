@@ -154,6 +154,19 @@ def test_program_bytes_counts_tied_weights_once():
 
 
 # ---------------------------------------------------------------------------------------------- errors
+def test_eval_on_a_device_matches_the_default(llama_dir, bert_dir, files):
+    """--device loads the model there and runs pipeline, heal and metrics on it (cpu here; cuda on a GPU)."""
+    text, pairs = files
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    common = ("--pass", "lowrank{ratio=0.5,calibrate=4},heal{steps=2,samples=4,seq=8,batch=2}", "--text", text,
+              "--window", "16", "--max-tokens", "32")
+    a, b = run_eval(llama_dir, *common), run_eval(llama_dir, *common, "--device", device)
+    assert b["command"].endswith(f"--device {device}")
+    assert b["metrics"]["ppl_rewritten"] == pytest.approx(a["metrics"]["ppl_rewritten"], rel=1e-3)
+    c = run_eval(bert_dir, "--pass", "lowrank{ratio=0.5}", "--pairs", pairs, "--device", device)
+    assert 0.5 < c["metrics"]["cosine_mean"] <= 1.0 + 1e-9
+
+
 def test_cli_eval(llama_dir, files, capsys):
     from rewriter.cli import main
     code = main(["eval", llama_dir, "--pass", "lora{rank=2},lora-merge", "--text", files[0], "--window", "16",
@@ -172,6 +185,8 @@ def test_errors_are_one_line(llama_dir, bert_dir, tmp_path, files):
         (("demo:tiny-gpt", "--metric", "ppl"), "tokenizer"),
         ((str(tmp_path / "missing-model"),), "no such"),
         ((llama_dir, "--pass", "no-such-pass", "--text", files[0]), "no-such-pass"),
+        (("demo:tiny-gpt", "--device", "cpu"), "--device applies to Hugging Face"),
+        ((llama_dir, "--device", "tpu"), "bad --device"),
     ]
     for argv, needle in cases:
         with pytest.raises(UserError) as e:
