@@ -104,6 +104,28 @@ def mapped_ranges(paths: set[str]) -> list[tuple[int, int]]:
     return ranges
 
 
+def file_mappings(paths: set[str]) -> list[tuple[int, int, int, str, int]]:
+    """(start, end, file offset, path, written bytes) of this process's mappings of any of `paths` that still exist
+    on disk; written bytes: the mapping's pages that copy-on-write has made private (smaps' Anonymous)."""
+    out = []
+    try:
+        with open("/proc/self/smaps") as f:
+            current = None
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+                    current = None
+                    if len(parts) == 6 and parts[5].rstrip("\n") in paths:
+                        lo, hi = parts[0].split("-")
+                        current = [int(lo, 16), int(hi, 16), int(parts[2], 16), parts[5].rstrip("\n"), 0]
+                        out.append(current)
+                elif current is not None and parts[0] == "Anonymous:":
+                    current[4] = int(parts[1]) * 1024
+    except OSError:
+        return []
+    return [tuple(m) for m in out]
+
+
 def _on_tmpfs(folder: str) -> bool:
     """Is `folder` on a memory-backed file system (tmpfs, ramfs)?"""
     try:
@@ -283,6 +305,53 @@ class WeightStore:
         self._paths.add(os.path.realpath(path))
         mapped = torch.frombuffer(mapping, dtype=torch.uint8, count=size).view(t.dtype).view(t.shape)
         return mapped
+
+    # ---- a read-only copy that costs no memory (the teacher of a distillation pass)
+    def frozen_copy(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A deep copy of `module` with frozen parameters whose big CPU tensors cost no memory: one still equal to
+        the checkpoint bytes it is a view of becomes a second private mapping of those bytes (nothing read until
+        used, and then the page cache's pages, shared with the original); any other big one is copied into a
+        scratch file. Writes to either copy stay private to it (copy-on-write). Small tensors are plain copies."""
+        import copy
+        memo: dict[int, torch.Tensor] = {}
+        if self.active:
+            maps = file_mappings(self._paths)
+            tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+            for t in tensors.values():
+                if t.device.type != "cpu" or t.is_sparse or t.numel() * t.element_size() < max(self.spill_bytes,
+                                                                                                 PAGE):
+                    continue
+                twin = self._remap(t.detach(), maps)
+                if twin is None:
+                    twin = self.spill_tensor(t.detach().clone())
+                    trim_heap()
+                memo[id(t)] = torch.nn.Parameter(twin, requires_grad=False) \
+                    if isinstance(t, torch.nn.Parameter) else twin
+        frozen = copy.deepcopy(module, memo)
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        return frozen
+
+    def _remap(self, t: torch.Tensor, maps) -> torch.Tensor | None:
+        """A new private mapping of the checkpoint bytes `t` is a view of, as a tensor of t's layout; None when t
+        is not such a view or no longer equals those bytes (written in place since it was loaded)."""
+        storage = t.untyped_storage()
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        where = next(((lo, off, path, written) for lo, hi, off, path, written in maps
+                      if lo <= ptr and ptr + nbytes <= hi), None)
+        if where is None:
+            return None
+        lo, off, path, written = where
+        start = off + (ptr - lo)
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), nbytes + start - aligned, flags=mmap.MAP_PRIVATE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start - aligned)
+        twin = torch.empty(0, dtype=t.dtype, device="cpu").set_(raw.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+        if written and not torch.equal(twin, t):   # (an unwritten mapping holds the file's bytes: nothing to read)
+            return None
+        return twin
 
     def tidy(self, module: torch.nn.Module | None = None) -> None:
         """Between layers: spill new big tensors, then give pages back."""

@@ -191,7 +191,8 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
     report.flops_before = cost.program_flops(gm)
     report.params_before = cost.program_params(gm)
     original_outputs = previous_outputs = run_graph(gm, inputs) if verify else None
-    teacher = _frozen_copy(gm) if any(getattr(p, "needs_teacher", False) for p in passes) else None
+    teacher = _frozen_copy(gm, resources.get("weight_store")) \
+        if any(getattr(p, "needs_teacher", False) for p in passes) else None
     done: list[str] = []
     for index, p in enumerate(passes):
         result = PassResult(p.name, p.spec(), p.contract.value)
@@ -278,8 +279,12 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
     return report
 
 
-def _frozen_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the program with its own (frozen) parameters: the teacher a distilling pass learns from."""
+def _frozen_copy(gm: fx.GraphModule, store=None) -> fx.GraphModule:
+    """A copy of the program with its own (frozen) parameters: the teacher a distilling pass learns from. With a
+    weight store (a checkpoint loaded memory-mapped) the copy's big weights are mapped, not held
+    (rewriter.lazy_weights.WeightStore.frozen_copy)."""
+    if store is not None and store.active:
+        return store.frozen_copy(gm)
     import copy
     teacher = copy.deepcopy(gm)
     for p in teacher.parameters():

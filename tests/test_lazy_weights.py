@@ -244,3 +244,50 @@ def test_fitted_factors_wait_for_the_rewrite_on_disk(checkpoint, scratch, monkey
     assert all(store.file_backed(t, ranges) for t in big)
     sd, sd_plain = result.program.state_dict, plain.program.state_dict
     assert sd.keys() == sd_plain.keys() and all(torch.equal(sd[k], sd_plain[k]) for k in sd)
+
+
+def rss_anon_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon"))
+
+
+@linux_only
+def test_a_teacher_copy_maps_the_checkpoint_instead_of_holding_it(tmp_path, scratch):
+    """heal's teacher (pass_manager._frozen_copy) on a memory-mapped checkpoint: its big weights are second
+    private mappings of the same file bytes — equal, frozen, file-backed, costing no anonymous memory — and a
+    write to either copy stays its own; a weight already changed in place is copied (to scratch), not remapped."""
+    folder = make_checkpoint(tmp_path / "big", hidden=512, layers=2, vocab=4096)     # ~ 16 MB of bf16
+    from rewriter import hf
+    model, _, _ = hf.load_hf(folder)
+    store = lazy_weights.store_for(model)
+    big = [p for p in model.parameters() if p.numel() * p.element_size() >= store.spill_bytes]
+    assert len(big) >= 8
+    with torch.no_grad():
+        big[1].mul_(2)                                         # written in place: no longer the file's bytes
+    anon, spilled = rss_anon_kib(), store.stats["spilled"]
+    teacher = store.frozen_copy(model)
+    grown = rss_anon_kib() - anon
+    assert store.stats["spilled"] - spilled == 1               # big[1] went to scratch; the rest are remapped
+    pairs = dict(zip(map(id, model.parameters()), teacher.parameters()))
+    ranges = store.ranges()
+    for p in big:
+        twin = pairs[id(p)]
+        assert isinstance(twin, torch.nn.Parameter) and not twin.requires_grad
+        assert torch.equal(twin, p) and twin.data_ptr() != p.data_ptr() and store.file_backed(twin, ranges)
+    assert grown * 1024 < sum(p.numel() * p.element_size() for p in big) / 4
+    before = pairs[id(big[0])].clone()
+    with torch.no_grad():
+        big[0].add_(1)
+    assert torch.equal(pairs[id(big[0])], before)
+    with torch.no_grad():
+        pairs[id(big[2])].zero_()
+    assert big[2].abs().sum() > 0
+
+
+@linux_only
+def test_heal_on_a_mapped_checkpoint_learns_from_the_original(tmp_path, scratch):
+    folder = make_checkpoint(tmp_path / "ckpt", hidden=128, layers=2, vocab=512, dtype=torch.float32)
+    r = rewrite(folder, None, "lowrank{ratio=0.5,calibrate=4},heal{steps=3,samples=4,seq=8,batch=2}")
+    heal = next(p for p in r.report.passes if p.name == "heal")
+    site = next(s for s in heal.sites if s["site"] == "program")
+    assert site["loss_before"] > 0 and site["loss_after"] <= site["loss_before"]
