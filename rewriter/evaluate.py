@@ -234,7 +234,6 @@ def prepare(args, dynamic: bool = False):
     resources the passes may use (the loaded model for sampling calibration data, its tokenizer)."""
     from .capture import capture
     from .hf import is_hf_source, load_model, example_inputs
-
     from .parallel import check_device
 
     metric = args.metric
