@@ -133,9 +133,9 @@ def blockdense(w: torch.Tensor, h: torch.Tensor, blocks: int, t: int, iters: int
     best = (_objective(residual(u, v), h), u.clone(), v.clone())
     eye_t = torch.eye(t, dtype=torch.float64, device=w.device)
     for _ in range(iters):
-        d = torch.block_diag(*v)                                            # (b·t, n)
-        hd = h @ d.t()
-        gram = d @ hd
+        # D = diag(V_1 … V_b) (b·t × n) is block diagonal: H·Dᵀ and D·H·Dᵀ block by block (b× fewer flops)
+        hd = torch.einsum("nkp,ktp->nkt", h.view(n, b, p), v).reshape(n, b * t)        # H·Dᵀ (n, b·t)
+        gram = torch.einsum("ktp,kpj->ktj", v, hd.view(b, p, b * t)).reshape(b * t, b * t)
         gram = gram + 1e-12 * (gram.diagonal().mean().abs() + 1e-300) * torch.eye(
             b * t, dtype=torch.float64, device=w.device)
         u = torch.linalg.solve(gram, (wd @ hd).t()).t()
