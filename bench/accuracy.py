@@ -168,6 +168,11 @@ def main(argv=None) -> int:
                    "ends (a bench cut short keeps what it measured)")
     p.add_argument("--progress", action="store_true", help="progress bars on stderr")
     args = p.parse_args(argv)
+    if args.out:                    # an unwritable --out fails now, not after an hour of measuring
+        try:
+            open(args.out, "a", encoding="utf-8").close()
+        except OSError as e:
+            p.error(f"--out {args.out}: {e.strerror}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import importlib.util
 

@@ -307,30 +307,26 @@ class WeightStore:
         return mapped
 
     # ---- a read-only copy that costs no memory (the teacher of a distillation pass)
-    def frozen_copy(self, module: torch.nn.Module) -> torch.nn.Module:
-        """A deep copy of `module` with frozen parameters whose big CPU tensors cost no memory: one still equal to
-        the checkpoint bytes it is a view of becomes a second private mapping of those bytes (nothing read until
-        used, and then the page cache's pages, shared with the original); any other big one is copied into a
-        scratch file. Writes to either copy stay private to it (copy-on-write). Small tensors are plain copies."""
-        import copy
-        memo: dict[int, torch.Tensor] = {}
-        if self.active:
-            maps = file_mappings(self._paths)
-            tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-            for t in tensors.values():
-                if t.device.type != "cpu" or t.is_sparse or t.numel() * t.element_size() < max(self.spill_bytes,
-                                                                                                 PAGE):
-                    continue
-                twin = self._remap(t.detach(), maps)
-                if twin is None:
-                    twin = self.spill_tensor(t.detach().clone())
-                    trim_heap()
-                memo[id(t)] = torch.nn.Parameter(twin, requires_grad=False) \
-                    if isinstance(t, torch.nn.Parameter) else twin
-        frozen = copy.deepcopy(module, memo)
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-        return frozen
+    def frozen_twins(self, module: torch.nn.Module) -> dict[int, torch.Tensor]:
+        """For copy.deepcopy's memo: id(tensor) → a frozen twin costing no memory, for every big CPU tensor of
+        `module`. A tensor still equal to the checkpoint bytes it is a view of gets a second private mapping of
+        those bytes (nothing read until used, and then the page cache's pages, shared with the original); any other
+        is copied into a scratch file. Writes to either copy stay private to it (copy-on-write)."""
+        twins: dict[int, torch.Tensor] = {}
+        if not self.active:
+            return twins
+        maps = file_mappings(self._paths)
+        tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+        for t in tensors.values():
+            if t.device.type != "cpu" or t.is_sparse or t.numel() * t.element_size() < max(self.spill_bytes, PAGE):
+                continue
+            twin = self._remap(t.detach(), maps)
+            if twin is None:
+                twin = self.spill_tensor(t.detach().clone())
+                trim_heap()
+            twins[id(t)] = torch.nn.Parameter(twin, requires_grad=False) if isinstance(t, torch.nn.Parameter) \
+                else twin
+        return twins
 
     def _remap(self, t: torch.Tensor, maps) -> torch.Tensor | None:
         """A new private mapping of the checkpoint bytes `t` is a view of, as a tensor of t's layout; None when t
@@ -348,7 +344,8 @@ class WeightStore:
             mapping = mmap.mmap(f.fileno(), nbytes + start - aligned, flags=mmap.MAP_PRIVATE,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
         raw = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start - aligned)
-        twin = torch.empty(0, dtype=t.dtype, device="cpu").set_(raw.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+        twin = torch.empty(0, dtype=t.dtype, device="cpu").set_(raw.untyped_storage(), t.storage_offset(), t.shape,
+                                                                t.stride())
         if written and not torch.equal(twin, t):   # (an unwritten mapping holds the file's bytes: nothing to read)
             return None
         return twin

@@ -282,11 +282,9 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
 def _frozen_copy(gm: fx.GraphModule, store=None) -> fx.GraphModule:
     """A copy of the program with its own (frozen) parameters: the teacher a distilling pass learns from. With a
     weight store (a checkpoint loaded memory-mapped) the copy's big weights are mapped, not held
-    (rewriter.lazy_weights.WeightStore.frozen_copy)."""
-    if store is not None and store.active:
-        return store.frozen_copy(gm)
+    (rewriter.lazy_weights.WeightStore.frozen_twins)."""
     import copy
-    teacher = copy.deepcopy(gm)
+    teacher = copy.deepcopy(gm, store.frozen_twins(gm) if store is not None else {})
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

@@ -167,6 +167,15 @@ def test_eval_on_a_device_matches_the_default(llama_dir, bert_dir, files):
     assert 0.5 < c["metrics"]["cosine_mean"] <= 1.0 + 1e-9
 
 
+def test_accuracy_bench_refuses_an_unwritable_out_before_measuring(tmp_path, capsys):
+    from bench import accuracy
+    with pytest.raises(SystemExit) as e:
+        accuracy.main(["--model", "minilm", "--out", str(tmp_path / "missing" / "rows.jsonl")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--out" in err[-1] and "No such file" in err[-1] and "Traceback" not in "".join(err)
+
+
 def test_cli_eval(llama_dir, files, capsys):
     from rewriter.cli import main
     code = main(["eval", llama_dir, "--pass", "lora{rank=2},lora-merge", "--text", files[0], "--window", "16",

@@ -253,11 +253,12 @@ def rss_anon_kib() -> int:
 
 @linux_only
 def test_a_teacher_copy_maps_the_checkpoint_instead_of_holding_it(tmp_path, scratch):
-    """heal's teacher (pass_manager._frozen_copy) on a memory-mapped checkpoint: its big weights are second
+    """heal's teacher on a memory-mapped checkpoint: its big weights are second
     private mappings of the same file bytes — equal, frozen, file-backed, costing no anonymous memory — and a
     write to either copy stays its own; a weight already changed in place is copied (to scratch), not remapped."""
     folder = make_checkpoint(tmp_path / "big", hidden=512, layers=2, vocab=4096)     # ~ 16 MB of bf16
     from rewriter import hf
+    from rewriter.pass_manager import _frozen_copy
     model, _, _ = hf.load_hf(folder)
     store = lazy_weights.store_for(model)
     big = [p for p in model.parameters() if p.numel() * p.element_size() >= store.spill_bytes]
@@ -265,7 +266,7 @@ def test_a_teacher_copy_maps_the_checkpoint_instead_of_holding_it(tmp_path, scra
     with torch.no_grad():
         big[1].mul_(2)                                         # written in place: no longer the file's bytes
     anon, spilled = rss_anon_kib(), store.stats["spilled"]
-    teacher = store.frozen_copy(model)
+    teacher = _frozen_copy(model, store)
     grown = rss_anon_kib() - anon
     assert store.stats["spilled"] - spilled == 1               # big[1] went to scratch; the rest are remapped
     pairs = dict(zip(map(id, model.parameters()), teacher.parameters()))
