@@ -21,7 +21,11 @@ mode=e2e — AdamW on the whole program's output: KL(p_teacher ‖ p_student) pe
     kind (e.g. after softplus-attn) LoRA branches of rank `rank` on the linear layers. train=new: only the first
     group; lora: LoRA branches; all: every floating-point parameter. adapters=true also puts LoRA branches beside
     shift-add layers (kept in the program: binary weights cannot absorb them).
-mode=both (default) — layer, then e2e.
+mode=auto (default) — the layer stage for the layers their pass fitted without calibration data (calibrate=0, or a
+    program rewritten elsewhere), then e2e. A layer its pass already fitted to calibration data (the default of
+    every projection) got the same closed form from the original model's inputs; refitting it to the student's
+    inputs on heal's samples did not lower the held-out loss in any SmolLM2 run (shiftadd 3 and 4 bits, structured:
+    undone every time) and cost 83–733 s there. mode=both: layer (every rewritten layer), then e2e.
 Afterwards the discrete parts are re-derived so the program keeps its compact form: shift-add exponents from the
 trained scales, LoRA branches of dense layers merged into their weights (float64, rounded once), pre-merged
 products recomputed, and each vq code map re-derived (every token to the trained code nearest its teacher row),
@@ -53,7 +57,7 @@ import torch
 
 from rewriter import calibration, distill, distributed, params, trainable
 from rewriter.errors import InternalError, UserError
-from rewriter.ir import get_attr_value
+from rewriter.ir import get_attr_value, provenance
 from rewriter.matchers.linear import find_linears, is_lm_head
 from rewriter.pass_base import Contract, Pass
 
@@ -77,7 +81,7 @@ class HealPass(Pass):
 
     steps: int = 100
     lr: float = 2e-4
-    mode: Literal["layer", "e2e", "both"] = "both"
+    mode: Literal["auto", "layer", "e2e", "both"] = "auto"
     data: str = "self"
     samples: int = 64
     seq: int = calibration.DEFAULT_SEQ
@@ -128,7 +132,13 @@ class HealPass(Pass):
         snapshot = _snapshot(gm)
         layers = trainable.find_layers(gm)
         figures["data_seconds"] = round(time.perf_counter() - start, 1)
-        if self.mode in ("layer", "both") and layers:
+        if self.mode == "auto":
+            layers, calibrated = _split_calibrated(layers)
+            if calibrated:
+                figures["layers_fitted_by_their_pass"] = len(calibrated)
+                ctx.message(f"heal: {len(calibrated)} layers were fitted to calibration data by their pass: no layer "
+                            f"refit for them (mode=both refits them too)")
+        if self.mode in ("auto", "layer", "both") and layers:
             t0 = time.perf_counter()
             if distributed.is_main():                    # closed forms: rank 0 computes, the others receive
                 self._layer_stage(ctx, layers, train_batches, figures)
@@ -141,12 +151,12 @@ class HealPass(Pass):
                 figures["loss_after_layer"] = figures["loss_before"]
             snapshot = _snapshot(gm)
         kept = []
-        if self.mode in ("e2e", "both") and self.steps:
+        if self.mode != "layer" and self.steps:
             t0 = time.perf_counter()
             with torch.enable_grad():   # also when the caller runs the pipeline under no_grad (torch.compile)
                 kept = self._e2e_stage(ctx, trainable.find_layers(gm), train_batches, loss, figures)
             figures["e2e_seconds"] = round(time.perf_counter() - t0, 1)
-        if self.mode in ("e2e", "both") and self.steps:
+        if self.mode != "layer" and self.steps:
             self._rederive_maps(ctx, held, loss, figures)
         figures["loss_after"] = _held_loss(student_fwd, teacher_fwd, held, loss)
         start_loss = figures.get("loss_after_layer", figures["loss_before"])
@@ -314,6 +324,15 @@ class HealPass(Pass):
         u, v, add = trainable.add_branch(gm, site.node, site.x, site.out_features, site.in_features, self.rank,
                                          site.weight.target, self.seed + i, w.device, w.dtype)
         return ("linear", u, v, add, site.weight_name, site.layout)
+
+
+def _split_calibrated(layers: list) -> tuple[list, list]:
+    """(layers fitted without calibration data, layers their pass fitted to calibration data), by provenance."""
+    data_free, calibrated = [], []
+    for layer in layers:
+        if layer.kind != "vq":                           # a code map has no closed-form refit
+            (calibrated if (provenance(layer.node) or {}).get("calibrated") else data_free).append(layer)
+    return data_free, calibrated
 
 
 def _first_output(gm):

@@ -203,7 +203,7 @@ class ShiftAddPass(Pass):
             layer_bytes = w.numel() * site.weight_tensor(gm).element_size()
             weights_before += layer_bytes
             weights_after += q.nbytes
-            self._replace(gm, site, q)
+            self._replace(gm, site, q, calibrated)
             ctx.site(site.name, bits=bits_for[site.name], **{k: figures[k] for k in ("weight_error", "output_error")},
                      **{k: v for k, v in figures.items() if k not in ("weight_error", "output_error")},
                      bits_per_weight=round(q.bits_per_weight, 4), bytes_before=layer_bytes, bytes_after=q.nbytes)
@@ -218,7 +218,7 @@ class ShiftAddPass(Pass):
                         + (f" (worse: {', '.join(worse[:8])}{' ...' if len(worse) > 8 else ''})" if worse else ""))
 
     # ---- helpers ---------------------------------------------------------------------------------------------
-    def _replace(self, gm, site, q: bcq.BCQWeight) -> None:
+    def _replace(self, gm, site, q: bcq.BCQWeight, calibrated: bool) -> None:
         signs = params.add_tensor(gm, site.tensor_name("bcq_signs"), q.signs)
         exps = params.add_tensor(gm, site.tensor_name("bcq_exponents"), q.exponents)
         args = (site.x, params.get_attr_node(gm, signs), params.get_attr_node(gm, exps), site.bias,
@@ -227,7 +227,8 @@ class ShiftAddPass(Pass):
             scales = params.add_tensor(gm, site.tensor_name("bcq_scales"), q.scales)
             offsets = params.add_tensor(gm, site.tensor_name("bcq_offsets"), q.offsets)
             args += (params.get_attr_node(gm, scales), params.get_attr_node(gm, offsets))
-        new = insert_call(gm, site.node, OP, args, pass_name=self.name, rule=f"bcq-{site.rule}", replaces=site.node)
+        new = insert_call(gm, site.node, OP, args, pass_name=self.name, rule=f"bcq-{site.rule}", replaces=site.node,
+                          calibrated=calibrated)
         replace_node(gm, site.node, new)
         params.remove_if_unused(gm, site.weight_name)
 

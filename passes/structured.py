@@ -166,8 +166,8 @@ class StructuredPass(Pass):
             x = acts.get(site.x)
             bias = site.bias_tensor(gm)
             approx = fac.dense()
-            apply(gm, site, fac, pass_name=self.name,
-                  pre_merge=self.pre_merge_tokens if self.pre_merge else None)
+            apply(gm, site, fac, pass_name=self.name, pre_merge=self.pre_merge_tokens if self.pre_merge else None,
+                  calibrated=grams[site.name] is not None)
             dense_path = self.pre_merge and 0 < rows <= self.pre_merge_tokens
             extra = {}
             if grams[site.name] is not None:

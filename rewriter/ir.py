@@ -64,9 +64,12 @@ def fake_value(node) -> torch.Tensor | None:
     return None
 
 
-def tag(node: fx.Node, pass_name: str, rule: str, replaces: str | None = None) -> fx.Node:
-    """Record which pass and rule made `node` (and which node it replaces) for the diff."""
+def tag(node: fx.Node, pass_name: str, rule: str, replaces: str | None = None, calibrated: bool = False) -> fx.Node:
+    """Record which pass and rule made `node` (and which node it replaces) for the diff; `calibrated`: its tensors
+    were fitted to calibration data (what heal's default mode reads)."""
     node.meta[PROVENANCE_KEY] = {"pass": pass_name, "rule": rule, "replaces": replaces}
+    if calibrated:
+        node.meta[PROVENANCE_KEY]["calibrated"] = True
     return node
 
 
@@ -75,11 +78,11 @@ def provenance(node: fx.Node) -> dict | None:
 
 
 def insert_call(gm: fx.GraphModule, before: fx.Node, target, args: tuple, *, pass_name: str, rule: str,
-                replaces: fx.Node | None = None, kwargs: dict | None = None) -> fx.Node:
+                replaces: fx.Node | None = None, kwargs: dict | None = None, calibrated: bool = False) -> fx.Node:
     """Insert `target(*args)` before `before`, tagged with its provenance."""
     with gm.graph.inserting_before(before):
         node = gm.graph.call_function(target, tuple(args), kwargs or {})
-    return tag(node, pass_name, rule, replaces.name if replaces is not None else None)
+    return tag(node, pass_name, rule, replaces.name if replaces is not None else None, calibrated)
 
 
 def replace_node(gm: fx.GraphModule, old: fx.Node, new: fx.Node) -> None:

@@ -306,10 +306,11 @@ _WEIGHT_VIEWS = (aten.t.default, aten.permute.default, aten.transpose.int, aten.
 
 
 def apply(gm: fx.GraphModule, site: LinearSite, fac: Factored, *, pass_name: str,
-          pre_merge: int | None = None) -> fx.Node:
+          pre_merge: int | None = None, calibrated: bool = False) -> fx.Node:
     """Replace `site` by the op computing `fac` (factors become trainable Parameters), remove the dense weight
     (kept when another op still reads it). With `pre_merge` (a row threshold) the product is stored as a frozen
-    buffer and used by the op for inputs with at most that many rows."""
+    buffer and used by the op for inputs with at most that many rows. `calibrated`: `fac` was fitted to calibration
+    data (recorded in the node's provenance; heal's default mode skips the layer refit of such layers)."""
     fresh = match_linear(site.node)   # earlier rewrites may have replaced this layer's input node
     if fresh is not None:
         site = fresh
@@ -330,7 +331,7 @@ def apply(gm: fx.GraphModule, site: LinearSite, fac: Factored, *, pass_name: str
     else:
         args = (site.x, nodes["u"], nodes["v"], site.bias, dense, threshold)
     new = insert_call(gm, site.node, OPS[fac.kind], args, pass_name=pass_name, rule=f"{fac.kind}-{site.rule}",
-                      replaces=site.node)
+                      replaces=site.node, calibrated=calibrated)
     old_inputs = [a for a in site.node.all_input_nodes]
     replace_node(gm, site.node, new)
     for node in old_inputs:  # the t()/permute view of the weight (addmm-t / mm-t layouts) is dead now
@@ -403,7 +404,7 @@ def project_sites(ctx, sites: list[LinearSite], fit: Callable[..., "Factored | s
                 ctx.site(site.name, "skipped", reason=fac, **figures)
             continue
         rows, numel = layer_rows(site), figures["params_before"]
-        apply(gm, site, fac, pass_name=pass_name, pre_merge=pre_merge)
+        apply(gm, site, fac, pass_name=pass_name, pre_merge=pre_merge, calibrated=calibrated)
         dense_path = pre_merge is not None and 0 < rows <= pre_merge
         ctx.site(site.name, **figures, flops_before=2 * rows * numel,
                  flops_after=2 * rows * numel if dense_path else rows * fac.flops_per_row(),

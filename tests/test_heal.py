@@ -32,7 +32,7 @@ def test_heal_lowers_the_held_out_loss(tiny_gpt, first):
     model = copy.deepcopy(model)
     with torch.no_grad():
         model.tok_emb.weight.mul_(0.2)
-    r = rewrite(model, args, passes=f"{first},heal{{steps=30,lr=1e-3,{FAST}}}")
+    r = rewrite(model, args, passes=f"{first},heal{{mode=both,steps=30,lr=1e-3,{FAST}}}")
     s, heal = _site(r.report)
     assert s["loss"] == "kl"
     assert s["loss_after"] <= s["loss_after_layer"] <= s["loss_before"]
@@ -48,6 +48,22 @@ def test_layer_stage_refits_only_where_the_layer_loss_drops(tiny_gpt):
     assert len(layers) == 12
     assert all(x["layer_loss_after"] <= x["layer_loss_before"] for x in layers)
     assert any(x["layer_loss_after"] < x["layer_loss_before"] for x in layers)
+    assert s["loss_after"] <= s["loss_before"]
+
+
+@pytest.mark.parametrize("calibrate", [0, 8])
+def test_default_mode_refits_only_layers_fitted_without_data(tiny_gpt, calibrate):
+    """mode=auto: the layer stage for layers their pass fitted data-free; calibrated ones go straight to training."""
+    model, args = tiny_gpt
+    r = rewrite(model, args, passes=f"shiftadd{{bits=2,group=32,calibrate={calibrate}}},heal{{steps=2,{FAST}}}")
+    s, heal = _site(r.report)
+    layers = [x for x in heal.sites if x.get("stage") == "layer"]
+    if calibrate:
+        assert not layers and "loss_after_layer" not in s and s["layers_fitted_by_their_pass"] == 12
+        assert any("fitted to calibration data by their pass" in m for m in heal.messages)
+    else:
+        assert len(layers) == 12 and "layers_fitted_by_their_pass" not in s
+        assert s["loss_after_layer"] <= s["loss_before"]
     assert s["loss_after"] <= s["loss_before"]
 
 

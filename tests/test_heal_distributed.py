@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 micro-batches as one process with accum=2 (tiny-gpt's static batch of 2 rows: 8 batches, 1 held out, 7 training
 # batches, cycled identically — rewriter/distributed.shard). The scalings involved (1/accum, DDP's 1/W) are powers
 # of two, so (g₁ + g₂)/2 and g₁/2 + g₂/2 agree bit for bit: the result equals the single process's exactly.
-SPEC = "monarch{blocks=2,calibrate=8},heal{steps=4,lr=1e-3,samples=16,seq=16,batch=4,accum=2}"
+SPEC = "monarch{blocks=2,calibrate=8},heal{mode=both,steps=4,lr=1e-3,samples=16,seq=16,batch=4,accum=2}"
 WORKER = textwrap.dedent(f"""
     import sys, torch
     torch.set_num_threads(1)
