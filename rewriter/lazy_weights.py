@@ -22,9 +22,10 @@ every pass, before the final export, and while saving after each tensor is writt
 (the activations a pass calibrates on, a `--verify` check) touches every weight between two of those points, so
 while a run is in progress a **governor** thread also watches the file-backed resident size and releases the
 mappings whenever it has grown by more than `GOVERNOR_BUDGET` (256 MiB) — measured on TinyLlama-1.1B, the one
-activation run of `monarch` otherwise added S (2.05 GiB) to the peak. What still costs memory: a teacher copy
-for distillation passes; a `--dtype` other than the checkpoint's (converted copies are spilled after capture, so
-they cost disk, not memory, once the first pass starts).
+activation run of `monarch` otherwise added S (2.05 GiB) to the peak. A distillation pass's teacher costs no
+memory either: its weights are second mappings of the checkpoint (or scratch copies of weights changed in place;
+`frozen_twins`), released like the model's. What still costs memory: a `--dtype` other than the checkpoint's
+(converted copies are spilled after capture, so they cost disk, not memory, once the first pass starts).
 
 The scratch folder: $REWRITE_SCRATCH, else <cache>/scratch under $REWRITE_CACHE (~/.cache/rewrite); never a
 tmpfs (that would be memory again). Linux only (/proc/self/maps, madvise); elsewhere the store does nothing.
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 MADV_PAGEOUT = 21          # Linux ≥ 5.4: reclaim these pages (file pages dropped, anonymous ones swapped or kept)
+MADV_DONTNEED = 4          # unmap these pages (a private mapping's written pages would be lost: see drop_twin_pages)
 GOVERNOR_BUDGET = 256 * 2**20   # file-backed pages allowed to accumulate between releases during a run
 GOVERNOR_INTERVAL = 0.05        # seconds between two looks at the resident size
 SPILL_BYTES = 2**20        # tensors at least this big are spilled (env REWRITE_SPILL_BYTES; 0 = never)
@@ -85,6 +87,15 @@ def pageout(start: int, end: int) -> bool:
     if _LIBC is None or hi <= lo:
         return False
     return _LIBC.madvise(lo, hi - lo, MADV_PAGEOUT) == 0
+
+
+def dontneed(start: int, end: int) -> bool:
+    """madvise(MADV_DONTNEED) on the whole pages inside [start, end); True when the kernel accepted it."""
+    lo = -(-start // PAGE) * PAGE
+    hi = (end // PAGE) * PAGE
+    if _LIBC is None or hi <= lo:
+        return False
+    return _LIBC.madvise(lo, hi - lo, MADV_DONTNEED) == 0
 
 
 def mapped_ranges(paths: set[str]) -> list[tuple[int, int]]:
@@ -160,6 +171,7 @@ class WeightStore:
     stats: dict = field(default_factory=lambda: {"spilled": 0, "spilled_bytes": 0, "releases": 0, "release_s": 0.0,
                                                  "spill_s": 0.0})
     _paths: set[str] = field(default_factory=set)
+    _twins: list = field(default_factory=list)      # [start, end) of the frozen twins' mappings (frozen_twins)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
@@ -196,16 +208,37 @@ class WeightStore:
         if not self.active:
             return
         start = time.perf_counter()
-        for lo, hi in self.ranges():
-            pageout(lo, hi)
+        self.release_mappings()
         trim_heap()
         self.stats["releases"] += 1
         self.stats["release_s"] += time.perf_counter() - start
 
     def release_mappings(self) -> None:
-        """madvise(MADV_PAGEOUT) on every checkpoint and scratch mapping (release without the heap trim)."""
+        """madvise(MADV_PAGEOUT) on every checkpoint and scratch mapping (release without the heap trim), after
+        unmapping the frozen twins' pages (drop_twin_pages): the kernel's page-out skips a page mapped twice."""
+        self.drop_twin_pages()
         for lo, hi in self.ranges():
             pageout(lo, hi)
+
+    def drop_twin_pages(self) -> None:
+        """MADV_DONTNEED on the frozen twins' mappings that copy-on-write has never touched (smaps Anonymous 0):
+        every resident page there is a clean page-cache page, so dropping it loses nothing — the next read maps
+        the file's bytes again, which is what a twin stands for (it was remapped only while equal to them). Once
+        both copies of a weight have been read (heal: teacher and student forwards) each page is mapped twice, and
+        MADV_PAGEOUT leaves such pages alone (measured on TinyLlama-1.1B: 257 of 4,352 MiB freed); unmapping the
+        twin's side makes them the student's alone again. A twin whose mapping is gone (the teacher was freed) is
+        forgotten; an address now used by anything that is not a checkpoint or scratch mapping is never touched."""
+        if not self._twins:
+            return
+        live = []
+        for lo, hi, _, _, written in file_mappings(self._paths):
+            for t_lo, t_hi in self._twins:
+                a, b = max(lo, t_lo), min(hi, t_hi)
+                if a < b:
+                    live.append((t_lo, t_hi))
+                    if not written:
+                        dontneed(a, b)
+        self._twins = sorted(set(live))
 
     @contextlib.contextmanager
     def governed(self, budget: int = GOVERNOR_BUDGET, interval: float = GOVERNOR_INTERVAL):
@@ -344,10 +377,13 @@ class WeightStore:
             mapping = mmap.mmap(f.fileno(), nbytes + start - aligned, flags=mmap.MAP_PRIVATE,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
         raw = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start - aligned)
+
         twin = torch.empty(0, dtype=t.dtype, device="cpu").set_(raw.untyped_storage(), t.storage_offset(), t.shape,
                                                                 t.stride())
         if written and not torch.equal(twin, t):   # (an unwritten mapping holds the file's bytes: nothing to read)
             return None
+        base = raw.data_ptr() - (start - aligned)
+        self._twins.append((base, base + len(mapping)))
         return twin
 
     def tidy(self, module: torch.nn.Module | None = None) -> None:

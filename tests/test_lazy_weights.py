@@ -292,3 +292,26 @@ def test_heal_on_a_mapped_checkpoint_learns_from_the_original(tmp_path, scratch)
     heal = next(p for p in r.report.passes if p.name == "heal")
     site = next(s for s in heal.sites if s["site"] == "program")
     assert site["loss_before"] > 0 and site["loss_after"] <= site["loss_before"]
+
+
+@linux_only
+def test_release_frees_pages_both_the_model_and_its_teacher_have_read(tmp_path, scratch):
+    """After the model and its frozen twin have both read every weight, each page is mapped twice; the kernel's
+    page-out skips such pages, so release first unmaps the twins' (clean) side. A twin still reads its bytes."""
+    folder = make_checkpoint(tmp_path / "big", hidden=512, layers=2, vocab=4096)     # ~ 16 MB of bf16
+    from rewriter import hf
+    from rewriter.pass_manager import _frozen_copy
+    model, _, _ = hf.load_hf(folder)
+    store = lazy_weights.store_for(model)
+    teacher = _frozen_copy(model, store)
+    if not lazy_weights.pageout(*store.ranges()[0]):
+        pytest.skip("this kernel has no MADV_PAGEOUT")
+    store.release()
+    base = rss_file_kib()
+    expected = [p.float().sum() for p in teacher.parameters()]
+    total = sum(expected) + sum(p.float().sum() for p in model.parameters())     # both copies read in full
+    touched = rss_file_kib() - base
+    assert touched > 16 * 1024 and torch.isfinite(total)
+    store.release()
+    assert rss_file_kib() - base < touched / 4
+    assert [p.float().sum() for p in teacher.parameters()] == expected           # re-read from the file
