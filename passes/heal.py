@@ -20,7 +20,9 @@ mode=e2e — AdamW on the whole program's output: KL(p_teacher ‖ p_student) pe
     scales and offsets at lr·2^(1−q), q bit planes: they are a grid step, not a weight); with nothing of that
     kind (e.g. after softplus-attn) LoRA branches of rank `rank` on the linear layers. train=new: only the first
     group; lora: LoRA branches; all: every floating-point parameter. adapters=true also puts LoRA branches beside
-    shift-add layers (kept in the program: binary weights cannot absorb them).
+    shift-add layers (kept in the program: binary weights cannot absorb them). vectors=true also trains the
+    program's own 1-D parameters — normalisation scales and shifts, biases (norm tweaking): a few thousand numbers
+    per layer, stored as they are.
 mode=auto (default) — the layer stage for the layers their pass fitted without calibration data (calibrate=0, or a
     program rewritten elsewhere), then e2e. A layer its pass already fitted to calibration data (the default of
     every projection) got the same closed form from the original model's inputs; refitting it to the student's
@@ -92,6 +94,7 @@ class HealPass(Pass):
     train: Literal["auto", "new", "lora", "all"] = "auto"
     rank: int = 8
     adapters: bool = False
+    vectors: bool = False
 
     def __post_init__(self):
         if self.steps < 0 or self.samples < 1 or self.batch < 1 or self.accum < 1 or self.holdout < 0:
@@ -238,6 +241,9 @@ class HealPass(Pass):
         for i, site in enumerate(lora_sites):
             branches.append(self._branch(gm, site, i))
             trained += [branches[-1][1], branches[-1][2]]
+        if self.vectors and self.train != "all":
+            trained += [name for name, p in gm.named_parameters()
+                        if p.dim() == 1 and p.is_floating_point() and name in teacher_names and name not in trained]
         if not trained:
             ctx.message("heal: nothing to train end to end")
             return []
