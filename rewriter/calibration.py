@@ -31,7 +31,8 @@ Statistics (captured once per pipeline, on the program as the first calibrating 
 model unless an earlier pass changed it — and reused by every later pass)
     per linear layer with input rows x (any layout `rewriter.matchers.linear` knows): the mean Gram
         H = Σ x·xᵀ / rows   (n × n, float32; x rows from every position of every calibration sample)
-    so a layer's calibrated output error is  ‖X·(W − W')ᵀ‖² / rows = tr((W − W')·H·(W − W')ᵀ);
+    so a layer's calibrated output error is  ‖X·(W − W')ᵀ‖² / rows = tr((W − W')·H·(W − W')ᵀ); the mean input
+        μ = Σ x / rows   (n,; what a per-output offset can absorb: vq-logits' token bias);
     and for a causal LM the mean next-token distribution of the model, p̄ (V,).
 Everything runs on the device of the program's inputs; sampling draws its random numbers from one CPU generator
 seeded by `seed`, so the data are the same on every device.
@@ -313,16 +314,23 @@ def sample_lm(ctx, io: ModelIO, n: int, seq: int, seed: int) -> torch.Tensor:
             except Exception:
                 pass
     hf_model = _hf_model(ctx)      # loaded only when the samples are not on disk yet
-    if hf_model is not None:
-        ids = _sample_hf(ctx, hf_model, io.vocab, n, seq, seed)
-    else:
-        ids = _sample_program(ctx, teacher, io, n, seq, seed)
+    with reading(ctx):
+        if hf_model is not None:
+            ids = _sample_hf(ctx, hf_model, io.vocab, n, seq, seed)
+        else:
+            ids = _sample_program(ctx, teacher, io, n, seq, seed)
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         torch.save(ids, tmp)
         os.replace(tmp, path)
     return ids
+
+
+def reading(ctx):
+    """A phase that only reads the model's weights (rewriter/lazy_weights.py: pages are unmapped, not evicted)."""
+    from .lazy_weights import reading as store_reading
+    return store_reading(ctx.resources.get("weight_store"))
 
 
 def _hf_model(ctx):
@@ -505,15 +513,20 @@ def _special_wrap(ctx, io: ModelIO) -> tuple[list[int], list[int]]:
 # ---- statistics ----------------------------------------------------------------------------------------------------
 @dataclass
 class LayerStats:
-    """Per-layer input Grams (mean x·xᵀ) keyed by layer name, and the LM's mean next-token distribution."""
+    """Per-layer input Grams (mean x·xᵀ) and means (mean x) keyed by layer name, and the LM's mean next-token
+    distribution."""
 
     grams: dict[str, torch.Tensor] = field(default_factory=dict)
     rows: int = 0
     mean_probs: torch.Tensor | None = None
     source: str = ""
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def gram(self, name: str) -> torch.Tensor | None:
         return self.grams.get(name)
+
+    def mean(self, name: str) -> torch.Tensor | None:
+        return self.means.get(name)
 
 
 GRAM_BUDGET: int | None = None     # bytes; None = $REWRITE_GRAM_BYTES, else 512 MiB (tests set it directly)
@@ -605,7 +618,7 @@ def _capture_stats(ctx, spec: DataSpec, sites: list) -> LayerStats:
                 _accumulate(sums, counts, n, value)
             return value
 
-    with torch.no_grad():
+    with torch.no_grad(), reading(ctx):
         for flat in ctx.progress(data, f"capturing layer statistics ({len(sites)} layers)"):
             out = Capture(ctx.gm).run(*flat)
             if io.lm:
@@ -616,22 +629,28 @@ def _capture_stats(ctx, spec: DataSpec, sites: list) -> LayerStats:
 
 
 def _accumulate(sums: dict, counts: dict, key, value: torch.Tensor) -> None:
-    """Add one input batch's x·xᵀ (rows: every position) to the running Gram of `key`."""
+    """Add one input batch's x·xᵀ and Σx (rows: every position) to the running sums of `key`."""
     x = value.detach().reshape(-1, value.shape[-1]).float()
-    g = x.t() @ x
-    sums[key] = g if key not in sums else sums[key].add_(g)
+    g, v = x.t() @ x, x.sum(0, dtype=torch.float64)
+    if key in sums:
+        sums[key][0].add_(g)
+        sums[key][1].add_(v)
+    else:
+        sums[key] = [g, v]
     counts[key] = counts.get(key, 0) + x.shape[0]
 
 
 def _layer_stats(spec: DataSpec, by_input: dict, sums: dict, counts: dict, probs_sum, prob_rows: int) -> LayerStats:
-    """The mean Grams (one per distinct input, shared by the layer names reading it) and mean next-token
+    """The mean Grams and means (one per distinct input, shared by the layer names reading it) and mean next-token
     distribution from the running sums."""
     stats = LayerStats(source=spec.data)
     for node, names in by_input.items():
         if node in sums:
-            h = sums.pop(node).div_(max(counts[node], 1))
+            g, v = sums.pop(node)
+            h, mean = g.div_(max(counts[node], 1)), (v / max(counts[node], 1)).float()
             for name in names:
                 stats.grams[name] = h
+                stats.means[name] = mean
             stats.rows = max(stats.rows, counts[node])
     if probs_sum is not None:
         stats.mean_probs = (probs_sum / max(prob_rows, 1)).float()
@@ -695,7 +714,7 @@ def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | Non
             widths[s.x] = s.in_features
             by_input.setdefault(s.x, []).append(s.name)
         device = mine.device
-        with torch.no_grad():
+        with torch.no_grad(), reading(ctx):
             ids = io.example[io.ids_index].to(device=device, dtype=torch.long)
             want = run_flat(ctx.gm, list(io.example)).float()
             got = model(ids).float()
@@ -718,7 +737,7 @@ def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | Non
     handles = [m.register_forward_hook(hook_for(node, widths[node])) for node, m in hooked.items()]
     probs_sum, prob_rows = None, 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), reading(ctx):
             for start in ctx.progress(range(0, ids.shape[0], rows),
                                       f"capturing layer statistics ({len(sites)} layers, {spec.seq}-token sequences)"):
                 batch = ids[start:start + rows].to(device)

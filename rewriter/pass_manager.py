@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from . import cost
+from . import cost, lazy_weights
 from .errors import InternalError, RewriteError, VerificationError, first_line
 from .ir import op_name, provenance
 from .params import state_snapshot
@@ -150,7 +150,7 @@ class PassContext:
                     captured[n] = value.detach() if isinstance(value, torch.Tensor) else value
                 return value
 
-        with torch.no_grad():
+        with torch.no_grad(), lazy_weights.reading(self.resources.get("weight_store")):
             Capture(self.gm).run(*self.inputs)
         return captured
 
@@ -190,7 +190,9 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
     reference = propagate_shapes(gm, inputs)
     report.flops_before = cost.program_flops(gm)
     report.params_before = cost.program_params(gm)
-    original_outputs = previous_outputs = run_graph(gm, inputs) if verify else None
+    reading = lambda: lazy_weights.reading(resources.get("weight_store"))     # forwards that write no weight
+    with reading():
+        original_outputs = previous_outputs = run_graph(gm, inputs) if verify else None
     teacher = _frozen_copy(gm, resources.get("weight_store")) \
         if any(getattr(p, "needs_teacher", False) for p in passes) else None
     done: list[str] = []
@@ -206,7 +208,8 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
         for inst in instruments:
             inst.before_pass(p, gm)
         # the float64 reference of an exact pass's input program, for ill-conditioned examples (verify.exact_agreement)
-        truth = run_graph_float64(gm, inputs) if verify and p.contract is Contract.EXACT else None
+        with reading():
+            truth = run_graph_float64(gm, inputs) if verify and p.contract is Contract.EXACT else None
         nodes_before = set(gm.graph.nodes)
         state_before = state_snapshot(gm)
         result.flops_before = cost.program_flops(gm)
@@ -251,7 +254,8 @@ def run_passes(gm: fx.GraphModule, inputs: list, passes: list[Pass], *, verify: 
         result.params_after = cost.program_params(gm)
         # ---- numerics
         if verify:
-            outputs = run_graph(gm, inputs)
+            with reading():
+                outputs = run_graph(gm, inputs)
             result.error_vs_previous = relative_error(previous_outputs, outputs)
             result.error_vs_original = relative_error(original_outputs, outputs)
             ok = True

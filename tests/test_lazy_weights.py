@@ -315,3 +315,48 @@ def test_release_frees_pages_both_the_model_and_its_teacher_have_read(tmp_path, 
     store.release()
     assert rss_file_kib() - base < touched / 4
     assert [p.float().sum() for p in teacher.parameters()] == expected           # re-read from the file
+
+
+def cached_fraction(ranges) -> float:
+    """The fraction of the pages of these file mappings that are in the page cache (mincore)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    cached = total = 0
+    for lo, hi in ranges:
+        pages = (hi - lo + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        assert libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), vec) == 0
+        cached += sum(b & 1 for b in vec)
+        total += pages
+    return cached / max(total, 1)
+
+
+@linux_only
+def test_release_keeps_clean_pages_cached_and_written_ones_resident(tmp_path):
+    """release unmaps never-written mappings (their pages stay in the page cache: reading them again takes no
+    disk read) and only pages out a mapping with pages written in place, whose values must survive."""
+    folder = make_checkpoint(tmp_path / "big", hidden=512, layers=2, vocab=4096)   # ~ 16 MB of bf16
+    for name in os.listdir(folder):      # written back to disk: only clean pages can leave the page cache
+        with open(os.path.join(folder, name), "rb") as f:
+            os.fsync(f.fileno())
+    from rewriter import hf
+    model, _, _ = hf.load_hf(folder)
+    store = lazy_weights.store_for(model)
+    params = [p for p in model.parameters() if p.numel() * p.element_size() >= 2**20]
+    sums = [float(p.float().sum()) for p in params]                 # every page read once: now cached
+    store.release()
+    ranges = store.ranges()
+    assert cached_fraction(ranges) > 0.9                             # still in the page cache (page-out: ~0)
+    base = rss_file_kib()
+    assert [float(p.float().sum()) for p in params] == sums
+    assert rss_file_kib() - base > 8 * 1024                          # (and they were out of RSS after release)
+    with torch.no_grad():
+        params[0][0].add_(1)                                         # one page written: its mapping keeps it
+    written = params[0].clone()
+    assert any(w for *_, w in lazy_weights.file_mappings(store._paths))
+    store.release()
+    assert torch.equal(params[0], written)
+    with store.reading():
+        assert store._readers == 1
+    assert store._readers == 0
