@@ -139,7 +139,8 @@ def test_pass_on_tiny_gpt_tied(tiny_gpt, tmp_path):
     assert aten.embedding.default in _ops(gm)
     assert "tok_emb.weight" in dict(r.program.named_parameters())     # tied table kept for the embedding
     s = res.sites[0]
-    assert s["head_params_before"] == 256 * 64 and s["head_params_after"] == 128 * 64 + 256 and s["tied"]
+    assert s["head_params_before"] == 256 * 64 and s["head_params_after"] == 128 * 64 + 2 * 256 and s["tied"]
+    assert s["token_bias"] and "lm_head.vq_token_bias" in dict(r.program.named_parameters())
     assert 0 <= s["top1_agreement"] <= 1 and 0 <= s["top5_overlap"] <= 1
     assert "perplexity_before" in s and "perplexity_after" in s
     assert 0 < res.error_vs_original < 1.0
@@ -229,3 +230,26 @@ def test_model_without_lm_head_is_skipped_with_a_reason():
     model, args = demo_model("tiny-bert")
     result = rewrite(model, args, "vq-logits{codes=16}")
     assert "no LM head" in result.report.passes[0].skipped
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(vocab=st.integers(8, 60), dim=st.integers(2, 12), k=st.integers(1, 7), offset=st.floats(0.0, 5.0),
+       seed=st.integers(0, 2**16))
+def test_token_bias_is_each_tokens_best_offset_and_the_error_says_what_is_left(vocab, dim, k, offset, seed):
+    """With the head input's mean, fit_codebook adds β_v = μ·(W_v − C_M(v)): the per-token offset with the least
+    mean-square logit error on the rows H and μ came from (the residual averages to 0 for every token), and
+    logit_error then measures exactly what is left, Σ_v π_v·mean((x·Δ_v − β_v)²) relative to the logits' own."""
+    from passes.vq_logits import fit_codebook, logit_error
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(vocab, dim, generator=g, dtype=torch.float64)
+    x = torch.randn(200, dim, generator=g, dtype=torch.float64) + offset       # inputs with a mean, like an LM's
+    h, mu = x.t() @ x / x.shape[0], x.mean(0)
+    pi = torch.rand(vocab, generator=g, dtype=torch.float64) + 0.1
+    codebook, code_map, beta = fit_codebook(w, h, pi, k, 3, 0, None, mu)
+    assert beta is not None and beta.shape == (vocab,)
+    residual = x @ (w - codebook[code_map]).t() - beta                        # (rows, V) logit errors
+    assert residual.mean(0).abs().max() <= 1e-9 * (1 + float(residual.abs().max()))
+    measured = float(((residual ** 2).mean(0) * pi).sum() / (((x @ w.t()) ** 2).mean(0) * pi).sum()) ** 0.5
+    assert logit_error(w, codebook, code_map, h, pi, mu) == pytest.approx(measured, rel=1e-6, abs=1e-9)
+    without = fit_codebook(w, h, pi, k, 3, 0, code_map, None)
+    assert without[2] is None and torch.equal(without[1], code_map)
