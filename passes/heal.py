@@ -247,6 +247,7 @@ class HealPass(Pass):
         if not trained:
             ctx.message("heal: nothing to train end to end")
             return []
+        _own(gm, trained)
         named = dict(gm.named_parameters())
         flags = {name: p.requires_grad for name, p in named.items()}
         for name, p in named.items():
@@ -390,16 +391,31 @@ def params_dtype(gm, layer) -> torch.dtype:
     return value.dtype if value.is_floating_point() else torch.float32
 
 
-def _snapshot(gm) -> list:
-    """Every parameter and buffer tensor, once per tensor object with all the names bound to it (tied weights),
-    cloned (passes replace tensors, they never mutate them — but training does)."""
+def _tensor_names(gm) -> dict[int, tuple[list[str], torch.Tensor]]:
+    """id(tensor) → (every name bound to it (tied weights), the tensor) for every parameter and buffer."""
     groups: dict[int, tuple[list[str], torch.Tensor]] = {}
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if id(t) in groups:
             groups[id(t)][0].append(name)
         else:
-            groups[id(t)] = ([name], t.detach().clone())
-    return list(groups.values())
+            groups[id(t)] = ([name], t)
+    return groups
+
+
+def _snapshot(gm) -> list:
+    """Every parameter and buffer tensor with the names bound to it — references, not copies: heal replaces
+    tensors and never writes into one it did not create for training (`_own`), so these keep their values."""
+    return [(names, t.detach()) for names, t in _tensor_names(gm).values()]
+
+
+def _own(gm, names: list[str]) -> None:
+    """Bind a copy of each of these tensors (once per tensor, under all its tied names) before training writes
+    into it: the tensors the program holds are shared with the caller's model (and with the undo snapshot)."""
+    groups = _tensor_names(gm)
+    wanted = set(names)
+    for tied, t in groups.values():
+        if wanted.intersection(tied):
+            params.set_tied(gm, tied, t.detach().clone())
 
 
 def _restore(gm, snapshot: list) -> None:

@@ -266,7 +266,7 @@ def test_undo_keeps_tied_weights_tied():
     must come back as one tensor, not two copies (that doubled SmolLM2's head parameters after an undo)."""
     from torch import fx
 
-    from passes.heal import _restore, _snapshot
+    from passes.heal import _own, _restore, _snapshot
 
     class Tied(torch.nn.Module):
         def __init__(self):
@@ -280,9 +280,13 @@ def test_undo_keeps_tied_weights_tied():
 
     gm = fx.symbolic_trace(Tied())
     snap = _snapshot(gm)
-    before = gm.embed.weight.detach().clone()
+    original = gm.embed.weight
+    before = original.detach().clone()
+    _own(gm, ["head.weight"])                          # training takes its own copy, tied under both names
+    assert gm.head.weight is gm.embed.weight and gm.embed.weight is not original
     with torch.no_grad():
         gm.embed.weight.add_(1.0)                       # training moved it
+    assert torch.equal(original, before)               # the tensor it was captured with did not move
     _restore(gm, snap)
     assert gm.head.weight is gm.embed.weight
     assert torch.equal(gm.embed.weight, before)
@@ -303,3 +307,30 @@ def test_output_independent_of_trained_parameters_trains_nothing_and_says_so():
     r = rewrite(SideLinear(), (torch.randn(3, 4),), "heal{steps=2,samples=4,seq=8,batch=2}")
     heal = next(p for p in r.report.passes if p.name == "heal")
     assert any("nothing trained end to end" in m for m in heal.messages), heal.messages
+
+
+def test_vectors_also_trains_the_programs_own_norms_and_biases(tiny_gpt):
+    model, args = tiny_gpt
+    spec = "shiftadd{{bits=2,group=32,calibrate=8}},heal{{steps=3,lr=1e-3,vectors={},{}}}"
+    plain = rewrite(model, args, passes=spec.format("false", FAST))
+    more = rewrite(model, args, passes=spec.format("true", FAST))
+    vectors = {n: p for n, p in plain.program.named_parameters() if p.dim() == 1}
+    assert vectors and _site(more.report)[0]["trained_parameters"] == \
+        _site(plain.report)[0]["trained_parameters"] + sum(p.numel() for p in vectors.values())
+    after = dict(more.program.named_parameters())
+    assert any(not torch.equal(after[n], p) for n, p in vectors.items())      # they moved
+    assert set(after) == set(dict(plain.program.named_parameters()))        # nothing added
+
+
+@pytest.mark.parametrize("first,options", [("monarch{blocks=4,calibrate=4}", "train=all"),
+                                           ("monarch{blocks=4,calibrate=4}", "vectors=true"),
+                                           ("monarch{blocks=4,calibrate=4}", "mode=both"),
+                                           ("softplus-attn", "train=lora")])
+def test_heal_never_writes_into_the_callers_model(first, options):
+    """The program shares its tensors with the model it was captured from; training writes into copies."""
+    from rewriter.demo_models import demo_model
+    model, args = demo_model("tiny-gpt")
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    r = rewrite(model, args, passes=f"{first},heal{{steps=3,lr=1e-2,{options},{FAST}}}")
+    assert _site(r.report)[0]["trained_parameters"] > 0
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
