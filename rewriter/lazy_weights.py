@@ -85,22 +85,23 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-def pageout(start: int, end: int) -> bool:
-    """madvise(MADV_PAGEOUT) on the whole pages inside [start, end); True when the kernel accepted it."""
+def _madvise(start: int, end: int, advice: int) -> bool:
+    """madvise(advice) on the whole pages inside [start, end); True when the kernel accepted it."""
     lo = -(-start // PAGE) * PAGE
     hi = (end // PAGE) * PAGE
     if _LIBC is None or hi <= lo:
         return False
-    return _LIBC.madvise(lo, hi - lo, MADV_PAGEOUT) == 0
+    return _LIBC.madvise(lo, hi - lo, advice) == 0
+
+
+def pageout(start: int, end: int) -> bool:
+    """MADV_PAGEOUT: reclaim the pages (clean file pages are evicted from the page cache too)."""
+    return _madvise(start, end, MADV_PAGEOUT)
 
 
 def dontneed(start: int, end: int) -> bool:
-    """madvise(MADV_DONTNEED) on the whole pages inside [start, end); True when the kernel accepted it."""
-    lo = -(-start // PAGE) * PAGE
-    hi = (end // PAGE) * PAGE
-    if _LIBC is None or hi <= lo:
-        return False
-    return _LIBC.madvise(lo, hi - lo, MADV_DONTNEED) == 0
+    """MADV_DONTNEED: unmap the pages (file pages stay cached; a private mapping's written pages are lost)."""
+    return _madvise(start, end, MADV_DONTNEED)
 
 
 def mapped_ranges(paths: set[str]) -> list[tuple[int, int]]:
