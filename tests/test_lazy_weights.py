@@ -219,16 +219,24 @@ def test_spilling_between_layers_creates_no_tensor_without_a_device(checkpoint, 
 
 
 @linux_only
+def _in_memory_then_spilling(checkpoint, monkeypatch, spec: str, spill_bytes: int):
+    """The program of `spec` with nothing spilled, calibrated in several chunks of layers; afterwards tensors of
+    `spill_bytes` and more are spilled."""
+    from rewriter import calibration
+    monkeypatch.setattr(calibration, "GRAM_BUDGET", 2 * 128 * 128 * 4)       # several chunks
+    monkeypatch.setenv("REWRITE_SPILL_BYTES", "0")
+    plain = rewrite(checkpoint, None, spec)
+    monkeypatch.setenv("REWRITE_SPILL_BYTES", str(spill_bytes))
+    return plain
+
+
 def test_fitted_factors_wait_for_the_rewrite_on_disk(checkpoint, scratch, monkeypatch):
     """Calibrated monarch fits its layers chunk by chunk and rewrites only after the last chunk (every chunk sees
     the program it received), so every layer's factors wait meanwhile: on TinyLlama-1.1B ~0.7 GB of anonymous
     memory. With a weight store they wait in scratch files instead, and the program is the same as in memory."""
-    from rewriter import calibration, projections
+    from rewriter import projections
     spec = "monarch{blocks=4,calibrate=2}"
-    monkeypatch.setattr(calibration, "GRAM_BUDGET", 2 * 128 * 128 * 4)       # several chunks
-    monkeypatch.setenv("REWRITE_SPILL_BYTES", "0")
-    plain = rewrite(checkpoint, None, spec)
-    monkeypatch.setenv("REWRITE_SPILL_BYTES", "4096")
+    plain = _in_memory_then_spilling(checkpoint, monkeypatch, spec, 4096)
     waiting = []
     real_apply = projections.apply
 
@@ -366,12 +374,8 @@ def test_release_keeps_clean_pages_cached_and_written_ones_resident(tmp_path):
 def test_shiftadd_fits_wait_for_the_rewrite_on_disk(checkpoint, scratch, monkeypatch):
     """The same for shiftadd's packed fits (4.5 bits per weight: ~0.6 GB on TinyLlama-1.1B), same program."""
     from passes import shiftadd
-    from rewriter import calibration
     spec = "shiftadd{bits=4,group=32,calibrate=2}"
-    monkeypatch.setattr(calibration, "GRAM_BUDGET", 2 * 128 * 128 * 4)       # several chunks
-    monkeypatch.setenv("REWRITE_SPILL_BYTES", "0")
-    plain = rewrite(checkpoint, None, spec)
-    monkeypatch.setenv("REWRITE_SPILL_BYTES", "1024")
+    plain = _in_memory_then_spilling(checkpoint, monkeypatch, spec, 1024)
     waiting = []
     real_replace = shiftadd.ShiftAddPass._replace
 
