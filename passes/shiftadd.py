@@ -196,8 +196,9 @@ class ShiftAddPass(Pass):
         fitted = []
         for chunk in chunks:
             stats = calibration.layer_stats(ctx, spec, chunk) if calibrated else None
-            items = [(site_weight(gm, s), stats.gram(s.name) if stats is not None else None, bits_for[s.name],
-                      self.group, self.rounds, self.terms, self.refit, self.code,
+            # views of the stored weights, converted in the worker: only the items in flight are copied
+            items = [(s.weight_out_in(gm).detach(), stats.gram(s.name) if stats is not None else None,
+                      bits_for[s.name], self.group, self.rounds, self.terms, self.refit, self.code,
                       bcq.affine_dtype(s.weight_tensor(gm).dtype)) for s in chunk]
             fitted += [(site, (_spilled(ctx, q), figures))
                        for site, (q, figures) in zip(chunk, ctx.map_layers(quantize_layer, items, "quantising"))]
@@ -247,8 +248,8 @@ class ShiftAddPass(Pass):
     def _sensitivities(self, ctx, chunk, spec, xs) -> dict[str, dict[int, float]]:
         """Output error of each layer of `chunk` at 2, 3 and 4 bits (calibrated when `spec` calibrates)."""
         stats = calibration.layer_stats(ctx, spec, chunk) if spec.samples > 0 else None
-        items = [(site_weight(ctx.gm, s), stats.gram(s.name) if stats is not None else None, xs[s.name], self.group,
-                  self.terms, self.code) for s in chunk]
+        items = [(s.weight_out_in(ctx.gm).detach(), stats.gram(s.name) if stats is not None else None, xs[s.name],
+                  self.group, self.terms, self.code) for s in chunk]
         return {s.name: e for s, e in zip(chunk, ctx.map_layers(sensitivity, items, "measuring sensitivity"))}
 
     def _allocate(self, ctx, sites, errors) -> dict[str, int]:

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 
 ZERO_EXP = -128          # exponent code meaning "this term is zero"
-_MAX_EXP = 127
-_MIN_EXP = -127
+MAX_EXP = 127
+MIN_EXP = -127
 
 
 # ---- power-of-two snapping ---------------------------------------------------------------------------------
@@ -62,8 +62,8 @@ def snap_pow2(alpha: torch.Tensor, terms: int = 1, last_up: torch.Tensor | None 
         elif t == terms - 1:   # nearest: 2^lo or 2^(lo+1)
             lo = torch.where(safe - torch.ldexp(torch.ones_like(lo), lo) > torch.ldexp(torch.ones_like(lo), lo + 1)
                              - safe, lo + 1, lo)
-        e = lo.clamp(_MIN_EXP, _MAX_EXP)
-        keep = positive & (lo >= _MIN_EXP)
+        e = lo.clamp(MIN_EXP, MAX_EXP)
+        keep = positive & (lo >= MIN_EXP)
         value = torch.where(keep, torch.ldexp(torch.ones_like(e), e), torch.zeros_like(e))
         exps.append(torch.where(keep, e, torch.full_like(e, ZERO_EXP)))
         total = total + value
@@ -170,9 +170,11 @@ def quantize_affine(weight: torch.Tensor, bits: int = 4, group: int = 64, hessia
 def from_patterns(exps: torch.Tensor, pattern: torch.Tensor, in_features: int, group: int) -> BCQWeight:
     """The packed form of exponents (out, G, q, terms) and sign patterns (out, G, g) (bit i of a pattern = plane i)."""
     q = exps.shape[2]
-    bits = (pattern[..., None] >> torch.arange(q, device=pattern.device)) & 1            # (out, G, g, q)
-    signs = (bits.permute(0, 1, 3, 2).float() * 2 - 1)                                   # (out, G, q, g)
-    return BCQWeight(pack_signs(signs), exps.to(torch.int8), in_features, group)
+    out_f = pattern.shape[0]
+    flat = pattern.reshape(out_f, -1).to(torch.uint8)          # patterns < 2^q ≤ 256; one byte per weight
+    weights = 1 << torch.arange(8, dtype=torch.uint8, device=pattern.device)
+    planes = [(((flat >> i) & 1).view(out_f, -1, 8) * weights).sum(-1, dtype=torch.uint8) for i in range(q)]
+    return BCQWeight(torch.stack(planes), exps.to(torch.int8), in_features, group)
 
 
 # ---- the two matmul paths ---------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ grid fit (`fit_grid`, per group, all rows at once)
     alternate  `rounds` times with continuous α: patterns = the nearest value; α = least squares given the patterns
                (weighted by the columns' importance when given: diag of the calibration Gram)
     snap       α → sums of `terms` powers of two: each αᵢ to its nearest snapping, then each one's other rounding
-               (the last term up instead of down or back) tried in turn, kept where the exact error drops
+               (the last term up instead of down or back) tried in turn, then each one doubled or halved (an
+               octave: the continuous fit can sit one away from a small scale), kept where the exact error drops
 error feedback (`gptq`, calibrated; Frantar et al. 2022 with static groups and act-order)
     H = mean x·xᵀ + λI (λ = 1 % of its mean diagonal). Every group's grid is fitted first (static groups, columns
     weighted by diag H); then the columns are visited in order of decreasing diag H (act-order: the inputs that
@@ -119,6 +120,28 @@ def _snap_search(w, alpha, terms, pats, weight):
         snapped = torch.where(better[:, None], flip, snapped)
         exps[:, i] = torch.where(better[:, None], torch.where(up[:, i, None], e_up[:, i], e_dn[:, i]), exps[:, i])
         err = torch.where(better, err2, err)
+    # then whole octaves: each scale doubled or halved (every term's exponent ±1), kept where the exact error drops —
+    # the continuous fit can sit an octave away from a small scale (α = 2^-4 fitted as 2^-3 when the larger scales
+    # absorbed part of it), which no rounding of it reaches
+    for _ in range(2):
+        moved_any = False
+        for i in range(q):
+            for shift in (1, -1):
+                e_i = exps[:, i].int()
+                used = e_i != bcq.ZERO_EXP
+                e_new = torch.where(used, e_i + shift, e_i)
+                ok = (used.any(-1) & ((e_new >= bcq.MIN_EXP) & (e_new <= bcq.MAX_EXP) | ~used).all(-1))
+                trial = snapped.clone()
+                trial[:, i] = torch.ldexp(snapped[:, i], torch.full_like(snapped[:, i], shift))
+                err2 = _error(w, nearest(w, trial, pats)[0], weight)
+                better = (err2 < err) & ok
+                if bool(better.any()):
+                    moved_any = True
+                    snapped = torch.where(better[:, None], trial, snapped)
+                    exps[:, i] = torch.where(better[:, None], e_new.to(torch.int8), exps[:, i])
+                    err = torch.where(better, err2, err)
+        if not moved_any:
+            break
     return exps, snapped, err
 
 
@@ -184,16 +207,23 @@ def quantize_plain(w: torch.Tensor, q: int, group: int, terms: int, rounds: int 
     return (torch.cat(exps).view(out_f, groups, q, terms), torch.cat(pats_idx).view(out_f, groups, g))
 
 
-def damped(h: torch.Tensor, size: int, damp: float = DAMP) -> torch.Tensor:
-    out = torch.zeros(size, size, dtype=torch.float64, device=h.device)
-    n = h.shape[0]
-    out[:n, :n] = h.double()
-    diag = out.diagonal()
+def damped_diagonal(h: torch.Tensor, size: int, damp: float = DAMP) -> torch.Tensor:
+    """The diagonal of `damped(h, size, damp)`, (size,) float64, from h's diagonal alone."""
+    diag = torch.zeros(size, dtype=torch.float64, device=h.device)
+    diag[:h.shape[0]] = h.diagonal().double()
     dead = diag <= 0
     positive = diag[~dead]
     mean = float(positive.mean()) if positive.numel() else 1.0
     diag[dead] = mean            # never-excited columns (and padding): no information, keep them as they are
-    diag += damp * mean
+    return diag + damp * mean
+
+
+def damped(h: torch.Tensor, size: int, damp: float = DAMP) -> torch.Tensor:
+    """H zero-padded to (size, size) float64, its diagonal as `damped_diagonal` gives it."""
+    out = torch.zeros(size, size, dtype=torch.float64, device=h.device)
+    n = h.shape[0]
+    out[:n, :n] = h.double()
+    out.diagonal().copy_(damped_diagonal(h, size, damp))
     return out
 
 
@@ -202,10 +232,9 @@ def gptq(w: torch.Tensor, h: torch.Tensor, q: int, group: int, terms: int, round
     out_f, in_f = w.shape
     n = bcq.padded_in(in_f, group)
     groups = n // group
-    hd = damped(h, n, damp)
     work = torch.nn.functional.pad(w.float(), (0, n - in_f)).contiguous()
     # static groups: every grid from the weights as given, columns weighted by their diag(H) importance
-    importance = hd.diagonal().float().clone()
+    importance = damped_diagonal(h, n, damp).float()
     importance[in_f:] = 0                                              # padding: not a weight
     flat, weights = work.view(-1, group), importance.view(groups, group).repeat(out_f, 1)
     rows = max(1, (1 << 18) // group)      # the fit's temporaries are ~100 B per weight: bounded per chunk of rows
@@ -214,19 +243,18 @@ def gptq(w: torch.Tensor, h: torch.Tensor, q: int, group: int, terms: int, round
     alpha = torch.cat([a for _, a in parts]).view(out_f, groups, q)
     del parts, flat, weights
     values = alpha @ patterns(q, w.device).t()                          # (out, G, 2^q): every grid value
-    pattern = error_feedback(work, hd, importance, values, group)
+    pattern = error_feedback(work, h, damp, importance, values, group)
     return exps, pattern.view(out_f, groups, group)
 
 
-def error_feedback(work: torch.Tensor, hd: torch.Tensor, importance: torch.Tensor, values: torch.Tensor,
+def error_feedback(work: torch.Tensor, h: torch.Tensor, damp: float, importance: torch.Tensor, values: torch.Tensor,
                    group: int) -> torch.Tensor:
-    """GPTQ's loop (module docstring) over fixed per-group grids: work (out, n) the padded weight, hd the damped
-    Gram (n, n), values (out, G, P) each group's grid values. Columns are visited in act-order (decreasing
-    `importance`), blocks of 128 with lazy updates. -> the chosen value index per weight (out, n) int64."""
+    """GPTQ's loop (module docstring) over fixed per-group grids: work (out, n) the padded weight, h the Gram (damped
+    here: `damped(h, n, damp)`), values (out, G, P) each group's grid values. Columns are visited in act-order
+    (decreasing `importance`), blocks of 128 with lazy updates. -> the chosen value index per weight (out, n) int64."""
     out_f, n = work.shape
     perm = torch.argsort(importance, descending=True, stable=True)      # act-order: important columns first
-    hp = hd[perm][:, perm]
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).float()
+    u = _inverse_factor(damped(h, n, damp), perm)
     work = work[:, perm].contiguous()
     group_of = (perm // group).tolist()
     columns = perm.tolist()
@@ -330,6 +358,18 @@ def affine_dequant(scales: torch.Tensor, offsets: torch.Tensor, levels: torch.Te
     return w.reshape(w.shape[0], -1)
 
 
+def _inverse_factor(hd: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """U = chol((P·H·Pᵀ)⁻¹)ᵀ in float32 for the damped Gram `hd` (n, n) float64, which this function owns: at most
+    two n×n float64 matrices live at once (0.5 GB for a 5632-wide layer; an expression of the three steps held
+    four plus the caller's copy)."""
+    hd = hd[perm]
+    hd = hd[:, perm]
+    hd = torch.linalg.cholesky(hd)
+    hd = torch.cholesky_inverse(hd)
+    hd = torch.linalg.cholesky(hd, upper=True)
+    return hd.float()
+
+
 def _group_range(w: torch.Tensor, group: int):
     """(grouped W (out, G, g), valid (G, g) — False on padding —, min and max of each group (out, G))."""
     wg = grouped(w, group)
@@ -341,7 +381,9 @@ def _padded_gram(h: torch.Tensor, n: int, damp: float = 0.0) -> torch.Tensor:
     """H (in, in) (+ damp·mean diag on its diagonal) zero-padded to (n, n) float64: padding does not count."""
     hp = torch.zeros(n, n, dtype=torch.float64, device=h.device)
     k = h.shape[0]
-    hp[:k, :k] = damped(h, k, damp) if damp else h.double()
+    hp[:k, :k] = h                                                 # converted in place: no float64 temporary
+    if damp:
+        hp.diagonal()[:k] = damped_diagonal(h, k, damp)
     return hp
 
 
@@ -367,10 +409,15 @@ def affine_grid(w: torch.Tensor, q: int, group: int, importance: torch.Tensor | 
     return best[0], best[1]
 
 
-def _row_objective(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Per row (w − ŵ)·H·(w − ŵ)ᵀ, (out,) float64 — rows are independent in tr(ΔW·H·ΔWᵀ)."""
-    d = (w.double() - approx.double())
-    return ((d @ h.double()) * d).sum(-1)
+def _row_objective(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """Per row (w − ŵ)·H·(w − ŵ)ᵀ, (out,) float64 — rows are independent in tr(ΔW·H·ΔWᵀ); `rows` at a time, so
+    the float64 temporaries stay small whatever the layer's height."""
+    hd = h.double()
+    parts = []
+    for r0 in range(0, w.shape[0], rows):
+        d = w[r0:r0 + rows].double() - approx[r0:r0 + rows].double()
+        parts.append(((d @ hd) * d).sum(-1))
+    return torch.cat(parts)
 
 
 def refit_affine(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor,
@@ -390,18 +437,17 @@ def refit_affine(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, scales:
     hg = hp.view(n, groups, g)
     u = hg.sum(-1)                                                        # U[a, k] = Σ_{b∈k} H_ab
     bb = u.view(groups, g, groups).sum(1)                                 # (G, G)
-    target = torch.nn.functional.pad(w.double(), (0, n - in_f))
-    c_all = levels.double() - (2 ** q - 1) / 2                            # (out, G, g)
+    target = torch.nn.functional.pad(w, (0, n - in_f))
     new_s, new_b = scales.clone(), offsets.clone()
     rows = max(1, (1 << 24) // (n * groups))
     eye = torch.eye(2 * groups, dtype=torch.float64, device=w.device)
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
-        c = c_all[r0:r1]                                                  # (R, G, g)
+        c = levels[r0:r1].double() - (2 ** q - 1) / 2                     # (R, G, g)
         t = torch.einsum("akb,rkb->rak", hg, c).view(r1 - r0, groups, g, groups)
         ss = torch.einsum("rja,rjak->rjk", c, t)
         sb = torch.einsum("rja,jak->rjk", c, u.view(groups, g, groups))
-        hw = (target[r0:r1] @ hp).view(r1 - r0, groups, g)
+        hw = (target[r0:r1].double() @ hp).view(r1 - r0, groups, g)
         rhs = torch.cat([(c * hw).sum(-1), hw.sum(-1)], -1)
         m = torch.cat([torch.cat([ss, sb], -1), torch.cat([sb.transpose(1, 2), bb.expand_as(ss)], -1)], 1)
         scale = m.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
@@ -431,11 +477,11 @@ def quantize_affine(w: torch.Tensor, q: int, group: int, h: torch.Tensor | None 
         scales, offsets = affine_grid(w, q, group, dtype=dtype)
         return scales, offsets, affine_nearest(wg, scales, offsets, q)
     n = groups * g
-    hd = damped(h, n, damp)
-    importance = hd.diagonal().float().clone()
+    importance = damped_diagonal(h, n, damp).float()
     importance[in_f:] = 0
     scales, offsets = affine_grid(w, q, group, importance, dtype)
-    pattern = error_feedback(wg.reshape(out_f, n).clone(), hd, importance, affine_values(scales, offsets, q), group)
+    pattern = error_feedback(wg.reshape(out_f, n).clone(), h, damp, importance, affine_values(scales, offsets, q),
+                             group)
     levels = pattern.view(out_f, groups, g)
     if refit:
         scales, offsets = refit_affine(w, h, levels, scales, offsets, q, damp, dtype=dtype)

@@ -19,6 +19,16 @@ def _site(report, name="program"):
     return next(s for s in heal.sites if s["site"] == name), heal
 
 
+def _healable(tiny_gpt):
+    """The tiny GPT with its tied embedding scaled by 0.2: at N(0, 1) 'repeat the token' takes p ≈ 1, so its own
+    samples repeat their first token and leave next to nothing to heal (held-out KL ~1e-8)."""
+    model, args = tiny_gpt
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(0.2)
+    return model, args
+
+
 def _ops(program):
     return [n.target for n in program.graph_module.graph.nodes if n.op == "call_function"]
 
@@ -26,12 +36,7 @@ def _ops(program):
 @pytest.mark.parametrize("first", ["monarch{blocks=4,calibrate=8}", "lowrank{ratio=0.3,calibrate=8}",
                                    "blockdiag{calibrate=8}"])
 def test_heal_lowers_the_held_out_loss(tiny_gpt, first):
-    """On the tiny GPT with its tied embedding scaled by 0.2: at N(0, 1) 'repeat the token' takes p ≈ 1, so its own
-    samples repeat their first token and leave next to nothing to heal (held-out KL ~1e-7)."""
-    model, args = tiny_gpt
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        model.tok_emb.weight.mul_(0.2)
+    model, args = _healable(tiny_gpt)
     r = rewrite(model, args, passes=f"{first},heal{{mode=both,steps=30,lr=1e-3,{FAST}}}")
     s, heal = _site(r.report)
     assert s["loss"] == "kl"
@@ -87,7 +92,7 @@ def test_heal_keeps_the_compact_form(tiny_gpt):
 def test_heal_trains_the_shiftadd_scales_and_keeps_the_signs(tiny_gpt, code, lr):
     """affine: the fp16 scales and offsets train (fp32 copies, rounded back) at the default lr, which heal scales
     down for them (they are a grid step); pow2: the α behind the exponents."""
-    model, args = tiny_gpt
+    model, args = _healable(tiny_gpt)
     spec = f"shiftadd{{bits=3,group=32,calibrate=8,code={code}}}"
     base = rewrite(model, args, passes=spec).program.state_dict
     r = rewrite(model, args, passes=f"{spec},heal{{mode=e2e,steps=30,{f'lr={lr},' if lr else ''}{FAST}}}")

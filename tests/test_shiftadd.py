@@ -15,10 +15,11 @@ from rewriter.pass_base import parse_pass
 OP = torch.ops.rewrite.shiftadd_linear.default
 
 
-def _binary_coded(seed, q, rows, groups, group):
-    """W exactly Σ αᵢBᵢ with αᵢ distinct powers of two (strictly decreasing exponents) per row and group."""
+def _binary_coded(seed, q, rows, groups, group, max_gap=2):
+    """W exactly Σ αᵢBᵢ with αᵢ distinct powers of two (strictly decreasing exponents, gaps of 1..max_gap) per row
+    and group; max_gap=1 is a uniform grid."""
     g = torch.Generator().manual_seed(seed)
-    gaps = torch.randint(1, 3, (rows, groups, q), generator=g)
+    gaps = torch.randint(1, max_gap + 1, (rows, groups, q), generator=g)
     top = torch.randint(-8, 2, (rows, groups, 1), generator=g)
     exps = top - torch.cumsum(gaps, -1) + gaps[..., :1]
     alpha = torch.ldexp(torch.ones(rows, groups, q), exps.float())
@@ -50,10 +51,22 @@ def test_bit_order_is_documented_one():
 
 @given(q=st.integers(1, 4), seed=st.integers(0, 2**16), rounds=st.integers(0, 2))
 @settings(max_examples=15)
-def test_exact_when_weights_are_binary_coded(q, seed, rounds):
-    w = _binary_coded(seed, q, rows=6, groups=2, group=64)
+def test_exact_when_weights_are_on_a_power_of_two_ladder(q, seed, rounds):
+    # αᵢ = c·2^{q−i}: the uniform start is this grid, and nothing after it may make the fit worse
+    w = _binary_coded(seed, q, rows=6, groups=2, group=64, max_gap=1)
     qw = bcq.quantize(w, bits=q, group=64, rounds=rounds)
     assert torch.equal(qw.dequantize(), w)
+
+
+def test_recovers_random_binary_codes():
+    # any distinct power-of-two scales: no start is exact by construction, so this is a measured rate over fixed
+    # draws (deterministic). Without the octave search of the snapped scales 1.3 % of 4-plane codes were missed.
+    missed = {q: 0 for q in (2, 3, 4)}
+    for q in missed:
+        for seed in range(100):
+            w = _binary_coded(seed, q, rows=6, groups=2, group=64)
+            missed[q] += not torch.equal(bcq.quantize(w, bits=q, group=64, rounds=2).dequantize(), w)
+    assert missed == {2: 0, 3: 0, 4: 0}, missed
 
 
 @given(seed=st.integers(0, 2**16), group=st.sampled_from([8, 16, 32]), terms=st.integers(1, 2))
