@@ -126,19 +126,21 @@ def run_sampled(cmd: list[str], env: dict | None = None, interval: float = 0.1) 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
     root = psutil.Process(proc.pid)
-    peak = {"rss": 0}
+    peak = {"rss": 0, "main": 0, "children": 0}
 
     def sample():
         while proc.poll() is None:
             try:
                 tree = [root] + root.children(recursive=True)
-                total = 0
+                sizes = []
                 for p in tree:
                     try:
-                        total += p.memory_info().rss
+                        sizes.append(p.memory_info().rss)
                     except psutil.Error:
-                        pass
-                peak["rss"] = max(peak["rss"], total)
+                        sizes.append(0)
+                peak["rss"] = max(peak["rss"], sum(sizes))
+                peak["main"] = max(peak["main"], sizes[0])
+                peak["children"] = max(peak["children"], sum(sizes[1:]))
             except psutil.Error:
                 pass
             time.sleep(interval)
@@ -147,7 +149,7 @@ def run_sampled(cmd: list[str], env: dict | None = None, interval: float = 0.1) 
     out, err = proc.communicate()
     thread.join()
     return {"rc": proc.returncode, "wall_s": time.perf_counter() - start, "peak_rss": peak["rss"],
-            "stdout": out, "stderr": err}
+            "peak_main_rss": peak["main"], "peak_children_rss": peak["children"], "stdout": out, "stderr": err}
 
 
 def rewrite_cmd() -> list[str]:
@@ -170,7 +172,8 @@ def run_pipeline(folder: str, name: str, jobs: int, out: str, shiftadd_layers: i
     cmd = rewrite_cmd() + [folder, "--pass", spec, "-o", out, "--input-shape", "1x64:int64", "-q",
                            "--jobs", str(jobs), "--format", "json"]
     r = run_sampled(cmd)
-    row = {"pipeline": spec, "jobs": jobs, "rc": r["rc"], "wall_s": r["wall_s"], "peak_rss": r["peak_rss"]}
+    row = {"pipeline": spec, "jobs": jobs, "rc": r["rc"], "wall_s": r["wall_s"], "peak_rss": r["peak_rss"],
+           "peak_main_rss": r["peak_main_rss"], "peak_children_rss": r["peak_children_rss"]}
     if r["rc"] != 0:
         row["error"] = r["stderr"].strip().splitlines()[-1:] or ["?"]
         return row
@@ -416,7 +419,8 @@ def _row_text(row: dict, size: int) -> str:
     if row["rc"] != 0:
         return f"  {row['pipeline']} --jobs {row['jobs']}: exit {row['rc']} {row.get('error')}"
     text = (f"  {row['pipeline']} --jobs {row['jobs']}: {row['wall_s']:.0f} s (passes {row['pass_s']:.0f} s), "
-            f"peak {gib(row['peak_rss'])} = {row['peak_rss'] / size:.2f} × S, saved {gib(row['saved_bytes'])} "
+            f"peak {gib(row['peak_rss'])} = {row['peak_rss'] / size:.2f} × S (main process {gib(row['peak_main_rss'])}, "
+            f"workers {gib(row['peak_children_rss'])}, each at its own peak), saved {gib(row['saved_bytes'])} "
             f"= {row['saved_bytes'] / size:.2f} × S, {row['sites']} sites")
     if "model_error" in row:
         text += (f"; torch.export.load: error {row['model_error']:.3g} vs the model ({row['dtype']}"
