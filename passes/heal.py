@@ -12,7 +12,9 @@ mode=layer (closed forms, rewriter/distill.py) — each rewritten layer (monarch
     student input X_s and its teacher input X_t on the calibration data, the best layer is the calibrated
     projection, under H_ss, of the corrected target W̃ = W·H_ts·H_ss⁻¹ (the least-squares map from the student's
     inputs to the teacher's outputs). A refit is kept only where it lowers the layer's loss
-    ‖X_t·Wᵀ − X_s·Ŵᵀ‖²/‖X_t·Wᵀ‖², and the stage only where it lowers the held-out loss.
+    ‖X_t·Wᵀ − X_s·Ŵᵀ‖²/‖X_t·Wᵀ‖², and the stage only where it lowers the held-out loss. The Grams (three per
+    input) are captured for as many consecutive layers as fit the Gram budget ($REWRITE_GRAM_BYTES, 512 MiB), those
+    are refitted, then the next layers' inputs are captured through the refitted ones.
 mode=e2e — AdamW on the whole program's output: KL(p_teacher ‖ p_student) per position for a language model,
     normalised MSE otherwise (rewriter/distill.py: warm-up + cosine learning rate, `accum` micro-batches per
     step, gradient clipping). What trains (train=auto): the parameters the pipeline created (factors, codebooks)
@@ -62,6 +64,23 @@ from rewriter.errors import InternalError, UserError
 from rewriter.ir import get_attr_value, provenance
 from rewriter.matchers.linear import find_linears, is_lm_head
 from rewriter.pass_base import Contract, Pass
+
+
+def _pair_chunks(plans: list, budget: int) -> list[list]:
+    """(layer, teacher site) plans cut into consecutive chunks whose teacher/student Grams (H_ss, H_ts, H_tt: three
+    fp32 in×in matrices per distinct input) fit `budget` bytes; a layer bigger than the budget gets a chunk alone."""
+    chunks, chunk, inputs, used = [], [], set(), 0
+    for layer, site in plans:
+        key = (site.x, layer.node.args[0])
+        cost = 0 if key in inputs else 3 * 4 * site.in_features ** 2
+        if chunk and used + cost > budget:
+            chunks.append(chunk)
+            chunk, inputs, used = [], set(), 0
+            cost = 3 * 4 * site.in_features ** 2
+        chunk.append((layer, site))
+        inputs.add(key)
+        used += cost
+    return chunks + [chunk] if chunk else chunks
 
 
 def refit_layer(target, w_teacher, grams, cfg, dtype_name, current):
@@ -179,8 +198,7 @@ class HealPass(Pass):
 
     # ---- stage 1: closed-form layer refits ------------------------------------------------------------------------
     def _layer_stage(self, ctx, layers, batches, figures) -> None:
-        gm, teacher = ctx.gm, ctx.teacher
-        t_sites = find_linears(teacher)
+        t_sites = find_linears(ctx.teacher)
         plans = []
         for layer in layers:
             if layer.kind == "vq":
@@ -192,6 +210,16 @@ class HealPass(Pass):
             plans.append((layer, site))
         if not plans:
             return
+        improved = 0
+        for chunk in _pair_chunks(plans, calibration.gram_budget()):
+            improved += self._refit_chunk(ctx, chunk, batches)
+        figures["layers_refitted"] = improved
+
+    def _refit_chunk(self, ctx, plans, batches) -> int:
+        """Capture the teacher/student Grams of these layers' inputs, refit them, store what improved. Chunks run in
+        order, so a later chunk's student inputs come from the layers refitted before it (a sequential refit; the
+        corrected target W·H_ts·H_ss⁻¹ is fitted to exactly those inputs)."""
+        gm, teacher = ctx.gm, ctx.teacher
         grams = distill.capture_pairs(teacher, gm, [(s.x, layer.node.args[0]) for layer, s in plans], batches,
                                       lambda items: ctx.progress(items, "capturing teacher/student layer inputs"))
         items, kept = [], []
@@ -206,7 +234,9 @@ class HealPass(Pass):
             items.append((target, w_t, g, trainable.config(gm, layer), str(dtype).replace("torch.", ""),
                           trainable.dense_weight(gm, layer)))
             kept.append((layer, site))
+        del grams
         results = ctx.map_layers(refit_layer, items, "refitting layers")
+        del items
         improved = 0
         for (layer, site), (tensors, before, after) in zip(kept, results):
             if tensors is not None:
@@ -214,7 +244,7 @@ class HealPass(Pass):
                 improved += 1
             ctx.site(site.name, "rewritten", stage="layer", kind=layer.kind, layer_loss_before=before,
                      layer_loss_after=after)
-        figures["layers_refitted"] = improved
+        return improved
 
     # ---- stage 2: end to end -------------------------------------------------------------------------------------
     def _e2e_stage(self, ctx, layers, batches, loss, figures) -> None:

@@ -56,6 +56,23 @@ def test_layer_stage_refits_only_where_the_layer_loss_drops(tiny_gpt):
     assert s["loss_after"] <= s["loss_before"]
 
 
+def test_layer_stage_holds_one_chunk_of_grams_at_a_time(tiny_gpt, monkeypatch):
+    """Under a Gram budget smaller than one layer's, every layer is captured and refitted on its own, each through
+    the layers refitted before it; the stage still refits every layer and never raises the held-out loss."""
+    from rewriter import calibration, distill
+    model, args = tiny_gpt
+    captured = []
+    real = distill.capture_pairs
+    monkeypatch.setattr(distill, "capture_pairs", lambda t, s, pairs, *a: captured.append(pairs) or real(t, s, pairs, *a))
+    monkeypatch.setattr(calibration, "GRAM_BUDGET", 1)
+    r = rewrite(model, args, passes=f"shiftadd{{bits=2,group=32,calibrate=0}},heal{{mode=layer,{FAST}}}")
+    s, heal = _site(r.report)
+    assert [len(p) for p in captured] == [1] * 12
+    layers = [x for x in heal.sites if x.get("stage") == "layer"]
+    assert len(layers) == 12 and s["layers_refitted"] > 0
+    assert s["loss_after"] <= s["loss_before"]
+
+
 @pytest.mark.parametrize("calibrate", [0, 8])
 def test_default_mode_refits_only_layers_fitted_without_data(tiny_gpt, calibrate):
     """mode=auto: the layer stage for layers their pass fitted data-free; calibrated ones go straight to training."""
