@@ -111,8 +111,8 @@ def main(argv=None) -> int:
                     help="add the row shiftadd-more: fitted on N self-sampled sequences (default: no such row)")
     ap.add_argument("--json", metavar="FILE")
     ns = ap.parse_args(argv)
-    if ns.every < 1 or not 2 <= ns.bits <= 8:
-        ap.error("--every must be >= 1 and --bits in 2..8")
+    if ns.every < 1 or not 2 <= ns.bits <= 8 or ns.more_samples < 0:
+        ap.error("--every must be >= 1, --bits in 2..8 and --more-samples >= 0")
     layers: dict = {}
     rewrite(ns.model, None, _CollectLayers(every=ns.every, more_samples=ns.more_samples, sink=(layers,)), dynamic=True)
     kinds = QUANTISERS + (("shiftadd-more",) if ns.more_samples else ())
