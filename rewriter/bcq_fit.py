@@ -222,7 +222,7 @@ def damped(h: torch.Tensor, size: int, damp: float = DAMP) -> torch.Tensor:
     """H zero-padded to (size, size) float64, its diagonal as `damped_diagonal` gives it."""
     out = torch.zeros(size, size, dtype=torch.float64, device=h.device)
     n = h.shape[0]
-    out[:n, :n] = h.double()
+    out[:n, :n] = h                                                # converted in place: no float64 temporary
     out.diagonal().copy_(damped_diagonal(h, size, damp))
     return out
 
