@@ -13,7 +13,7 @@ mode=layer (closed forms, rewriter/distill.py) — each rewritten layer (monarch
     projection, under H_ss, of the corrected target W̃ = W·H_ts·H_ss⁻¹ (the least-squares map from the student's
     inputs to the teacher's outputs). A refit is kept only where it lowers the layer's loss
     ‖X_t·Wᵀ − X_s·Ŵᵀ‖²/‖X_t·Wᵀ‖², and the stage only where it lowers the held-out loss. The Grams (three per
-    input) are captured for as many consecutive layers as fit the Gram budget ($REWRITE_GRAM_BYTES, 512 MiB), those
+    input) are captured for as many consecutive layers as fit the Gram budget ($REWRITE_GRAM_BYTES, 400 MiB), those
     are refitted, then the next layers' inputs are captured through the refitted ones.
 mode=e2e — AdamW on the whole program's output: KL(p_teacher ‖ p_student) per position for a language model,
     normalised MSE otherwise (rewriter/distill.py: warm-up + cosine learning rate, `accum` micro-batches per
@@ -47,6 +47,14 @@ Data-parallel (rewriter/distributed.py) — under `torchrun --nproc_per_node W -
     decision uses rank 0's held-out loss (broadcast), the trained tensors are checked identical on every rank
     (an all-reduced checksum), and only rank 0 prints and writes. Tested with gloo on the CPU (2 processes);
     nccl is written but untested. One process: exactly as before.
+    shard=true — FSDP instead of DDP (PyTorch's `fully_shard`, rewriter/fsdp.py) for a model whose training does
+    not fit one device: the student and the teacher are trained / run through copies cut into `units` pieces of
+    about equal bytes, each rank holding 1/W of every tensor, of its gradient and of AdamW's states, and
+    gathering one piece's weights at a time; the trained values are gathered back into the program afterwards.
+    With GPUs present the process group is nccl and the shards live on the GPUs even when the program itself
+    stays in host memory. The same micro-batches and gradient average as DDP: with gloo and 2 ranks the result
+    equals one process's bit for bit (tested). The layer stage and the held-out losses still run on rank 0's
+    full program.
 
 Contract: approximate (the function moves towards the teacher's; the measured error is reported). Reported:
 held-out loss before / after the layer stage / after training, per-layer losses, steps, time.
@@ -59,7 +67,7 @@ from typing import Literal
 
 import torch
 
-from rewriter import calibration, distill, distributed, params, trainable
+from rewriter import calibration, distill, distributed, fsdp, params, trainable
 from rewriter.errors import InternalError, UserError
 from rewriter.ir import get_attr_value, provenance
 from rewriter.matchers.linear import find_linears, is_lm_head
@@ -114,6 +122,8 @@ class HealPass(Pass):
     rank: int = 8
     adapters: bool = False
     vectors: bool = False
+    shard: bool = False
+    units: int = 8
 
     def __post_init__(self):
         if self.steps < 0 or self.samples < 1 or self.batch < 1 or self.accum < 1 or self.holdout < 0:
@@ -122,6 +132,8 @@ class HealPass(Pass):
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.units < 1:
+            raise ValueError(f"units must be >= 1, got {self.units}")
         calibration.check_options(self.data, self.samples, self.seq, "samples")
 
     def should_run(self, ctx):
@@ -141,7 +153,9 @@ class HealPass(Pass):
         loss = "kl" if io.lm else "mse"
         device = _device(gm)
         figures = {"loss": loss}
-        ranks = distributed.setup(device)                # 1 (and nothing initialised) outside torchrun
+        # 1 (and nothing initialised) outside torchrun; shard=true trains on the GPUs when there are some, wherever
+        # the program lives (a model too big for one GPU stays in host memory: only its shards go to the GPUs)
+        ranks = distributed.setup("cuda" if self.shard and torch.cuda.is_available() else device)
         if ranks > 1:
             figures["ranks"] = ranks
         spec = calibration.DataSpec(self.data, self.samples, self.seq, self.seed)
@@ -288,20 +302,35 @@ class HealPass(Pass):
         label = "KL" if loss == "kl" else "MSE"
         history: list[float] = []
         local, accum = distributed.shard(batches, self.accum)      # one process: all of them, self.accum
-        student = distributed.wrap(gm, _device(gm))                # one process: gm itself
+        sharded = teacher_sharded = None
+        if self.shard and distributed.active():                    # FSDP: training copies in units, sharded
+            sharded = fsdp.shard_program(gm, self.units)
+            teacher_sharded = fsdp.shard_program(ctx.teacher, self.units)
+            student, teacher_call = sharded, teacher_sharded
+            train_tensors = [sharded.tensors[name] for name in kept_names if name in sharded.tensors]
+            train_scales = [lr_scale.get(name, 1.0) for name in kept_names if name in sharded.tensors]
+            figures.update(shard_units=sharded.units, shard_fraction=round(sharded.local_fraction(), 4))
+        else:
+            student, teacher_call = distributed.wrap(gm, _device(gm)), None     # one process: gm itself
+            train_tensors, train_scales = tensors, [lr_scale.get(name, 1.0) for name in kept_names]
+        if self.shard and not distributed.active():
+            ctx.message("heal: shard=true shards over the processes of a torchrun launch; one process trains "
+                        "unsharded")
         try:
             history = distill.train(
-                distill.forward_of(gm, student), distill.forward_of(ctx.teacher), tensors, local,
+                distill.forward_of(gm, student), distill.forward_of(ctx.teacher, teacher_call), train_tensors, local,
                 steps=self.steps, lr=self.lr, accum=accum, loss=loss, status=status, average=distributed.mean,
-                lr_scales=[lr_scale.get(name, 1.0) for name in kept_names],
+                lr_scales=train_scales,
                 progress=lambda it: ctx.progress(it, f"distilling ({sum(t.numel() for t in tensors):,} parameters)",
                                                  lambda: f"{label} {status.get('loss', float('nan')):.4f} "
                                                          f"running {status.get('running', float('nan')):.4f}"))
+            if sharded is not None:
+                fsdp.gather_into(gm, sharded, kept_names)          # full values, identical on every rank
             _check_identical(tensors)
         except distill.NoGradient as e:
             ctx.message(f"heal: {e}; nothing trained end to end")
         finally:
-            del student
+            del student, sharded, teacher_sharded, train_tensors
             for name, p in dict(gm.named_parameters()).items():
                 p.requires_grad_(flags.get(name, p.requires_grad))
             for layer in opened:

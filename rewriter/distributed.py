@@ -113,27 +113,33 @@ def from_main(value: float) -> float:
     return box[0]
 
 
+def wire() -> torch.device:
+    """Where tensors must be to travel through the process group: this rank's GPU under nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def mean(value: float) -> float:
     """The mean of `value` over the ranks (a training loss for the report)."""
     if not active():
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=wire())
     dist.all_reduce(t)
     return float(t[0]) / dist.get_world_size()
 
 
 def broadcast_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """New tensors holding rank 0's values (same shapes and dtypes; the given ones are not written to: they may be
-    views of read-only weight files). Through the CPU for gloo."""
+    views of read-only weight files). They travel through `wire()`."""
     if not active():
         return tensors
-    cpu = dist.get_backend() == "gloo"
     out = []
     for t in tensors:
         buf = t.detach().clone() if is_main() else torch.empty_like(t)
-        wire = buf.cpu() if cpu else buf
-        dist.broadcast(wire, src=0)
-        out.append(wire.to(t.device) if wire is not buf else buf)
+        travel = buf.to(wire())             # gloo: the CPU; nccl: this rank's GPU (a CPU program's tensor too)
+        dist.broadcast(travel, src=0)
+        out.append(travel.to(t.device) if travel is not buf else buf)
     return out
 
 
@@ -147,7 +153,7 @@ def checksum(tensors: list[torch.Tensor]) -> tuple[float, float]:
         total += float((flat * weights).sum())
     if not active():
         return total, total
-    low, high = torch.tensor([total], dtype=torch.float64), torch.tensor([total], dtype=torch.float64)
+    low, high = (torch.tensor([total], dtype=torch.float64, device=wire()) for _ in range(2))
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     return float(low[0]), float(high[0])

@@ -369,7 +369,7 @@ def test_grams_in_chunks_give_the_same_program(tiny_gpt, spec, monkeypatch):
     assert all(torch.equal(whole[k], chunked[k]) for k in whole)
 
 
-@pytest.mark.parametrize("raw, want", [("", 512 * 2**20), ("1048576", 2**20), ("512M", 512 * 2**20), ("4G", 4 * 2**30),
+@pytest.mark.parametrize("raw, want", [("", 400 * 2**20), ("1048576", 2**20), ("512M", 512 * 2**20), ("4G", 4 * 2**30),
                                        ("64kb", 64 * 2**10)])
 def test_gram_budget_reads_the_environment(raw, want, monkeypatch):
     monkeypatch.setenv("REWRITE_GRAM_BYTES", raw)
@@ -397,3 +397,13 @@ def test_bench_gptq_reference_is_rtn_without_correlations_and_better_with_them()
     assert torch.equal(gptq_uniform(w, torch.eye(128), 4, 64), bcq_fit.rtn(w, 4, 64))
     assert weighted.relative_error(w, gptq_uniform(w, h, 4, 64), h) < \
         0.9 * weighted.relative_error(w, bcq_fit.rtn(w, 4, 64), h)
+
+
+def test_default_gram_budget_holds_smollm2_whole():
+    """The default budget keeps SmolLM2-135M's Grams in one capture shared by every pass (30 decoder layers:
+    inputs of q/k/v, o, gate/up of width 576 and of down of width 1536, plus the head's), and cuts a
+    TinyLlama-1.1B-shaped model (2048 / 5632) into chunks of two decoder layers."""
+    smollm2 = 30 * (3 * 576 ** 2 + 1536 ** 2) * 4 + 576 ** 2 * 4
+    tinyllama_layer = (3 * 2048 ** 2 + 5632 ** 2) * 4
+    assert smollm2 <= calibration.DEFAULT_GRAM_BYTES
+    assert 2 * tinyllama_layer <= calibration.DEFAULT_GRAM_BYTES < 3 * tinyllama_layer

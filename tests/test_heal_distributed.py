@@ -29,6 +29,9 @@ WORKER = textwrap.dedent(f"""
     from rewriter import rewrite
     from rewriter.demo_models import demo_model
     model, args = demo_model("tiny-gpt")
+    if len(sys.argv) > 3:                   # the tied embedding scaled: self-samples that leave something to heal
+        with torch.no_grad():
+            model.tok_emb.weight.mul_(float(sys.argv[3]))
     r = rewrite(model, args, passes=sys.argv[2] if len(sys.argv) > 2 else {SPEC!r}, jobs=1)
     heal = next(p for p in r.report.passes if p.name == "heal")
     site = next(s for s in heal.sites if s["site"] == "program")
@@ -45,7 +48,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, world: int, timeout: float = 240, spec: str = SPEC):
+def _launch(tmp_path, world: int, timeout: float = 240, spec: str = SPEC, embedding_scale: float | None = None):
     """Run WORKER in `world` processes (torchrun's environment); returns each rank's saved result."""
     for attempt in range(3):                        # a port taken between choosing it and binding it: retry
         port = _free_port()
@@ -54,7 +57,9 @@ def _launch(tmp_path, world: int, timeout: float = 240, spec: str = SPEC):
             env = dict(os.environ, PYTHONPATH=ROOT, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
                        WORLD_SIZE=str(world), LOCAL_RANK=str(r), OMP_NUM_THREADS="1")
             outs.append(tmp_path / f"w{world}_r{r}_{attempt}.pt")
-            procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(outs[-1]), spec], env=env, cwd=ROOT,
+            extra = [] if embedding_scale is None else [str(embedding_scale)]
+            procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(outs[-1]), spec, *extra], env=env,
+                                          cwd=ROOT,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         logs = []
         try:
@@ -114,3 +119,30 @@ def test_trained_parameters_the_loss_does_not_reach_do_not_stall_ddp(tmp_path):
     a, b = (r["state"] for r in _launch(tmp_path, 2, spec="monarch{blocks=2},heal{steps=2,train=all,lr=1e-5,"
                                                           "samples=8,seq=16,batch=4}"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+SHARDED = ("monarch{blocks=2,calibrate=0},"         # data-free factors: end-to-end training has much to do
+           "heal{mode=e2e,steps=4,lr=1e-3,samples=16,seq=16,batch=4,accum=2,shard=true,units=4}")
+
+
+def test_sharded_heal_trains_as_one_process_does_holding_half_of_every_tensor(tmp_path):
+    # FSDP (rewriter/fsdp.py): each rank holds half of every tensor of the training copies (student and teacher),
+    # in 4 units gathered one at a time; the gradients are reduce-scattered (averaged) where DDP all-reduces
+    # them, so with the scalings of SPEC the two ranks end with the program one process trains, bit for bit.
+    # The embedding scaled by 0.2 leaves something to heal (test_heal._healable).
+    ranks = _launch(tmp_path, 2, spec=SHARDED, embedding_scale=0.2)
+    (single,) = _launch(tmp_path, 1, spec=SHARDED, embedding_scale=0.2)
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert a.keys() == b.keys() == single["state"].keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    s2, s1 = ranks[0]["site"], single["site"]
+    assert s2["shard_units"] == 4 and "shard_units" not in s1
+    assert 0.45 <= s2["shard_fraction"] <= 0.55
+    assert s2["steps"] == s1["steps"] == 4 and s2["loss_before"] == s1["loss_before"]
+    assert s2["loss_after"] < 0.6 * s2["loss_before"]           # it trained, and the training was kept
+    assert s2["train_loss_first"] == s1["train_loss_first"] and s2["train_loss_last"] == s1["train_loss_last"]
+    assert s2["loss_after"] == s1["loss_after"]
+    for k in a:
+        assert torch.equal(a[k], single["state"][k]), k
+    assert any("shard=true" in m for m in single["messages"])     # one process: said, and trained unsharded
