@@ -87,7 +87,7 @@ def shard_program(gm: fx.GraphModule, units: int) -> Sharded:
     graph = copy.deepcopy(gm.graph)
     graph._codegen = fx.graph.CodeGen()         # flat inputs and outputs (the program's pytree specs dropped)
     work = fx.GraphModule(gm, graph)           # references to gm's tensors; replaced by holders below
-    names = _tensor_holders(gm, work)
+    holders_by_id = _tensor_holders(gm, work)
     holder_bytes = {node: _holder_bytes(work, node) for node in work.graph.nodes
                     if node.op == "call_module" and node.target.startswith("tensor_")}
     total = sum(holder_bytes.values()) or 1
@@ -111,14 +111,10 @@ def shard_program(gm: fx.GraphModule, units: int) -> Sharded:
         if name.startswith("submod_") and any(True for _ in piece.parameters()):
             fully_shard(piece, mesh=mesh, reshard_after_forward=name not in exported)
     fully_shard(split, mesh=mesh)
-    holders = {}
-    for piece in [split] + pieces:
-        for holder in piece.modules():
-            if isinstance(holder, Holder):
-                holders[id(holder)] = holder
-    tensors = {}
-    for name, holder_name in names.items():
-        holder = _find_holder(split, holder_name)
+    tensors = {}                                # every name of a tensor the graph reads, tied names included
+    bound = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name, t in bound:
+        holder = _find_holder(split, holders_by_id[id(t)]) if id(t) in holders_by_id else None
         if holder is not None:
             tensors[name] = holder.value
     return Sharded(split, tensors, len(pieces), device)
@@ -138,11 +134,10 @@ def gather_into(gm: fx.GraphModule, sharded: Sharded, names: list[str]) -> None:
 
 
 # ---- building the training copy ------------------------------------------------------------------------------------
-def _tensor_holders(gm: fx.GraphModule, work: fx.GraphModule) -> dict[str, str]:
+def _tensor_holders(gm: fx.GraphModule, work: fx.GraphModule) -> dict[int, str]:
     """Replace every get_attr of a tensor in `work` by a call_module of a Holder of that tensor (one per tensor
-    object), placed before the tensor's first user; returns program tensor name → holder name."""
+    object), placed before the tensor's first user; returns id(tensor) → holder name for the tensors read."""
     holder_of: dict[int, str] = {}
-    names: dict[str, str] = {}
     by_tensor: dict[int, list[fx.Node]] = {}
     for node in list(work.graph.nodes):
         if node.op != "get_attr":
@@ -155,26 +150,24 @@ def _tensor_holders(gm: fx.GraphModule, work: fx.GraphModule) -> dict[str, str]:
         by_tensor.setdefault(id(value), []).append(node)
     order = {node: i for i, node in enumerate(work.graph.nodes)}
     for nodes in by_tensor.values():
-        value = _get(gm, nodes[0].target)
-        holder_name = f"tensor_{len(holder_of)}"
-        holder_of[id(value)] = holder_name
-        if any(n.users for n in nodes):
-            work.add_module(holder_name, Holder(value))
         users = [u for n in nodes for u in n.users]
         if users:
+            value = _get(gm, nodes[0].target)
+            holder_name = f"tensor_{len(holder_of)}"
+            holder_of[id(value)] = holder_name
+            work.add_module(holder_name, Holder(value))
             with work.graph.inserting_before(min(users, key=order.__getitem__)):
                 call = work.graph.call_module(holder_name)
         for n in nodes:
             if users:
                 n.replace_all_uses_with(call)
-            names[n.target] = holder_name
             work.graph.erase_node(n)
     work.graph.lint()
     work.recompile()
-    return names
+    return holder_of
 
 
-def _refuse_in_place(split: fx.GraphModule) -> None:
+def _refuse_in_place(split: nn.Module) -> None:
     """FSDP hooks a unit's outputs for backward; a later in-place write into one (a view of a gathered weight, or an
     activation) would bypass the hook. Exported programs are functional; one that is not is refused."""
     for piece in split.children():
