@@ -10,7 +10,8 @@ exactly as without this module.
 What `heal` does with them: the calibration batches are drawn on rank 0 and broadcast (`broadcast_batches`), rank r
 trains on micro-batches r, r+W, r+2W, … of the single process's cycled sequence (`shard`), DDP averages the
 gradients (`wrap`), every keep/undo decision is taken on rank 0's held-out loss (`from_main`), tensors computed on
-rank 0 alone are broadcast (`broadcast_tensors`), and only rank 0 prints and writes (`is_main`).
+rank 0 alone are broadcast (`broadcast_tensors`), and only rank 0 prints and writes (`is_main`). With
+`heal{shard=true}` FSDP takes DDP's place (rewriter/fsdp.py); everything else here stays the same.
 """
 from __future__ import annotations
 
