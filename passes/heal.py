@@ -302,21 +302,21 @@ class HealPass(Pass):
         label = "KL" if loss == "kl" else "MSE"
         history: list[float] = []
         local, accum = distributed.shard(batches, self.accum)      # one process: all of them, self.accum
-        sharded = teacher_sharded = None
-        if self.shard and distributed.active():                    # FSDP: training copies in units, sharded
-            sharded = fsdp.shard_program(gm, self.units)
-            teacher_sharded = fsdp.shard_program(ctx.teacher, self.units)
-            student, teacher_call = sharded, teacher_sharded
-            train_tensors = [sharded.tensors[name] for name in kept_names if name in sharded.tensors]
-            train_scales = [lr_scale.get(name, 1.0) for name in kept_names if name in sharded.tensors]
-            figures.update(shard_units=sharded.units, shard_fraction=round(sharded.local_fraction(), 4))
-        else:
-            student, teacher_call = distributed.wrap(gm, _device(gm)), None     # one process: gm itself
-            train_tensors, train_scales = tensors, [lr_scale.get(name, 1.0) for name in kept_names]
         if self.shard and not distributed.active():
             ctx.message("heal: shard=true shards over the processes of a torchrun launch; one process trains "
                         "unsharded")
+        student = sharded = teacher_sharded = train_tensors = None
         try:
+            if self.shard and distributed.active():                # FSDP: training copies in units, sharded
+                sharded = fsdp.shard_program(gm, self.units)
+                teacher_sharded = fsdp.shard_program(ctx.teacher, self.units)
+                student, teacher_call = sharded, teacher_sharded
+                train_tensors = [sharded.tensors[name] for name in kept_names if name in sharded.tensors]
+                train_scales = [lr_scale.get(name, 1.0) for name in kept_names if name in sharded.tensors]
+                figures.update(shard_units=sharded.units, shard_fraction=round(sharded.local_fraction(), 4))
+            else:
+                student, teacher_call = distributed.wrap(gm, _device(gm)), None     # one process: gm itself
+                train_tensors, train_scales = tensors, [lr_scale.get(name, 1.0) for name in kept_names]
             history = distill.train(
                 distill.forward_of(gm, student), distill.forward_of(ctx.teacher, teacher_call), train_tensors, local,
                 steps=self.steps, lr=self.lr, accum=accum, loss=loss, status=status, average=distributed.mean,
