@@ -12,10 +12,10 @@ program made of units:
    one holder, so FSDP never sees a tensor twice);
 2. the graph is cut, in its own order, into `units` consecutive pieces of about equal parameter bytes
    (torch.fx.passes.split_module), each a submodule the root calls — so FSDP's hooks fire once per unit;
-3. each unit is `fully_shard`-ed over all ranks, then the root (the tensors outside every unit).
+3. each unit is `fully_shard`-ed over all ranks, then the root (which holds no tensor: it drives the units).
 
 During training a rank holds its 1/W shard of every tensor, of its gradient and of AdamW's two states, plus the
-gathered weights of the unit running (and the next, prefetched); gradients are reduce-scattered, i.e. averaged
+gathered weights of the unit running (FSDP may gather the next one early); gradients are reduce-scattered, i.e. averaged
 over the ranks exactly as DDP averages them. A unit whose tensor is also read by a later unit (a tied embedding
 and LM head) keeps its weights gathered until backward (`reshard_after_forward=False`): a later unit reads them.
 
