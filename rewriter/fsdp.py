@@ -26,7 +26,6 @@ program, so heal's undo snapshot stays valid.
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 
 import torch
@@ -106,17 +105,18 @@ def shard_program(gm: fx.GraphModule, units: int) -> Sharded:
     device = distributed.wire()             # this rank's GPU under nccl (the program may stay on the CPU)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     exported = _units_read_later(split)
-    pieces = [m for name, m in split.named_children() if name.startswith("submod_")]
-    for name, piece in split.named_children():
-        if name.startswith("submod_") and any(True for _ in piece.parameters()):
+    pieces = {name: piece for name, piece in split.named_children() if name.startswith("submod_")}
+    for name, piece in pieces.items():
+        if any(True for _ in piece.parameters()):
             fully_shard(piece, mesh=mesh, reshard_after_forward=name not in exported)
     fully_shard(split, mesh=mesh)
+    holders = {name: holder for piece in pieces.values() for name, holder in piece.named_children()
+               if isinstance(holder, Holder)}
     tensors = {}                                # every name of a tensor the graph reads, tied names included
     bound = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     for name, t in bound:
-        holder = _find_holder(split, holders_by_id[id(t)]) if id(t) in holders_by_id else None
-        if holder is not None:
-            tensors[name] = holder.value
+        if id(t) in holders_by_id:
+            tensors[name] = holders[holders_by_id[id(t)]].value
     return Sharded(split, tensors, len(pieces), device)
 
 
@@ -142,17 +142,15 @@ def _tensor_holders(gm: fx.GraphModule, work: fx.GraphModule) -> dict[int, str]:
     for node in list(work.graph.nodes):
         if node.op != "get_attr":
             continue
-        value = _get(gm, node.target)
-        if not isinstance(value, torch.Tensor):
-            setattr(work, node.target.replace(".", "_"), value)       # a submodule read as such (rare): keep it
-            node.target = node.target.replace(".", "_")
+        value = get_attr_value(gm, node.target)
+        if not isinstance(value, torch.Tensor):         # a submodule read as such (rare): `work` has it already
             continue
         by_tensor.setdefault(id(value), []).append(node)
     order = {node: i for i, node in enumerate(work.graph.nodes)}
     for nodes in by_tensor.values():
         users = [u for n in nodes for u in n.users]
         if users:
-            value = _get(gm, nodes[0].target)
+            value = get_attr_value(gm, nodes[0].target)
             holder_name = f"tensor_{len(holder_of)}"
             holder_of[id(value)] = holder_name
             work.add_module(holder_name, Holder(value))
@@ -200,16 +198,3 @@ def _units_read_later(split: fx.GraphModule) -> set[str]:
                for r in flat):
             out.add(node.target)
     return out
-
-
-def _find_holder(split: nn.Module, holder_name: str):
-    for module in split.modules():
-        if isinstance(module, fx.GraphModule):
-            holder = getattr(module, holder_name, None)
-            if isinstance(holder, Holder):
-                return holder
-    return None
-
-
-def _get(gm: nn.Module, target: str):
-    return operator.attrgetter(target)(gm)
