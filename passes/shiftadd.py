@@ -3,22 +3,26 @@
 Each matched weight W (out, in) becomes, per row r and group j of `group` input columns, q sign planes
 Bᵢ ∈ {±1}^group (packed 8 per uint8) and one of two codes (rewriter/bcq.py):
 
-    affine (default)  W[r, group j] ≈ s·Σᵢ 2^{i−1}·Bᵢ + β       s, β fp16 per (row, group)
-                      = the asymmetric uniform grid with 2^q levels; bits per weight = bits + 32/group (4.5 at
-                      bits=4, group=64: exactly round-to-nearest's with an fp16 scale and zero point). The planes
-                      combine by shifts; per (row, group) one multiply by s and one of the input's group sum by β.
+    affine (default)  W[r, group j] ≈ s·Σᵢ 2^{i−1}·Bᵢ + β       s, β per (row, group)
+                      = the asymmetric uniform grid with 2^q levels. The planes combine by shifts; per (row, group)
+                      one multiply by s and one of the input's group sum by β. s and β are stored as `scale_bits`-bit
+                      codes under one fp16 step per 8 groups (default 6 bits, group 32: bits + 0.5 bits per weight,
+                      4.5 at bits=4 — the layout of llama.cpp's Q4_K; rewriter/group_codes.py, decoded in the program
+                      by `rewrite::group_values`), or with scale_bits=0 in fp16 (bits + 32/group: at group=64
+                      round-to-nearest's 4.5 bits with an fp16 scale and zero point, the default before).
     pow2              W[r, group j] ≈ Σᵢ αᵢ·Bᵢ,  αᵢ = Σₜ 2^{eᵢₜ} (terms t < `terms`; int8 exponents): no multiply at
                       all; bits per weight = bits + 8·bits·terms/group (4.5 at bits=4, group=64, terms=1).
 
 Why affine is the default: its family contains round-to-nearest's grid, so a fit of it is never worse than
 round-to-nearest at equal bits; the pow2 code's power-of-two scales and missing zero point cost more than its
 free per-plane scales gain. Measured per layer on SmolLM2 at 4 bits, held-out text (python -m bench.quant_layers):
-the README's "Where shiftadd's 4 bits stand".
+the README's "Where shiftadd's 4 bits stand". Why coded scales at group 32 by default: for the same bits per weight
+as fp16 scales at group 64, each grid follows half as many weights (README, "Where shiftadd's 4 bits stand").
 
 Fit (rewriter/bcq_fit.py), calibrated (calibrate=N > 0, the default; N samples of `data`, H = the layer's input
 Gram): affine — the per-group grid (min/max range, clip ratio searched), GPTQ error feedback in act-order over it,
-then the exact least-squares refit of every row's scales and offsets under H, and per row round-to-nearest
-wherever that is better on the calibration data. pow2 — every group's grid fitted (uniform and greedy starts,
+then the exact least-squares refit of every row's scales and offsets under H (each step rounded to what the codes
+hold), and per row round-to-nearest (coded alike) wherever that is better on the calibration data. pow2 — every group's grid fitted (uniform and greedy starts,
 `rounds` of alternating least squares, an exact search over the power-of-two snappings), GPTQ error feedback, and
 a coordinate-descent refit of the scales (`refit` sweeps). Data-free (calibrate=0): the grid fit and nearest values.
 Per layer the report has weight_error (‖W − Ŵ‖/‖W‖), output_error (‖X(W − Ŵ)ᵀ‖/‖XWᵀ‖ on the example inputs),
@@ -32,13 +36,17 @@ Graph, before → after (rule "bcq-<matcher rule>"):
 
     y = aten.linear(x, W, b)        y = rewrite.shiftadd_linear(x, signs, exponents, b, in_features, group
     y = aten.addmm(b, x, W_io)                                      [, scales, offsets])      (affine: scales, offsets)
+                                    scales = rewrite.group_values(scales_codes, scales_steps, groups, 6, False)
+                                    offsets = rewrite.group_values(offsets_codes, offsets_steps, groups, 6, True)
+                                                                  (coded scales; with scale_bits=0 fp16 tensors)
 
 W is removed (unless another op still reads it, e.g. a tied embedding).
 
 Options:
     code       "affine" (default) or "pow2" (above)
     bits       sign planes per weight (1–8; ShiftAddLLM uses 2–4)
-    group      input columns sharing one scale (and offset) per row (multiple of 8)
+    group      input columns sharing one scale (and offset) per row (multiple of 8; default 32)
+    scale_bits affine: bits of each coded scale and offset (2–8, default 6), 0 = fp16 (bf16 for a bf16 model)
     rounds     pow2: alternating least-squares rounds of each grid fit (0 = best of the uniform/greedy starts)
     terms      pow2: powers of two summed per α (1 = a single shift)
     refit      pow2: scale-refit sweeps after the error feedback; affine: 0 skips the least-squares refit
@@ -55,17 +63,18 @@ from dataclasses import dataclass
 
 import torch
 
-from rewriter import bcq, bcq_fit, calibration, cost, params, weighted
+from rewriter import bcq, bcq_fit, calibration, cost, group_codes, params, weighted
 from rewriter.errors import UserError
 from rewriter.ir import insert_call, replace_node
 from rewriter.matchers.linear import LINEAR_OPS, find_linears, is_lm_head
+from rewriter.ops import group_values
 from rewriter.pass_base import Contract, Pass
 
 OP = torch.ops.rewrite.shiftadd_linear.default
 SENSITIVITY_BITS = (2, 3, 4)
 
 
-def quantize_layer(w, h, bits, group, rounds, terms, refit, code="pow2", affine_dtype=torch.float16):
+def quantize_layer(w, h, bits, group, rounds, terms, refit, code="pow2", affine_dtype=torch.float16, scale_bits=0):
     """One layer (runs in ctx.map_layers): (BCQWeight, figures) — the packed fit and its errors, with the
     equal-bits round-to-nearest baseline's calibrated error. pow2 code, calibrated: a layer whose fit loses to that
     baseline is refitted with more terms per scale over proportionally larger groups (g·k, terms·k: the same bits
@@ -74,7 +83,7 @@ def quantize_layer(w, h, bits, group, rounds, terms, refit, code="pow2", affine_
     wf = w.detach().float()
     in_f = wf.shape[1]
     if code == "affine":
-        q = bcq.quantize_affine(wf, bits, group, hessian=h, refit=refit, dtype=affine_dtype)
+        q = bcq.quantize_affine(wf, bits, group, hessian=h, refit=refit, dtype=affine_dtype, scale_bits=scale_bits)
     else:
         q = bcq.quantize(wf, bits, group, rounds, terms, hessian=h, refit=refit)
     wq = q.dequantize()
@@ -82,7 +91,8 @@ def quantize_layer(w, h, bits, group, rounds, terms, refit, code="pow2", affine_
     if h is not None:
         err = weighted.relative_error(wf, wq, h)
         rtn_group = group if code == "affine" else bcq_fit.rtn_group(bits, group, terms)
-        rtn = weighted.relative_error(wf, bcq_fit.rtn(wf, bits, rtn_group, affine_dtype), h)
+        rtn = weighted.relative_error(wf, bcq_fit.rtn(wf, bits, rtn_group, affine_dtype,
+                                                      scale_bits if code == "affine" else 0), h)
         config = (group, terms)
         if err > rtn and code == "pow2":
             for k in (2, 3, 4):
@@ -108,23 +118,31 @@ def _spilled(ctx, q: bcq.BCQWeight) -> bcq.BCQWeight:
     if store is None:
         return q
     spill = lambda t: store.spill_tensor(t) if t is not None else None
-    return dataclasses.replace(q, signs=spill(q.signs), scales=spill(q.scales), offsets=spill(q.offsets))
+    coded = {name: dataclasses.replace(c, codes=spill(c.codes)) for name, c in
+             (("scale_codes", q.scale_codes), ("offset_codes", q.offset_codes)) if c is not None}
+    return dataclasses.replace(q, signs=spill(q.signs), scales=spill(q.scales), offsets=spill(q.offsets), **coded)
 
 
-def layer_bits(bits, group, terms, in_features, code="pow2") -> float:
+def layer_bits(bits, group, terms, in_features, code="pow2", scale_bits=0) -> float:
     """Bits per weight of one layer, padding included: bits·in_pad/in + 8·bits·terms·groups/in (pow2), or
-    bits·in_pad/in + 32·groups/in (affine: an fp16 scale and offset per group)."""
+    bits·in_pad/in + 32·groups/in (affine: an fp16 scale and offset per group), or with coded scales and offsets
+    (scale_bits = b) bits·in_pad/in + 2·(8·⌈b·groups/8⌉ + 16·steps)/in, steps = ⌈groups/S⌉ (rewriter/group_codes.py)."""
     pad = bcq.padded_in(in_features, group)
-    per_group = 32 if code == "affine" else 8 * bits * terms
-    return (bits * pad + per_group * pad // group) / in_features
+    groups = pad // group
+    if code == "affine" and scale_bits:
+        extra = 2 * (8 * -(-scale_bits * groups // 8) + 16 * -(-groups // group_codes.groups_per_step(groups)))
+    else:
+        extra = (32 if code == "affine" else 8 * bits * terms) * groups
+    return (bits * pad + extra) / in_features
 
 
-def sensitivity(w, h, x, group, terms, code="pow2"):
+def sensitivity(w, h, x, group, terms, code="pow2", scale_bits=0):
     """One layer's output error at 2, 3 and 4 bits (quick data-free fits; calibrated error, else on x)."""
     wf = w.detach().float()
     out = {}
     for b in SENSITIVITY_BITS:
-        q = bcq.quantize_affine(wf, b, group) if code == "affine" else bcq.quantize(wf, b, group, 0, terms)
+        q = bcq.quantize_affine(wf, b, group, scale_bits=scale_bits) if code == "affine" \
+            else bcq.quantize(wf, b, group, 0, terms)
         wq = q.dequantize()
         out[b] = weighted.relative_error(wf, wq, h) if h is not None else bcq.relative_error(x @ wf.t(), x @ wq.t())
     return out
@@ -141,7 +159,8 @@ class ShiftAddPass(Pass):
 
     code: str = "affine"
     bits: int = 3
-    group: int = 64
+    group: int = 32
+    scale_bits: int = 6
     rounds: int = 2
     terms: int = 1
     refit: int = 1
@@ -164,6 +183,8 @@ class ShiftAddPass(Pass):
             raise ValueError(f"rounds and refit must be >= 0, got {self.rounds}, {self.refit}")
         if not 1 <= self.terms <= 4:
             raise ValueError(f"terms must be in 1..4, got {self.terms}")
+        if self.scale_bits and not 2 <= self.scale_bits <= 8:
+            raise ValueError(f"scale_bits must be in 2..8 (or 0 = fp16 scales and offsets), got {self.scale_bits}")
         if self.code == "affine" and self.terms != 1:
             raise ValueError(f"terms={self.terms} applies to code=pow2 (the affine code has one fp16 scale per group)")
         calibration.check_options(self.data, self.calibrate, self.seq)
@@ -199,7 +220,7 @@ class ShiftAddPass(Pass):
             # views of the stored weights, converted in the worker: only the items in flight are copied
             items = [(s.weight_out_in(gm).detach(), stats.gram(s.name) if stats is not None else None,
                       bits_for[s.name], self.group, self.rounds, self.terms, self.refit, self.code,
-                      bcq.affine_dtype(s.weight_tensor(gm).dtype)) for s in chunk]
+                      bcq.affine_dtype(s.weight_tensor(gm).dtype), self._scale_bits) for s in chunk]
             fitted += [(site, (_spilled(ctx, q), figures))
                        for site, (q, figures) in zip(chunk, ctx.map_layers(quantize_layer, items, "quantising"))]
             del stats, items
@@ -231,12 +252,19 @@ class ShiftAddPass(Pass):
                         + (f" (worse: {', '.join(worse[:8])}{' ...' if len(worse) > 8 else ''})" if worse else ""))
 
     # ---- helpers ---------------------------------------------------------------------------------------------
+    @property
+    def _scale_bits(self) -> int:
+        return self.scale_bits if self.code == "affine" else 0
+
     def _replace(self, gm, site, q: bcq.BCQWeight, calibrated: bool) -> None:
         signs = params.add_tensor(gm, site.tensor_name("bcq_signs"), q.signs)
         exps = params.add_tensor(gm, site.tensor_name("bcq_exponents"), q.exponents)
         args = (site.x, params.get_attr_node(gm, signs), params.get_attr_node(gm, exps), site.bias,
                 site.in_features, q.group)
-        if q.scales is not None:
+        if q.scale_codes is not None:
+            args += tuple(insert_group_values(gm, site.node, site.tensor_name(f"bcq_{role}"), coded)
+                          for role, coded in (("scales", q.scale_codes), ("offsets", q.offset_codes)))
+        elif q.scales is not None:
             scales = params.add_tensor(gm, site.tensor_name("bcq_scales"), q.scales)
             offsets = params.add_tensor(gm, site.tensor_name("bcq_offsets"), q.offsets)
             args += (params.get_attr_node(gm, scales), params.get_attr_node(gm, offsets))
@@ -249,7 +277,7 @@ class ShiftAddPass(Pass):
         """Output error of each layer of `chunk` at 2, 3 and 4 bits (calibrated when `spec` calibrates)."""
         stats = calibration.layer_stats(ctx, spec, chunk) if spec.samples > 0 else None
         items = [(s.weight_out_in(ctx.gm).detach(), stats.gram(s.name) if stats is not None else None, xs[s.name],
-                  self.group, self.terms, self.code) for s in chunk]
+                  self.group, self.terms, self.code, self._scale_bits) for s in chunk]
         return {s.name: e for s, e in zip(chunk, ctx.map_layers(sensitivity, items, "measuring sensitivity"))}
 
     def _allocate(self, ctx, sites, errors) -> dict[str, int]:
@@ -264,6 +292,14 @@ class ShiftAddPass(Pass):
         for n, b in choice.items():
             ctx.site(n, status="allocated", bits=b, **{f"output_error_{k}b": v for k, v in errors[n].items()})
         return choice
+
+
+def insert_group_values(gm, before, name: str, coded: group_codes.GroupCodes):
+    """Store coded scales or offsets as `name`_codes / `name`_steps and insert the node that decodes them."""
+    codes = params.add_tensor(gm, f"{name}_codes", coded.codes)
+    steps = params.add_tensor(gm, f"{name}_steps", coded.steps)
+    args = (params.get_attr_node(gm, codes), params.get_attr_node(gm, steps), coded.groups, coded.bits, coded.signed)
+    return insert_call(gm, before, group_values.OP, args, pass_name="shiftadd", rule="group-codes")
 
 
 def site_weight(gm, site) -> torch.Tensor:

@@ -23,8 +23,11 @@ Storage (what the custom op `rewrite::shiftadd_linear` reads):
     exponents  int8  (out, groups, q, terms), or broadcastable to it ((1, 1, q, 1) for the affine code)
     scales     None, or (out, groups) float: multiplies the group's Σᵢ αᵢ·Bᵢ
     offsets    None, or (out, groups) float: added to every weight of the group
-Bits per weight = q + 8·q·terms/group (pow2; e.g. 3.19 at q = 3, group = 128), q + 32/group (affine: the same as
-round-to-nearest with an fp16 scale and zero point per group).
+               (affine code: fp16 tensors, or — `scale_bits` > 0 — the output of `rewrite::group_values`, which
+               decodes them from integer codes with one fp16 step per 8 groups: rewriter/group_codes.py)
+Bits per weight = q + 8·q·terms/group (pow2; e.g. 3.19 at q = 3, group = 128), q + 32/group (affine with fp16
+scales: the same as round-to-nearest with an fp16 scale and zero point per group), q + (2b + 4)/group (affine with
+b-bit codes: 4.5 at q = 4, b = 6, group = 32, like llama.cpp's Q4_K).
 
 LUT matmul (`lut_matmul`, the algorithm the Triton kernel implements): for every 8 activations x₀..x₇ a
 256-entry table lut[idx] = Σᵤ (2·bitᵤ(idx) − 1)·xᵤ is built by doubling (start at −Σx, entry idx + 2ᵘ = entry idx
@@ -36,6 +39,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from . import group_codes
 
 ZERO_EXP = -128          # exponent code meaning "this term is zero"
 MAX_EXP = 127
@@ -102,6 +107,10 @@ class BCQWeight:
     group: int
     scales: torch.Tensor | None = None    # (out, groups) fp16: the affine code's per-group scale
     offsets: torch.Tensor | None = None   # (out, groups) fp16: the affine code's per-group offset
+    # the affine code with coded scales (rewriter/group_codes.py): what is stored; `scales` / `offsets` are then
+    # their decoded float32 values
+    scale_codes: group_codes.GroupCodes | None = None
+    offset_codes: group_codes.GroupCodes | None = None
 
     @property
     def bits(self) -> int:
@@ -112,7 +121,10 @@ class BCQWeight:
 
     @property
     def nbytes(self) -> int:
-        extra = sum(t.numel() * t.element_size() for t in (self.scales, self.offsets) if t is not None)
+        if self.scale_codes is not None:
+            extra = self.scale_codes.nbytes + self.offset_codes.nbytes
+        else:
+            extra = sum(t.numel() * t.element_size() for t in (self.scales, self.offsets) if t is not None)
         return self.signs.numel() + self.exponents.numel() + extra
 
     @property
@@ -153,18 +165,23 @@ def affine_exponents(q: int, device=None) -> torch.Tensor:
 
 
 def quantize_affine(weight: torch.Tensor, bits: int = 4, group: int = 64, hessian: torch.Tensor | None = None,
-                    damp: float = 0.1, refit: int = 1, dtype: torch.dtype = torch.float16) -> BCQWeight:
+                    damp: float = 0.1, refit: int = 1, dtype: torch.dtype = torch.float16,
+                    scale_bits: int = 0) -> BCQWeight:
     """Quantise W (out, in) to the affine code (rewriter/bcq_fit.py): per-group grid (clip search), then — with
     `hessian` — GPTQ error feedback and a least-squares refit of the scales and offsets under H. Scales and
-    offsets are stored in `dtype`: fp16, or bf16 for a bf16 model (fp16's range is narrower)."""
+    offsets are stored in `dtype` — fp16, or bf16 for a bf16 model (fp16's range is narrower) — or, scale_bits > 0,
+    as codes of that many bits under one `dtype` step per 8 groups (rewriter/group_codes.py)."""
     from . import bcq_fit
     if group % 8:
         raise ValueError(f"group must be a multiple of 8, got {group}")
     w = weight.detach().float()
-    scales, offsets, levels = bcq_fit.quantize_affine(w, bits, group, hessian, damp, refit, dtype)
+    scales, offsets, levels = bcq_fit.quantize_affine(w, bits, group, hessian, damp, refit, dtype, scale_bits)
     exps = affine_exponents(bits, w.device)
     packed = from_patterns(exps, levels, w.shape[1], group)
-    return BCQWeight(packed.signs, exps, w.shape[1], group, scales.to(dtype), offsets.to(dtype))
+    if not scale_bits:
+        return BCQWeight(packed.signs, exps, w.shape[1], group, scales.to(dtype), offsets.to(dtype))
+    coded = [group_codes.encode(v, scale_bits, signed, dtype) for v, signed in ((scales, False), (offsets, True))]
+    return BCQWeight(packed.signs, exps, w.shape[1], group, coded[0].decode(), coded[1].decode(), *coded)
 
 
 def from_patterns(exps: torch.Tensor, pattern: torch.Tensor, in_features: int, group: int) -> BCQWeight:

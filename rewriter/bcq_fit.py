@@ -26,23 +26,25 @@ scale refit (`refit_scales`, calibrated)
     Δf = −2δ·bᵀg_j + δ²·bᵀH_jj·b. f never increases, so the refit result is never worse than GPTQ's.
 the affine code (`quantize_affine`; rewriter/bcq.py: W ≈ s·(L − (2^q−1)/2) + β per (row, group), levels L)
     grid       per (row, group) the min/max range, shrunk about its midpoint by the clip ratio (1, 0.95, …, 0.75)
-               with the least squared rounding error (columns weighted by diag H when calibrated); s, β in fp16
+               with the least squared rounding error (columns weighted by diag H when calibrated); s, β in fp16,
+               or — scale_bits > 0 — coded (rewriter/group_codes.py: `bits`-bit codes, one fp16 step per 8 groups;
+               every later step also rounds what it solves to the codes, `stored`)
     feedback   calibrated: GPTQ's loop above over these fixed grids (act-order, static groups), damping 10 %
     refit      calibrated: with the levels fixed each row's error is a quadratic in its 2G unknowns (s, β): solved
                exactly (`refit_affine`), rounded to fp16, kept per row where it is lower
     fallback   per row, round-to-nearest's levels and grid wherever they have the lower calibrated error: a row's
                error is its own term of tr(ΔW·H·ΔWᵀ), so the layer is never worse than round-to-nearest there
 round-to-nearest (`rtn`)
-    asymmetric min/max uniform grid per group with 2^bits levels, scale and range midpoint in fp16: bits + 32/group
-    bits per weight — the baseline tests and the benchmark hold shiftadd to; it is the affine code at clip ratio 1
-    with nearest levels (`rtn_group` gives the RTN group with the same bits per weight as a pow2 configuration).
+    asymmetric min/max uniform grid per group with 2^bits levels, scale and range midpoint in fp16 (bits + 32/group
+    bits per weight) or coded like the affine code's (bits + (2·scale_bits + 4)/group) — the baseline tests and the
+    benchmark hold shiftadd to; it is the affine code at clip ratio 1 with nearest levels (`rtn_group` gives the RTN group with the same bits per weight as a pow2 configuration).
 All fits run in float32 (float64 for Gram algebra) on the weight's device and are deterministic.
 """
 from __future__ import annotations
 
 import torch
 
-from . import bcq
+from . import bcq, group_codes
 
 DAMP = 0.01
 AFFINE_DAMP = 0.1    # the affine code's damping: 10 % of the mean diagonal generalises better to held-out text
@@ -387,11 +389,21 @@ def _padded_gram(h: torch.Tensor, n: int, damp: float = 0.0) -> torch.Tensor:
     return hp
 
 
+def stored(values: torch.Tensor, signed: bool, dtype: torch.dtype, scale_bits: int = 0) -> torch.Tensor:
+    """What the affine code can store nearest to per-group scales (signed=False: ≥ 0) or offsets, as float32: the
+    values rounded to `dtype`, or — scale_bits > 0 — coded with that many bits under one `dtype` step per 8 groups
+    of a row (rewriter/group_codes.py; rows are coded independently)."""
+    if scale_bits:
+        return group_codes.round_trip(values, scale_bits, signed, dtype)
+    return values.to(dtype).float()
+
+
 def affine_grid(w: torch.Tensor, q: int, group: int, importance: torch.Tensor | None = None,
-                dtype: torch.dtype = torch.float16):
-    """The uniform grid of every (row, group), rounded to `dtype`: (scales, offsets) (out, G) float32. The min/max range
-    (padding excluded) is shrunk about its centre by the ratio of CLIP_RATIOS with the least squared rounding
-    error, weighted by the columns' `importance` (diag of the Gram) when given; ratio 1 is round-to-nearest's."""
+                dtype: torch.dtype = torch.float16, scale_bits: int = 0):
+    """The uniform grid of every (row, group), as stored (`stored`): (scales, offsets) (out, G) float32. The min/max
+    range (padding excluded) is shrunk about its centre by the ratio of CLIP_RATIOS with the least squared rounding
+    error, weighted by the columns' `importance` (diag of the Gram) when given; ratio 1 is round-to-nearest's. The
+    search rounds to `dtype`; coded scales (scale_bits > 0) are coded once, after it."""
     in_f = w.shape[1]
     wg, valid, lo, hi = _group_range(w, group)
     weight = valid.float() if importance is None else grouped(importance[None, :in_f], group)[0] * valid
@@ -406,6 +418,8 @@ def affine_grid(w: torch.Tensor, q: int, group: int, importance: torch.Tensor | 
         else:
             better = err < best[2]
             best = tuple(torch.where(better, a, b) for a, b in zip((scales, offsets, err), best))
+    if scale_bits:
+        return stored(best[0], False, dtype, scale_bits), stored(best[1], True, dtype, scale_bits)
     return best[0], best[1]
 
 
@@ -422,14 +436,15 @@ def _row_objective(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor, rows:
 
 def refit_affine(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor,
                  offsets: torch.Tensor, q: int, damp: float = AFFINE_DAMP, ridge: float = 1e-9,
-                 dtype: torch.dtype = torch.float16):
+                 dtype: torch.dtype = torch.float16, scale_bits: int = 0):
     """With the levels fixed, Ŵ[r] is linear in the row's 2G unknowns (s, β): solve the normal equations of
     min (w_r − Ŵ_r)·H·(w_r − Ŵ_r)ᵀ for every row exactly (float64, padding not counted, H damped as in the error
     feedback: without it the directions the calibration data never excites — a LayerNorm's output has one —
     let the weights drift far from W for a negligible gain), round to `dtype` and keep, per row, whichever of the
     old and new (s, β) has the lower (damped) error. With c = L − (2^q−1)/2 and blocks j, k of
     columns, the system is  [Σ_{a∈j,b∈k} c_a H_ab c_b, Σ c_a H_ab ; Σ H_ab c_b, Σ H_ab]·[s; β] = [Σ_{a∈j} c_a (Hw)_a;
-    Σ_{a∈j} (Hw)_a], built through T[a, k] = Σ_{b∈k} H_ab c_b without forming a dense design matrix."""
+    Σ_{a∈j} (Hw)_a], built through T[a, k] = Σ_{b∈k} H_ab c_b without forming a dense design matrix. The solution
+    is then stored as the code stores it (`stored`: fp16, or integer codes) before the per-row comparison."""
     out_f, groups, g = levels.shape
     n = groups * g
     in_f = w.shape[1]
@@ -452,8 +467,9 @@ def refit_affine(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, scales:
         m = torch.cat([torch.cat([ss, sb], -1), torch.cat([sb.transpose(1, 2), bb.expand_as(ss)], -1)], 1)
         scale = m.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
         theta = torch.linalg.solve(m + (ridge * scale)[:, None, None] * eye, rhs[..., None])[..., 0]
-        new_s[r0:r1] = theta[:, :groups].to(dtype).float()
-        new_b[r0:r1] = theta[:, groups:].to(dtype).float()
+        new_s[r0:r1] = theta[:, :groups].float()
+        new_b[r0:r1] = theta[:, groups:].float()
+    new_s, new_b = stored(new_s, False, dtype, scale_bits), stored(new_b, True, dtype, scale_bits)
     old = _row_objective(target, affine_dequant(scales, offsets, levels, q), hp)
     new = _row_objective(target, affine_dequant(new_s, new_b, levels, q), hp)
     finite = torch.isfinite(new_s).all(-1) & torch.isfinite(new_b).all(-1)
@@ -462,32 +478,34 @@ def refit_affine(w: torch.Tensor, h: torch.Tensor, levels: torch.Tensor, scales:
 
 
 def quantize_affine(w: torch.Tensor, q: int, group: int, h: torch.Tensor | None = None, damp: float = AFFINE_DAMP,
-                    refit: int = 1, dtype: torch.dtype = torch.float16):
+                    refit: int = 1, dtype: torch.dtype = torch.float16, scale_bits: int = 0):
     """The affine code of W (out, in): (scales, offsets) (out, G) float32 holding values of `dtype` (fp16, or bf16
     for a bf16 model: its range), levels (out, G, g) int64.
 
     Data-free: the clip-searched grid and nearest levels. Calibrated: the grid (columns weighted by diag H), GPTQ
     error feedback over it (`error_feedback`), then (`refit` > 0) the exact least-squares refit of s and β; per row,
     the result is replaced by round-to-nearest's (grid ratio 1, nearest levels) wherever that has the lower
-    calibrated error — so no row, hence no layer, is worse than round-to-nearest on the calibration data."""
+    calibrated error — so no row, hence no layer, is worse than round-to-nearest on the calibration data.
+    scale_bits > 0: scales and offsets are coded with that many bits (rewriter/group_codes.py) at every step, and
+    the round-to-nearest compared with is coded the same way (same bits per weight)."""
     out_f, in_f = w.shape
     wg = grouped(w, group)
     groups, g = wg.shape[1], wg.shape[2]
     if h is None:
-        scales, offsets = affine_grid(w, q, group, dtype=dtype)
+        scales, offsets = affine_grid(w, q, group, dtype=dtype, scale_bits=scale_bits)
         return scales, offsets, affine_nearest(wg, scales, offsets, q)
     n = groups * g
     importance = damped_diagonal(h, n, damp).float()
     importance[in_f:] = 0
-    scales, offsets = affine_grid(w, q, group, importance, dtype)
+    scales, offsets = affine_grid(w, q, group, importance, dtype, scale_bits)
     pattern = error_feedback(wg.reshape(out_f, n).clone(), h, damp, importance, affine_values(scales, offsets, q),
                              group)
     levels = pattern.view(out_f, groups, g)
     if refit:
-        scales, offsets = refit_affine(w, h, levels, scales, offsets, q, damp, dtype=dtype)
+        scales, offsets = refit_affine(w, h, levels, scales, offsets, q, damp, dtype=dtype, scale_bits=scale_bits)
     # round-to-nearest's own grid and levels, kept per row where they do better on the calibration data
     wp, hp = wg.reshape(out_f, n), _padded_gram(h, n)
-    r_s, r_b, r_levels = rtn_affine(w, q, group, dtype)
+    r_s, r_b, r_levels = rtn_affine(w, q, group, dtype, scale_bits)
     ours = _row_objective(wp, affine_dequant(scales, offsets, levels, q), hp)
     theirs = _row_objective(wp, affine_dequant(r_s, r_b, r_levels, q), hp)
     use_rtn = theirs < ours
@@ -499,22 +517,25 @@ def quantize_affine(w: torch.Tensor, q: int, group: int, h: torch.Tensor | None 
 
 
 # ---- round-to-nearest baseline ------------------------------------------------------------------------------------
-def rtn(w: torch.Tensor, bits: int, group: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Asymmetric min/max round-to-nearest per group (scale and range midpoint rounded to fp16, or `dtype`),
-    dequantised (out, in) — the affine code's grid at clip ratio 1 with nearest levels."""
-    scales, offsets, levels = rtn_affine(w, bits, group, dtype)
+def rtn(w: torch.Tensor, bits: int, group: int, dtype: torch.dtype = torch.float16, scale_bits: int = 0
+        ) -> torch.Tensor:
+    """Asymmetric min/max round-to-nearest per group (scale and range midpoint rounded to fp16, or `dtype`, or coded
+    with `scale_bits` bits per value), dequantised (out, in) — the affine code's grid at clip ratio 1 with nearest
+    levels."""
+    scales, offsets, levels = rtn_affine(w, bits, group, dtype, scale_bits)
     return affine_dequant(scales, offsets, levels, bits)[:, : w.shape[1]]
 
 
-def rtn_affine(w: torch.Tensor, bits: int, group: int, dtype: torch.dtype = torch.float16):
+def rtn_affine(w: torch.Tensor, bits: int, group: int, dtype: torch.dtype = torch.float16, scale_bits: int = 0):
     """Round-to-nearest in the affine code's terms: (scales, offsets) (out, G), levels (out, G, g)."""
     wg, _, lo, hi = _group_range(w, group)
-    scales, offsets = ((hi - lo) / (2 ** bits - 1)).to(dtype).float(), ((hi + lo) / 2).to(dtype).float()
+    scales = stored((hi - lo) / (2 ** bits - 1), False, dtype, scale_bits)
+    offsets = stored((hi + lo) / 2, True, dtype, scale_bits)
     return scales, offsets, affine_nearest(wg, scales, offsets, bits)
 
 
-def rtn_bits_per_weight(bits: int, group: int) -> float:
-    return bits + 32 / group
+def rtn_bits_per_weight(bits: int, group: int, scale_bits: int = 0) -> float:
+    return bits + (group_codes.bits_per_weight(scale_bits, group) if scale_bits else 32 / group)
 
 
 def rtn_group(bits: int, group: int, terms: int) -> int:

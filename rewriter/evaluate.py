@@ -66,9 +66,10 @@ def add_arguments(parser) -> None:
                         help="example inputs for --metric agree, e.g. 2x16:int64")
     parser.add_argument("--verify", action="store_true", help="check each pass's contract on the eval inputs")
     parser.add_argument("--repeat", type=int, default=3, help="forward runs timed per program (median; default 3)")
-    parser.add_argument("--rtn", default=None, metavar="BITS:GROUP",
+    parser.add_argument("--rtn", default=None, metavar="BITS:GROUP[:SCALE_BITS]",
                         help="baseline: before the pipeline, round every linear weight but the LM head to nearest "
-                             "(asymmetric min/max, BITS bits per GROUP weights, fp16 scale and zero point)")
+                             "(asymmetric min/max, BITS bits per GROUP weights, fp16 scale and zero point, or "
+                             "SCALE_BITS-bit codes of them as shiftadd's default stores them: 4:32:6)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow .pt files that hold pickled modules")
     parser.add_argument("--device", default=None, metavar="DEV",
                         help="load a Hugging Face model on DEV (e.g. cuda) and run the pipeline, heal and the "
@@ -339,20 +340,25 @@ def evaluate(args) -> dict:
     }
 
 
-def parse_rtn(text: str | None) -> tuple[int, int] | None:
-    """"4:64" -> (4, 64); one-line UserError otherwise."""
+def parse_rtn(text: str | None) -> tuple[int, int, int] | None:
+    """"4:64" -> (4, 64, 0), "4:32:6" -> (4, 32, 6); one-line UserError otherwise."""
     if not text:
         return None
     try:
-        bits, group = (int(v) for v in text.split(":"))
+        values = [int(v) for v in text.split(":")]
+        if len(values) not in (2, 3):
+            raise ValueError
     except ValueError:
-        raise UserError(f"--rtn takes BITS:GROUP, e.g. 4:64; got {text!r}") from None
+        raise UserError(f"--rtn takes BITS:GROUP or BITS:GROUP:SCALE_BITS, e.g. 4:64 or 4:32:6; got {text!r}") from None
+    bits, group, scale_bits = (values + [0])[:3]
     if not 1 <= bits <= 8 or group < 1:
         raise UserError(f"--rtn {text}: bits must be 1..8 and group >= 1")
-    return bits, group
+    if scale_bits and not 2 <= scale_bits <= 8:
+        raise UserError(f"--rtn {text}: scale bits must be 2..8 (or left out: fp16 scales)")
+    return bits, group, scale_bits
 
 
-def round_to_nearest(gm, bits: int, group: int) -> int:
+def round_to_nearest(gm, bits: int, group: int, scale_bits: int = 0) -> int:
     """Round every linear weight but the LM head to nearest in place (the quantisation baseline); returns the
     number of layers rounded."""
     from . import bcq_fit, params
@@ -362,7 +368,7 @@ def round_to_nearest(gm, bits: int, group: int) -> int:
         if is_lm_head(gm, site):
             continue
         w = site.weight_out_in(gm).detach()
-        q = bcq_fit.rtn(w.float(), bits, group).to(w.dtype)
+        q = bcq_fit.rtn(w.float(), bits, group, scale_bits=scale_bits).to(w.dtype)
         params.set_tensor(gm, site.weight_name, q if site.layout == "out_in" else q.t().contiguous())
         count += 1
     return count

@@ -7,6 +7,7 @@ re-projection, and the temporary training forms of the parts that are not plain 
     lowrank     u, v (+ dense)                 u·v                                u, v
     shiftadd    signs (packed), exponents      Σᵢ 2^e·Bᵢ                          the scales α (straight-through)
                 (+ scales s, offsets β)        s·Σᵢ 2^e·Bᵢ + β (affine code)      s and β (plain fp32 copies)
+                (or their codes and steps)                                        (their codes: straight-through)
     vq          codebook, code map             —                                  the codebook
     linear      weight (dense, untouched)      W                                  a LoRA branch U·V, merged after
 
@@ -14,7 +15,9 @@ Shift-add scales train through a straight-through estimator: the forward uses th
 snap(α) (sums of `terms` powers of two — exactly what the packed form will hold), the gradient reaches the
 continuous α as if snapping were the identity; after training the exponents are re-derived from α, so the saved
 program keeps its packed form. The affine code's scales and offsets are continuous: they train as fp32 copies and
-are rounded back to their stored dtype (fp16) after training. A LoRA branch y += x·Vᵀ·Uᵀ (U = 0 at the start, so the program is unchanged) is a
+are rounded back to their stored dtype (fp16) after training; coded ones (`rewrite::group_values`,
+rewriter/group_codes.py) train the same way, their forward rounded to what the codes hold (straight-through), and
+are coded again after training. A LoRA branch y += x·Vᵀ·Uᵀ (U = 0 at the start, so the program is unchanged) is a
 `rewrite::lowrank_linear` beside the layer: merged into a dense W after training (W += U·V in float64, rounded
 once), kept beside layers that cannot absorb it (binary weights).
 """
@@ -26,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from . import bcq, params
+from . import bcq, group_codes, params
 from .ir import get_attr_value, insert_call
 from .matchers.linear import LinearSite, layer_tensor_name
-from .ops import blockdiag_linear, lowrank_linear, monarch_linear, shiftadd_linear, vq_logits
+from .ops import blockdiag_linear, group_values, lowrank_linear, monarch_linear, shiftadd_linear, vq_logits
 from .projections import Factored
 
 aten = torch.ops.aten
@@ -43,15 +46,29 @@ REQUIRED = {"monarch": ("w1", "w2"), "blockdiag": ("blocks",), "lowrank": ("u", 
             "shiftadd": ("signs", "exponents"), "vq": ("codebook", "code_map")}
 
 
+CODED = ("scales", "offsets")      # shiftadd roles that may be decoded from codes by rewrite::group_values
+
+
 @dataclass
 class Layer:
     node: fx.Node
     kind: str
     tensors: dict[str, str] = field(default_factory=dict)   # role -> qualified name
+    # coded shift-add scales / offsets: role -> (groups, bits, signed); their tensors are role_codes, role_steps
+    coded: dict[str, tuple[int, int, bool]] = field(default_factory=dict)
 
     def value(self, gm, role: str) -> torch.Tensor | None:
+        """The role's tensor; for a coded role, its decoded float32 values."""
+        if role in self.coded:
+            return group_codes.decode(get_attr_value(gm, self.tensors[f"{role}_codes"]),
+                                      get_attr_value(gm, self.tensors[f"{role}_steps"]), *self.coded[role])
         name = self.tensors.get(role)
         return get_attr_value(gm, name) if name else None
+
+    @property
+    def affine(self) -> bool:
+        """A shift-add layer in the affine code (scales and offsets, stored or coded)."""
+        return "scales" in self.tensors or "scales" in self.coded
 
     @property
     def some_tensor(self) -> str:
@@ -65,14 +82,22 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
         kind = KINDS.get(node.target) if node.op == "call_function" else None
         if kind is None:
             continue
-        tensors = {}
+        tensors, coded = {}, {}
         for role, i in ROLES[kind].items():
             arg = node.args[i] if i < len(node.args) else None
             if isinstance(arg, fx.Node) and arg.op == "get_attr":
                 tensors[role] = arg.target
+            elif role in CODED and _is_group_values(arg):
+                tensors[f"{role}_codes"], tensors[f"{role}_steps"] = arg.args[0].target, arg.args[1].target
+                coded[role] = tuple(arg.args[2:5])
         if all(r in tensors for r in REQUIRED[kind]):
-            out.append(Layer(node, kind, tensors))
+            out.append(Layer(node, kind, tensors, coded))
     return out
+
+
+def _is_group_values(arg) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target is group_values.OP \
+        and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in arg.args[:2])
 
 
 def teacher_site(sites: list[LinearSite], tensor_name: str) -> LinearSite | None:
@@ -125,9 +150,10 @@ def config(gm, layer: Layer) -> tuple:
     """What the layer's re-projection needs besides the target: (kind, ...) of plain values."""
     if layer.kind == "shiftadd":
         exps = layer.value(gm, "exponents")
-        scales = layer.value(gm, "scales")
-        code = "pow2" if scales is None else str(scales.dtype).replace("torch.", "")  # affine: its scales' dtype
-        return ("shiftadd", exps.shape[2], int(layer.node.args[5]), exps.shape[3], code)
+        stored = layer.value(gm, "scales_steps" if layer.coded else "scales")
+        code = "pow2" if stored is None else str(stored.dtype).replace("torch.", "")  # affine: its scales' dtype
+        scale_bits = layer.coded["scales"][1] if layer.coded else 0
+        return ("shiftadd", exps.shape[2], int(layer.node.args[5]), exps.shape[3], code, scale_bits)
     fac = factored(gm, layer)
     if fac.kind == "monarch":
         return ("monarch", fac.factors["w1"].shape[0])
@@ -147,9 +173,14 @@ def reproject(target: torch.Tensor, h: torch.Tensor, cfg: tuple, dtype_name: str
     kind = cfg[0]
     w = target.to(dtype) if dtype != torch.float64 else target
     if kind == "shiftadd":
-        _, bits, group, terms, code = cfg
+        _, bits, group, terms, code, scale_bits = cfg
         if code != "pow2":
-            q = bcq.quantize_affine(target.float(), bits, group, hessian=h, dtype=getattr(torch, code))
+            q = bcq.quantize_affine(target.float(), bits, group, hessian=h, dtype=getattr(torch, code),
+                                    scale_bits=scale_bits)
+            if scale_bits:
+                return {"signs": q.signs, "exponents": q.exponents, "scales_codes": q.scale_codes.codes,
+                        "scales_steps": q.scale_codes.steps, "offsets_codes": q.offset_codes.codes,
+                        "offsets_steps": q.offset_codes.steps}
             return {"signs": q.signs, "exponents": q.exponents, "scales": q.scales, "offsets": q.offsets}
         q = bcq.quantize(target.float(), bits, group, 2, terms, hessian=h)
         return {"signs": q.signs, "exponents": q.exponents}
@@ -169,8 +200,12 @@ def dense_of(tensors: dict[str, torch.Tensor], layer_dense_like: Factored | None
              out_f: int) -> torch.Tensor:
     """Ŵ (float64) of a re-projected layer (tensors as `reproject` returns them)."""
     if cfg[0] == "shiftadd":
-        return bcq.dequantize(tensors["signs"], tensors["exponents"], in_f, cfg[2], tensors.get("scales"),
-                              tensors.get("offsets")).double()
+        scales, offsets = tensors.get("scales"), tensors.get("offsets")
+        if cfg[5]:                                                         # coded: decode them
+            groups = bcq.padded_in(in_f, cfg[2]) // cfg[2]
+            scales, offsets = (group_codes.decode(tensors[f"{role}_codes"], tensors[f"{role}_steps"], groups, cfg[5],
+                                                  role == "offsets") for role in CODED)
+        return bcq.dequantize(tensors["signs"], tensors["exponents"], in_f, cfg[2], scales, offsets).double()
     kind = {"monarch": "monarch", "blockdense": "blockdense", "blockdiag": "blockdiag", "lowrank": "lowrank"}[cfg[0]]
     return Factored(kind, out_f, in_f, tensors).dense(torch.float64)
 
@@ -231,8 +266,14 @@ def scaled_signs_linear(x, alpha, signs, bias, in_features, group, terms):
     return _ScaledSigns.apply(x, alpha, signs, bias, in_features, group, terms)
 
 
-def affine_signs_linear(x, signs, exponents, bias, in_features, group, scales, offsets):
-    """The affine code with float scales and offsets that autograd reaches (the training form)."""
+def affine_signs_linear(x, signs, exponents, bias, in_features, group, scales, offsets, scale_bits=0,
+                        steps_dtype=torch.float16):
+    """The affine code with float scales and offsets that autograd reaches (the training form); coded ones
+    (scale_bits > 0) enter the forward as what their codes hold, the gradient passing straight through."""
+    if scale_bits:
+        scales = scales + (group_codes.round_trip(scales.detach(), scale_bits, False, steps_dtype) - scales).detach()
+        offsets = offsets + (group_codes.round_trip(offsets.detach(), scale_bits, True, steps_dtype)
+                             - offsets).detach()
     w = bcq.dequantize(signs, exponents, in_features, group, scales, offsets).to(x.dtype)
     return F.linear(x, w, bias)
 
@@ -242,12 +283,17 @@ def open_shiftadd(gm, layer: Layer) -> list[str]:
     form with a trainable α (pow2 code), or fp32 trainable copies of the scales and offsets (affine code)."""
     n = layer.node
     x, signs, exps_node, bias, in_f, group = n.args[:6]
-    if "scales" in layer.tensors:
-        names = [params.add_tensor(gm, f"{layer.tensors[role]}_train", layer.value(gm, role).float(), trainable=True)
-                 for role in ("scales", "offsets")]
+    decoders = [a for a in n.args[6:8] if _is_group_values(a)]
+    if layer.affine:
+        names = [params.add_tensor(gm, f"{_affine_name(layer, role)}_train", layer.value(gm, role).float(),
+                                   trainable=True) for role in CODED]
+        coding = ()
+        if layer.coded:
+            coding = (layer.coded["scales"][1], layer.value(gm, "scales_steps").dtype)
         with gm.graph.inserting_before(n):
             s_node, b_node = (params.get_attr_node(gm, name) for name in names)
-            new = gm.graph.call_function(affine_signs_linear, (x, signs, exps_node, bias, in_f, group, s_node, b_node))
+            new = gm.graph.call_function(affine_signs_linear,
+                                         (x, signs, exps_node, bias, in_f, group, s_node, b_node, *coding))
         layer.tensors["scales_train"], layer.tensors["offsets_train"] = names
     else:
         exps = layer.value(gm, "exponents")
@@ -260,8 +306,16 @@ def open_shiftadd(gm, layer: Layer) -> list[str]:
     n.replace_all_uses_with(new)
     layer.node = new
     gm.graph.erase_node(n)
+    for decoder in decoders:                     # the codes are decoded by the training form now
+        if not decoder.users:
+            gm.graph.erase_node(decoder)
     gm.recompile()
     return names
+
+
+def _affine_name(layer: Layer, role: str) -> str:
+    """The name the affine role's tensor has, or its codes' name without the suffix."""
+    return layer.tensors[role] if role in layer.tensors else layer.tensors[f"{role}_codes"].removesuffix("_codes")
 
 
 def shiftadd_lr_scale(gm, layer: Layer) -> float:
@@ -269,7 +323,7 @@ def shiftadd_lr_scale(gm, layer: Layer) -> float:
     are the grid's step and its offsets move in the same units, while the weights they stand for span about
     2^(q−1) steps either side of the offset, so the same relative change needs a 2^(q−1)-times smaller step
     (measured on SmolLM2 at 4 bits: lr 2e-4 raised the held-out loss, 2e-5 lowered it). The pow2 code's α: 1."""
-    if "scales" not in layer.tensors:
+    if not layer.affine:
         return 1.0
     return 2.0 ** (1 - int(layer.value(gm, "signs").shape[0]))
 
@@ -287,14 +341,20 @@ def close_shiftadd(gm, layer: Layer) -> None:
     else:
         x, signs, _, bias, in_f, group = n.args[:6]
         trained = []
-        for role in ("scales", "offsets"):
+        for role in CODED:
             value = get_attr_value(gm, layer.tensors[f"{role}_train"]).detach()
-            params.set_tensor(gm, layer.tensors[role], value.to(layer.value(gm, role).dtype))
+            if role in layer.coded:
+                groups, bits, signed = layer.coded[role]
+                coded = group_codes.encode(value, bits, signed, layer.value(gm, f"{role}_steps").dtype)
+                params.set_tensor(gm, layer.tensors[f"{role}_codes"], coded.codes)
+                params.set_tensor(gm, layer.tensors[f"{role}_steps"], coded.steps)
+            else:
+                params.set_tensor(gm, layer.tensors[role], value.to(layer.value(gm, role).dtype))
             trained.append(layer.tensors.pop(f"{role}_train"))
     with gm.graph.inserting_before(n):
         args = (x, signs, params.get_attr_node(gm, layer.tensors["exponents"]), bias, in_f, group)
-        if "scales" in layer.tensors:
-            args += tuple(params.get_attr_node(gm, layer.tensors[role]) for role in ("scales", "offsets"))
+        if layer.affine:
+            args += tuple(_affine_input(gm, layer, role) for role in CODED)
         new = gm.graph.call_function(shiftadd_linear.OP, args)
     new.meta.update({k: v for k, v in n.meta.items() if k != "val"})
     n.replace_all_uses_with(new)
@@ -303,6 +363,14 @@ def close_shiftadd(gm, layer: Layer) -> None:
     for name in trained:
         params.remove_if_unused(gm, name)
     gm.recompile()
+
+
+def _affine_input(gm, layer: Layer, role: str) -> fx.Node:
+    """The node that feeds the op the role's values: its tensor, or the decoding of its codes."""
+    if role not in layer.coded:
+        return params.get_attr_node(gm, layer.tensors[role])
+    codes, steps = (params.get_attr_node(gm, layer.tensors[f"{role}_{part}"]) for part in ("codes", "steps"))
+    return gm.graph.call_function(group_values.OP, (codes, steps, *layer.coded[role]))
 
 
 # ---- LoRA branches -------------------------------------------------------------------------------------------------

@@ -123,26 +123,35 @@ def _llm_like_layer(seed, dist, out_f, in_f, correlated):
 
 @given(seed=st.integers(0, 2**16), dist=st.sampled_from(["gauss", "laplace", "t5"]), correlated=st.booleans(),
        bits=st.integers(2, 4), config=st.sampled_from([(64, 1), (128, 2)]), out_f=st.integers(8, 48),
-       blocks=st.integers(2, 3), code=st.sampled_from(["affine", "pow2"]))
-@settings(max_examples=20)
+       blocks=st.integers(2, 3), code=st.sampled_from(["affine", "affine-coded", "pow2"]))
+@settings(max_examples=30)
 def test_shiftadd_never_worse_than_round_to_nearest_at_equal_bits(seed, dist, correlated, bits, config, out_f,
                                                                    blocks, code):
-    """Calibrated shiftadd vs asymmetric min/max RTN with fp16 scale and zero point at the same bits per weight,
-    on the calibrated output error, for LLM-like layers (heavy-ish tails, per-row scales, outlier channels)."""
+    """Calibrated shiftadd vs asymmetric min/max RTN at the same bits per weight, on the calibrated output error,
+    for LLM-like layers (heavy-ish tails, per-row scales, outlier channels): RTN with fp16 scale and zero point, or —
+    for the affine code with 6-bit coded scales and offsets (the default, group 32) — RTN with them coded alike."""
     from passes.shiftadd import layer_bits, quantize_layer
     group, terms = config
-    terms = 1 if code == "affine" else terms
+    terms = 1 if code != "pow2" else terms
+    scale_bits = 6 if code == "affine-coded" else 0
+    group = 32 if scale_bits else group
+    code = "affine" if scale_bits else code
     w, h = _llm_like_layer(seed, dist, out_f, 128 * blocks, correlated)
-    q, figures = quantize_layer(w, h, bits, group, 2, terms, 1, code)
+    q, figures = quantize_layer(w, h, bits, group, 2, terms, 1, code, scale_bits=scale_bits)
     rtn_group = group if code == "affine" else bcq_fit.rtn_group(bits, group, terms)
-    assert bcq_fit.rtn_bits_per_weight(bits, rtn_group) >= layer_bits(bits, group, terms, w.shape[1], code) - 1e-9
+    if not scale_bits:         # (coded: the baseline is the same layout, so the same bits by construction)
+        assert bcq_fit.rtn_bits_per_weight(bits, rtn_group) >= layer_bits(bits, group, terms, w.shape[1], code) - 1e-9
+    shared_exponents = 8 * q.exponents.numel() / w.numel() if code == "affine" else 0
+    assert q.bits_per_weight == pytest.approx(layer_bits(bits, q.group, q.exponents.shape[-1], w.shape[1], code,
+                                                         scale_bits) + shared_exponents)
     got = weighted.relative_error(w, q.dequantize(), h)
     assert got == pytest.approx(figures["calibrated_error"])
-    assert figures["rtn_error"] == pytest.approx(weighted.relative_error(w, bcq_fit.rtn(w, bits, rtn_group), h))
+    rtn = bcq_fit.rtn(w, bits, rtn_group, scale_bits=scale_bits)
+    assert figures["rtn_error"] == pytest.approx(weighted.relative_error(w, rtn, h))
     assert got <= figures["rtn_error"], (got, figures)
     terms_used = 1 if code == "affine" else q.exponents.shape[-1]
-    assert layer_bits(bits, q.group, terms_used, w.shape[1], code) <= \
-        layer_bits(bits, group, terms, w.shape[1], code) + 1e-9
+    assert layer_bits(bits, q.group, terms_used, w.shape[1], code, scale_bits) <= \
+        layer_bits(bits, group, terms, w.shape[1], code, scale_bits) + 1e-9
 
 
 @given(seed=st.integers(0, 2**16), bits=st.integers(2, 4), terms=st.integers(1, 2))

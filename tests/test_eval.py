@@ -201,3 +201,20 @@ def test_errors_are_one_line(llama_dir, bert_dir, tmp_path, files):
         with pytest.raises(UserError) as e:
             run_eval(*argv)
         assert needle in str(e.value) and "\n" not in str(e.value), (argv, str(e.value))
+
+
+def test_rtn_baseline_spec():
+    """--rtn BITS:GROUP (fp16 scale and zero point) or BITS:GROUP:SCALE_BITS (coded as shiftadd stores them)."""
+    assert ev.parse_rtn("4:64") == (4, 64, 0) and ev.parse_rtn("4:32:6") == (4, 32, 6) and ev.parse_rtn("") is None
+    for bad in ("4", "4:32:6:1", "x:32", "4:32:9", "9:32", "4:0"):
+        with pytest.raises(UserError) as e:
+            ev.parse_rtn(bad)
+        assert "\n" not in str(e.value)
+    from rewriter import bcq_fit
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    gm = torch.export.export(model, (torch.randn(2, 64),)).module()
+    assert ev.round_to_nearest(gm, 4, 32, 6) == 2
+    for i in (0, 2):
+        rounded = gm.get_parameter(f"{i}.weight")
+        assert torch.equal(rounded, bcq_fit.rtn(model[i].weight.detach(), 4, 32, scale_bits=6))
+        assert not torch.equal(rounded, bcq_fit.rtn(model[i].weight.detach(), 4, 32))    # the codes cost something

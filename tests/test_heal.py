@@ -105,10 +105,11 @@ def test_heal_keeps_the_compact_form(tiny_gpt):
     assert set(r.program.state_dict) == set(rewrite(model, args, passes="softplus-attn").program.state_dict)
 
 
-@pytest.mark.parametrize("code,lr", [("affine", None), ("pow2", "1e-3")])
+@pytest.mark.parametrize("code,lr", [("affine", None), ("affine,scale_bits=0", None), ("pow2", "1e-3")])
 def test_heal_trains_the_shiftadd_scales_and_keeps_the_signs(tiny_gpt, code, lr):
-    """affine: the fp16 scales and offsets train (fp32 copies, rounded back) at the default lr, which heal scales
-    down for them (they are a grid step); pow2: the α behind the exponents."""
+    """affine: the scales and offsets train (fp32 copies; coded ones through their codes' rounding, then coded
+    again; fp16 ones rounded back) at the default lr, which heal scales down for them (they are a grid step);
+    pow2: the α behind the exponents."""
     model, args = _healable(tiny_gpt)
     spec = f"shiftadd{{bits=3,group=32,calibrate=8,code={code}}}"
     base = rewrite(model, args, passes=spec).program.state_dict
@@ -116,14 +117,17 @@ def test_heal_trains_the_shiftadd_scales_and_keeps_the_signs(tiny_gpt, code, lr)
     s, _ = _site(r.report)
     assert s["loss_after"] < s["loss_before"], s
     healed = r.program.state_dict
-    trained = ("bcq_scales", "bcq_offsets") if code == "affine" else ("bcq_exponents",)
+    trained = {"affine": ("bcq_scales_codes", "bcq_offsets_codes"), "affine,scale_bits=0": ("bcq_scales", "bcq_offsets"),
+               "pow2": ("bcq_exponents",)}[code]
     for name, t in healed.items():
         if name.endswith("bcq_signs"):
             assert torch.equal(t, base[name])
     changed = [n for n in healed if n.endswith(trained) and not torch.equal(healed[n], base[n])]
     assert changed, "no scale moved"
-    if code == "affine":
-        assert all(healed[n].dtype == torch.float16 for n in changed)
+    if code != "pow2":
+        stored = torch.uint8 if code == "affine" else torch.float16
+        assert all(healed[n].dtype == stored for n in changed)
+    assert set(healed) == set(base) and all(healed[n].shape == base[n].shape for n in base)
 
 
 def test_lr_scales_give_each_tensor_its_own_learning_rate():
