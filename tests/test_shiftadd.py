@@ -352,7 +352,8 @@ def test_in_out_layout():
 
 
 @pytest.mark.parametrize("spec", ["shiftadd{group=12}", "shiftadd{bits=0}", "shiftadd{budget=5}",
-                                  "shiftadd{calibrate=-1}", "shiftadd{code=fp8}", "shiftadd{terms=2}"])
+                                  "shiftadd{calibrate=-1}", "shiftadd{code=fp8}", "shiftadd{terms=2}",
+                                  "shiftadd{scale_bits=9}", "shiftadd{scale_bits=1}"])
 def test_bad_options_one_line(spec):
     with pytest.raises(UserError) as e:
         parse_pass(spec)
