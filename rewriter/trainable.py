@@ -267,15 +267,31 @@ def scaled_signs_linear(x, alpha, signs, bias, in_features, group, terms):
 
 
 def affine_signs_linear(x, signs, exponents, bias, in_features, group, scales, offsets, scale_bits=0,
-                        steps_dtype=torch.float16):
+                        steps_dtype=torch.float16, levels=None):
     """The affine code with float scales and offsets that autograd reaches (the training form); coded ones
-    (scale_bits > 0) enter the forward as what their codes hold, the gradient passing straight through."""
+    (scale_bits > 0) enter the forward as what their codes hold, the gradient passing straight through.
+    `levels` (affine_levels, computed once when the form opens) replaces unpacking the signs at every call:
+    W = levels·s + β, the same float32 arithmetic as bcq.dequantize, so the same values."""
     if scale_bits:
         scales = scales + (group_codes.round_trip(scales.detach(), scale_bits, False, steps_dtype) - scales).detach()
         offsets = offsets + (group_codes.round_trip(offsets.detach(), scale_bits, True, steps_dtype)
                              - offsets).detach()
-    w = bcq.dequantize(signs, exponents, in_features, group, scales, offsets).to(x.dtype)
-    return F.linear(x, w, bias)
+    if levels is None:
+        w = bcq.dequantize(signs, exponents, in_features, group, scales, offsets)
+    else:
+        out_f = levels.shape[0]
+        w = levels.float().view(out_f, -1, group) * scales.float()[..., None] + offsets.float()[..., None]
+        w = w.reshape(out_f, -1)[:, :in_features]
+    return F.linear(x, w.to(x.dtype), bias)
+
+
+def affine_levels(signs: torch.Tensor, exponents: torch.Tensor, group: int) -> torch.Tensor:
+    """Σᵢ 2^eᵢ·Bᵢ (out, in_pad) of the affine code: what heal does not train, so its training form computes it once
+    (unpacking the bit planes at every call cost ~40 % of a layer's training step on the CPU). float16 when that
+    holds them exactly (sums of q ≤ 11 powers of two a few octaves apart: the usual exponents), else float32."""
+    levels = bcq.dequantize(signs, exponents, signs.shape[-1] * 8, group)
+    half = levels.half()
+    return half if torch.equal(half.float(), levels) else levels
 
 
 def open_shiftadd(gm, layer: Layer) -> list[str]:
@@ -287,13 +303,17 @@ def open_shiftadd(gm, layer: Layer) -> list[str]:
     if layer.affine:
         names = [params.add_tensor(gm, f"{_affine_name(layer, role)}_train", layer.value(gm, role).float(),
                                    trainable=True) for role in CODED]
-        coding = ()
+        coding = (0, torch.float16)
         if layer.coded:
             coding = (layer.coded["scales"][1], layer.value(gm, "scales_steps").dtype)
+        levels = affine_levels(layer.value(gm, "signs"), layer.value(gm, "exponents"), group)
+        layer.tensors["levels"] = params.add_tensor(gm, f"{_affine_name(layer, 'scales')}_levels", levels,
+                                                    persistent=False)
         with gm.graph.inserting_before(n):
-            s_node, b_node = (params.get_attr_node(gm, name) for name in names)
+            s_node, b_node, l_node = (params.get_attr_node(gm, name)
+                                      for name in (*names, layer.tensors["levels"]))
             new = gm.graph.call_function(affine_signs_linear,
-                                         (x, signs, exps_node, bias, in_f, group, s_node, b_node, *coding))
+                                         (x, signs, exps_node, bias, in_f, group, s_node, b_node, *coding, l_node))
         layer.tensors["scales_train"], layer.tensors["offsets_train"] = names
     else:
         exps = layer.value(gm, "exponents")
@@ -340,7 +360,7 @@ def close_shiftadd(gm, layer: Layer) -> None:
         trained = [layer.tensors.pop("alpha")]
     else:
         x, signs, _, bias, in_f, group = n.args[:6]
-        trained = []
+        trained = [layer.tensors.pop("levels")] if "levels" in layer.tensors else []
         for role in CODED:
             value = get_attr_value(gm, layer.tensors[f"{role}_train"]).detach()
             if role in layer.coded:

@@ -197,6 +197,31 @@ def test_straight_through_scales_gradient():
     assert torch.allclose(alpha.grad, a2.grad, atol=1e-4) and torch.allclose(x.grad, x2.grad, atol=1e-4)
 
 
+@pytest.mark.parametrize("scale_bits,exponents", [(0, None), (6, None), (6, (0, 1, 3))])
+def test_affine_training_form_from_cached_levels_is_the_unpacked_one(scale_bits, exponents):
+    """The training form reads levels Σ 2^e·B computed once (int8 where they are small integers, else float32)
+    instead of unpacking the signs at every call: same outputs and gradients, bit for bit (float16 where it holds
+    the levels exactly, else float32)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(10, 40, generator=g)
+    q = bcq.quantize_affine(w, bits=3, group=8, scale_bits=scale_bits)
+    exps = q.exponents if exponents is None else torch.tensor(exponents, dtype=torch.int8).view(1, 1, 3, 1)
+    levels = trainable.affine_levels(q.signs, exps, 8)
+    assert levels.dtype == torch.float16 and levels.shape == (10, 40)
+    x = torch.randn(4, 40, generator=g)
+    outs = []
+    for cached in (None, levels, levels.float()):
+        s, o = q.scales.float().clone().requires_grad_(True), q.offsets.float().clone().requires_grad_(True)
+        y = trainable.affine_signs_linear(x, q.signs, exps, None, 40, 8, s, o, scale_bits, torch.float16, cached)
+        y.square().sum().backward()
+        outs.append((y, s.grad, o.grad))
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+    far = torch.tensor((0, 6, 13), dtype=torch.int8).view(1, 1, 3, 1)      # 1 + 2^6 + 2^13 needs 14 bits
+    wide = trainable.affine_levels(q.signs, far, 8)
+    assert wide.dtype == torch.float32 and torch.equal(wide, bcq.dequantize(q.signs, far, 40, 8))
+
+
 def test_corrected_target_solves_the_layer_least_squares():
     g = torch.Generator().manual_seed(0)
     xt = torch.randn(300, 8, generator=g, dtype=torch.float64)
