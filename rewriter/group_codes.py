@@ -64,18 +64,9 @@ def _per_group_steps(steps: torch.Tensor, groups: int) -> torch.Tensor:
 
 def encode(values: torch.Tensor, bits: int, signed: bool, dtype: torch.dtype = torch.float16) -> GroupCodes:
     """values (out, G) float -> GroupCodes. Unsigned codes clamp negative values to 0."""
-    out_f, groups = values.shape
-    v = values.float() if signed else values.float().clamp_min(0)
-    per_step = groups_per_step(groups)
-    supers = -(-groups // per_step)
-    padded = torch.nn.functional.pad(v, (0, supers * per_step - groups)).view(out_f, supers, per_step)
-    top = largest_code(bits, signed)
-    steps = _round_down((padded.abs().amax(-1) / top), dtype)
-    step = _per_group_steps(steps, groups)
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    c = torch.where(step > 0, (v / safe).round(), torch.zeros_like(v)).clamp(-top if signed else 0, top)
+    c, steps = _nearest(values, bits, signed, dtype)
     c = (c + 2 ** (bits - 1) if signed else c).to(torch.int64)
-    return GroupCodes(_pack(c, bits), steps, groups, bits, signed)
+    return GroupCodes(_pack(c, bits), steps, values.shape[1], bits, signed)
 
 
 def decode(codes: torch.Tensor, steps: torch.Tensor, groups: int, bits: int, signed: bool) -> torch.Tensor:
@@ -87,8 +78,26 @@ def decode(codes: torch.Tensor, steps: torch.Tensor, groups: int, bits: int, sig
 
 
 def round_trip(values: torch.Tensor, bits: int, signed: bool, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """The values the codes can hold nearest to `values` (float32): decode(encode(values))."""
-    return encode(values, bits, signed, dtype).decode().to(values.device)
+    """The values the codes can hold nearest to `values` (float32): decode(encode(values)), bit for bit, without
+    packing the codes (heal's straight-through forward calls it on every layer at every step)."""
+    c, steps = _nearest(values, bits, signed, dtype)
+    return c * _per_group_steps(steps, values.shape[1])
+
+
+def _nearest(values: torch.Tensor, bits: int, signed: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 codes c (out, G), centred when signed; steps (out, ⌈G/S⌉) in `dtype`): c·step is the value the
+    codes hold nearest to each of `values`."""
+    out_f, groups = values.shape
+    v = values.float() if signed else values.float().clamp_min(0)
+    per_step = groups_per_step(groups)
+    supers = -(-groups // per_step)
+    padded = torch.nn.functional.pad(v, (0, supers * per_step - groups)).view(out_f, supers, per_step)
+    top = largest_code(bits, signed)
+    steps = _round_down((padded.abs().amax(-1) / top), dtype)
+    step = _per_group_steps(steps, groups)
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    c = torch.where(step > 0, (v / safe).round(), torch.zeros_like(v)).clamp(-top if signed else 0, top)
+    return c, steps
 
 
 def bits_per_weight(bits: int, group: int, dtype_bits: int = 16) -> float:

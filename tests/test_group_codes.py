@@ -30,6 +30,7 @@ def test_codes_round_trip_and_are_stable(seed, rows, groups, bits, signed, dtype
     assert c.codes.dtype == torch.uint8 and c.codes.shape == (rows, -(-groups * bits // 8))
     assert c.steps.dtype == dtype and c.steps.shape == (rows, max(1, groups // 8))
     d = c.decode()
+    assert torch.equal(group_codes.round_trip(v, bits, signed, dtype), d)     # unpacked shortcut, same floats
     again = group_codes.encode(d, bits, signed, dtype)
     assert torch.equal(again.codes, c.codes) and torch.equal(again.steps, c.steps)
     target = v if signed else v.clamp_min(0)
