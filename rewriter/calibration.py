@@ -357,12 +357,17 @@ def _hf_model(ctx):
 
 def _draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One temperature-1 sample per row by inverse CDF: the first token whose cumulative probability exceeds
-    u ~ U(0, total), all in float64 on the CPU (so every device draws the same tokens). torch.multinomial took
-    2 ms a row on a 49k vocabulary (this: 0.55 ms), which made it the bottleneck of sampling on a GPU."""
-    probs = torch.softmax(logits.detach().double().cpu(), -1)
-    cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=gen, dtype=torch.float64, device="cpu") * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(cdf.shape[-1] - 1)
+    u ~ U(0, total), in float64, with u from the CPU generator `gen` (so the draws depend on the seed alone: given
+    the same logits every device draws the same tokens, up to float64 rounding right at a boundary). CUDA logits
+    stay on the GPU (the CPU's float64 softmax over a 64 × 49k batch takes ~45 ms a token on 2 threads: about half
+    of the 254 s an H200 run spent drawing 768 × 256 tokens, by that estimate); returns the CPU indices. torch.multinomial took 2 ms a row on a 49k vocabulary (this:
+    0.55 ms on the CPU)."""
+    logits = logits.detach()
+    if logits.device.type != "cuda":
+        logits = logits.cpu()
+    cdf = torch.softmax(logits.double(), -1).cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=gen, dtype=torch.float64, device="cpu").to(cdf.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_max(cdf.shape[-1] - 1).cpu()
 
 
 def _sample_hf(ctx, model, vocab, n, seq, seed) -> torch.Tensor:

@@ -234,6 +234,8 @@ def test_draws_follow_each_rows_distribution_and_skip_impossible_tokens():
     tokens = calibration._draw(logits, torch.Generator().manual_seed(0))
     again = calibration._draw(logits, torch.Generator().manual_seed(0))
     assert torch.equal(tokens, again)
+    if torch.cuda.is_available():      # CUDA logits are drawn on the GPU: the same tokens, returned on the CPU
+        assert torch.equal(calibration._draw(logits.cuda(), torch.Generator().manual_seed(0)), tokens)
     for r in range(3):
         got = torch.bincount(tokens[r::3], minlength=4).double()
         n = got.sum()
