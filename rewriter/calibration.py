@@ -360,8 +360,8 @@ def _draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     u ~ U(0, total), in float64, with u from the CPU generator `gen` (so the draws depend on the seed alone: given
     the same logits every device draws the same tokens, up to float64 rounding right at a boundary). CUDA logits
     stay on the GPU (the CPU's float64 softmax over a 64 × 49k batch takes ~45 ms a token on 2 threads: about half
-    of the 254 s an H200 run spent drawing 768 × 256 tokens, by that estimate); returns the CPU indices. torch.multinomial took 2 ms a row on a 49k vocabulary (this:
-    0.55 ms on the CPU)."""
+    of the 254 s an H200 run spent drawing 768 × 256 tokens, by that estimate); returns the CPU indices.
+    torch.multinomial took 2 ms a row on a 49k vocabulary (this: 0.55 ms on the CPU)."""
     logits = logits.detach()
     if logits.device.type != "cuda":
         logits = logits.cpu()

@@ -199,9 +199,8 @@ def test_straight_through_scales_gradient():
 
 @pytest.mark.parametrize("scale_bits,exponents", [(0, None), (6, None), (6, (0, 1, 3))])
 def test_affine_training_form_from_cached_levels_is_the_unpacked_one(scale_bits, exponents):
-    """The training form reads levels Σ 2^e·B computed once (int8 where they are small integers, else float32)
-    instead of unpacking the signs at every call: same outputs and gradients, bit for bit (float16 where it holds
-    the levels exactly, else float32)."""
+    """The training form reads levels Σ 2^e·B computed once instead of unpacking the signs at every call: same
+    outputs and gradients, bit for bit (float16 where it holds the levels exactly, else float32)."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(10, 40, generator=g)
     q = bcq.quantize_affine(w, bits=3, group=8, scale_bits=scale_bits)
@@ -220,6 +219,31 @@ def test_affine_training_form_from_cached_levels_is_the_unpacked_one(scale_bits,
     far = torch.tensor((0, 6, 13), dtype=torch.int8).view(1, 1, 3, 1)      # 1 + 2^6 + 2^13 needs 14 bits
     wide = trainable.affine_levels(q.signs, far, 8)
     assert wide.dtype == torch.float32 and torch.equal(wide, bcq.dequantize(q.signs, far, 40, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opened_shiftadd_layers_read_cached_levels_and_closing_leaves_the_program_as_it_was(tiny_gpt, dtype):
+    """open_shiftadd gives each affine layer its levels buffer (read by the training form, same output as the packed
+    op); close_shiftadd drops it again: same tensors, same output, nothing left behind — fp32 and bf16 models."""
+    model, args = tiny_gpt
+    model = copy.deepcopy(model).to(dtype)
+    gm = rewrite(model, args, passes="shiftadd{bits=3,group=32,calibrate=8}").program.module()
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    want = gm(*args)
+    layers = [layer for layer in trainable.find_layers(gm) if layer.kind == "shiftadd"]
+    assert layers and all(layer.affine for layer in layers)
+    for layer in layers:
+        trainable.open_shiftadd(gm, layer)
+        levels = dict(gm.named_buffers())[layer.tensors["levels"]]
+        assert levels.dtype == torch.float16 and layer.node.args[-1].target == layer.tensors["levels"]
+    assert torch.equal(gm(*args), want)
+    names = [layer.tensors["levels"] for layer in layers]
+    for layer in layers:
+        trainable.close_shiftadd(gm, layer)
+    assert not any(n in dict(gm.named_buffers()) for n in names)
+    after = gm.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(gm(*args), want)
 
 
 def test_corrected_target_solves_the_layer_least_squares():
