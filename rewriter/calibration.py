@@ -20,7 +20,11 @@ Data
 Shapes
     A program exported with static shapes (the default) only runs on inputs shaped like its example inputs, so
     calibration batches then have exactly that shape (seq = its sequence length; N is rounded up to whole
-    batches). A program captured with dynamic shapes (--dynamic, dynamic=True) takes batches of `seq` tokens.
+    batches). Windows of a text (an encoder's built-in text, data=FILE) shorter than `seq` come N·seq/length at a
+    time — as many tokens as N sequences of `seq`: MiniLM's `rewrite eval` program takes 14-token sentences, and
+    32 windows of them (616 rows) left the 1536-wide FFN inputs' Grams rank-deficient (shiftadd 3 bits: cosine
+    0.969 with 44 windows, 0.976 with 220). A program captured with dynamic shapes (--dynamic, dynamic=True)
+    takes batches of `seq` tokens.
 Sampling cost
     With the Hugging Face model the program came from (resources "hf_model", or the "source" alias/folder) the
     sequences are drawn with a KV cache: O(N·seq) token evaluations. Otherwise the program itself is run on
@@ -213,7 +217,10 @@ def _make_batches(ctx, io: ModelIO, spec: DataSpec, rows: int | None = None) -> 
     if spec.samples < 1:
         return []
     rows = _rows_per_batch(io, spec, rows)
-    n = -(-spec.samples // rows) * rows if not io.dynamic else spec.samples
+    n = spec.samples
+    if not io.dynamic and io.ids_index is not None and io.length < spec.seq and _reads_text(ctx, io, spec.data):
+        n = -(-spec.samples * spec.seq // io.length)   # windows of a text: as many tokens as N sequences of seq
+    n = -(-n // rows) * rows if not io.dynamic else n
     device = _device(io)
     if io.ids_index is None:
         return _random_float_batches(io, n, rows, spec.seed)
@@ -230,6 +237,11 @@ def _make_batches(ctx, io: ModelIO, spec: DataSpec, rows: int | None = None) -> 
     return out
 
 
+def _reads_text(ctx, io: ModelIO, data: str) -> bool:
+    """The token ids come from a text or file (cheap windows), not from sampling the model or random ids."""
+    return data != "self" or (not io.lm and tokenizer(ctx) is not None)
+
+
 def _token_ids(ctx, io: ModelIO, data: str, n: int, seq: int, seed: int) -> tuple[torch.Tensor, str]:
     """(n, seq) int64 CPU token ids and a description; the first n of a larger set drawn earlier in the pipeline
     with the same (data, seq, seed) are reused (sampling draws the sequences in a fixed order)."""
@@ -238,11 +250,11 @@ def _token_ids(ctx, io: ModelIO, data: str, n: int, seq: int, seed: int) -> tupl
     if key in cache and cache[key][0].shape[0] >= n:
         ids, source = cache[key]
         return ids[:n], source
-    if data == "builtin" or (data == "self" and not io.lm and tokenizer(ctx) is not None):
-        ids = read_file_tokens(ctx, BUILTIN_TEXT, n, seq, io)
+    if data == "builtin" or (data == "self" and _reads_text(ctx, io, data)):
+        ids = read_file_tokens(ctx, BUILTIN_TEXT, n, seq, io, seed)
         source = f"{ids.shape[0]} windows of {seq} tokens of the built-in calibration text"
     elif data != "self":
-        ids = read_file_tokens(ctx, data, n, seq, io)
+        ids = read_file_tokens(ctx, data, n, seq, io, seed)
         source = f"{ids.shape[0]} windows of {seq} tokens from {data}"
     elif io.lm:
         ids = sample_lm(ctx, io, n, seq, seed)
@@ -448,8 +460,11 @@ def tokenizer(ctx):
     return tok
 
 
-def read_file_tokens(ctx, path: str, n: int, seq: int, io: ModelIO) -> torch.Tensor:
-    """(≤ n, seq) token ids from a .txt / .jsonl / .pt file. One-line UserErrors for every problem."""
+def read_file_tokens(ctx, path: str, n: int, seq: int, io: ModelIO, seed: int = 0) -> torch.Tensor:
+    """(n, seq) token ids from a .txt / .jsonl / .pt file: its non-overlapping windows of `seq` tokens, then, when
+    it holds fewer than n, windows at random offsets (seeded: the same every run) until there are n — a short
+    text gives as many distinct samples as asked (MiniLM's built-in text is 19 windows of 128 tokens: heal used
+    to train on 16 of them). One-line UserErrors for every problem."""
     if not os.path.isfile(path):
         raise UserError(f"calibration data file {path} not found")
     stream: list[int] = []
@@ -495,14 +510,18 @@ def read_file_tokens(ctx, path: str, n: int, seq: int, io: ModelIO) -> torch.Ten
     body = seq - len(wrap[0]) - len(wrap[1])
     for r in rows:
         stream.extend(r)
-    windows = [wrap[0] + stream[s:s + body] + wrap[1] for s in range(0, len(stream) - body + 1, body)][:n]
-    if not windows:
+    starts = list(range(0, len(stream) - body + 1, body))[:n]
+    if not starts:
         raise UserError(f"calibration data {path} has {len(stream)} tokens, fewer than one window of {seq}")
-    ids = torch.tensor(windows, dtype=torch.long, device="cpu")
+    if len(starts) < n:      # more samples than the text has windows: the rest start at seeded random offsets
+        gen = torch.Generator().manual_seed(seed)
+        extra = torch.randint(0, len(stream) - body + 1, (n - len(starts),), generator=gen).tolist()
+        _note(ctx, f"calibration data {os.path.basename(path)}: {len(stream)} tokens make {len(starts)} windows of "
+                   f"{seq}; {len(extra)} more start at random offsets (overlapping them)")
+        starts += extra
+    ids = torch.tensor([wrap[0] + stream[s:s + body] + wrap[1] for s in starts], dtype=torch.long, device="cpu")
     if io.vocab is not None and (int(ids.max()) >= io.vocab or int(ids.min()) < 0):
         raise UserError(f"calibration data {path} has token ids outside the model's vocabulary (0..{io.vocab - 1})")
-    if ids.shape[0] < n and not io.dynamic:   # a static program takes whole batches: repeat windows
-        ids = ids.repeat(-(-n // ids.shape[0]), 1)[:n]
     return ids
 
 
@@ -690,16 +709,12 @@ class _NotTheProgram(Exception):
     """The Hugging Face model's hooks do not see what the program's layers see."""
 
 
-def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | None:
-    """Statistics of a static causal-LM program whose inputs are shorter than `seq` tokens (`rewrite smollm2`
-    exports 2×16 tokens), taken on seq-long sequences from the Hugging Face model it was captured from, with
-    forward hooks on the same linear modules. Without this the program could only be calibrated on 16-token
-    sequences: measured on SmolLM2 (shiftadd 4 bits, held-out output error per layer, geometric mean of 10 layers,
-    `python -m bench.quant_layers`) 0.095 with 32×16 tokens against 0.072 with 32×128; round-to-nearest: 0.074.
-
-    Taken only when the program still computes that model: no pass has rewritten a node yet, every site's weight is
-    the module's own (same dtype, equal), and program and model agree on the example inputs. None otherwise (the
-    caller then calibrates the program itself on inputs of its static shape)."""
+def hf_modules(ctx, io: ModelIO, spec: DataSpec, sites: list):
+    """(the Hugging Face model a static causal-LM program computes, {site name: its nn.Linear module}) when
+    statistics should be taken on it instead of the program — the program's inputs are shorter than `seq` tokens
+    (`rewrite smollm2` exports 2×16 tokens) and it still computes that model: no pass has rewritten a node yet,
+    every site's weight is the module's own (same dtype, equal), and program and model agree on the example
+    inputs. None otherwise (the caller then runs the program itself on inputs of its static shape)."""
     from .ir import provenance
     if io.dynamic or not io.lm or io.ids_index is None or io.length >= spec.seq or spec.samples < 1:
         return None
@@ -708,9 +723,7 @@ def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | Non
     model = _hf_model(ctx)
     if model is None:
         return None
-    hooked: dict[fx.Node, torch.nn.Module] = {}
-    by_input: dict[fx.Node, list[str]] = {}
-    widths: dict[fx.Node, int] = {}
+    modules: dict[str, torch.nn.Module] = {}
     try:
         for s in sites:
             path, _, leaf = s.weight_name.rpartition(".")
@@ -720,18 +733,39 @@ def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | Non
             if not isinstance(w, torch.Tensor) or w.shape != mine.shape or w.dtype != mine.dtype \
                     or w.device != mine.device or not _same_weight(w, mine):
                 return None
-            hooked.setdefault(s.x, module)       # q/k/v share one input: the first one's hook sees it
-            widths[s.x] = s.in_features
-            by_input.setdefault(s.x, []).append(s.name)
-        device = mine.device
+            modules[s.name] = module
+        if not modules:
+            return None
         with torch.no_grad(), reading(ctx):
-            ids = io.example[io.ids_index].to(device=device, dtype=torch.long)
+            ids = io.example[io.ids_index].to(device=mine.device, dtype=torch.long)
             want = run_flat(ctx.gm, list(io.example)).float()
             got = model(ids).float()
         if got.shape != want.shape or float((got - want).norm()) > 1e-2 * float(want.norm()):
             return None
     except Exception:        # a module path that is not the program's, a model that does not run alone: the program
         return None
+    return model, modules
+
+
+def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | None:
+    """Statistics of a static causal-LM program whose inputs are shorter than `seq` tokens (`rewrite smollm2`
+    exports 2×16 tokens), taken on seq-long sequences from the Hugging Face model it was captured from, with
+    forward hooks on the same linear modules (`hf_modules` says when). Without this the program could only be
+    calibrated on 16-token sequences: measured on SmolLM2 (shiftadd 4 bits, held-out output error per layer,
+    geometric mean of 10 layers, `python -m bench.quant_layers`) 0.095 with 32×16 tokens against 0.072 with 32×128;
+    round-to-nearest: 0.074."""
+    found = hf_modules(ctx, io, spec, sites)
+    if found is None:
+        return None
+    model, modules = found
+    device = next(iter(modules.values())).weight.device
+    hooked: dict[fx.Node, torch.nn.Module] = {}
+    by_input: dict[fx.Node, list[str]] = {}
+    widths: dict[fx.Node, int] = {}
+    for s in sites:
+        hooked.setdefault(s.x, modules[s.name])       # q/k/v share one input: the first one's hook sees it
+        widths[s.x] = s.in_features
+        by_input.setdefault(s.x, []).append(s.name)
     sums: dict[fx.Node, torch.Tensor] = {}
     counts: dict[fx.Node, int] = {}
 

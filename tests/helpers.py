@@ -48,3 +48,22 @@ def untraceable_factory():
 def stack_factory():
     torch.manual_seed(0)
     return LinearStack([8, 16, 8], [True, False]), (torch.randn(3, 8),)
+
+
+class StubContext:
+    """A stand-in pass context around a captured program (what calibration.py reads)."""
+
+    def __init__(self, model, args, dynamic=False, **resources):
+        from rewriter.capture import capture
+        from rewriter.verify import flat_inputs
+        c = capture(model, args, dynamic=dynamic)
+        self.gm, self.inputs = c.gm, flat_inputs(c.args, c.kwargs)
+        self.teacher = None
+        self.resources = {"dynamic": c.dynamic, **resources}
+        self.messages = []
+
+    def message(self, text):
+        self.messages.append(text)
+
+    def progress(self, items, description, status=None):
+        return items

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from rewriter import bcq, bcq_fit, calibration, rewrite, weighted
 from rewriter.errors import UserError
 from rewriter.projections import (blockdense_project, blockdiag_project, lowrank_project, monarch_project)
+from tests.helpers import StubContext
 
 
 def _gram(seed, n, rows=400, spread=2.0):
@@ -174,36 +175,18 @@ def test_rtn_is_exact_on_its_own_grid_and_documented_bits():
 
 
 # ---- calibration data ----------------------------------------------------------------------------------------------
-class _Ctx:
-    """A stand-in pass context around a captured program (what calibration.py reads)."""
-
-    def __init__(self, model, args, dynamic=False, **resources):
-        from rewriter.capture import capture
-        from rewriter.verify import flat_inputs
-        c = capture(model, args, dynamic=dynamic)
-        self.gm, self.inputs = c.gm, flat_inputs(c.args, c.kwargs)
-        self.teacher = None
-        self.resources = {"dynamic": c.dynamic, **resources}
-        self.messages = []
-
-    def message(self, text):
-        self.messages.append(text)
-
-    def progress(self, items, description, status=None):
-        return items
-
-
 def test_self_samples_from_the_causal_lm_deterministically(tiny_gpt):
     model, args = tiny_gpt
-    ctx = _Ctx(model, args)
+    ctx = StubContext(model, args)
     io = calibration.describe(ctx)
     assert io.lm and io.vocab == 256 and not io.dynamic
     spec = calibration.DataSpec("self", 4, 99, seed=3)
     data = calibration.batches(ctx, spec)
     assert len(data) == 2 and all(b[0].shape == args[0].shape for b in data)   # static: the program's shape
     ids = torch.cat([b[0] for b in data])
-    again = torch.cat([b[0] for b in calibration.batches(_Ctx(model, args), spec)])
-    other = torch.cat([b[0] for b in calibration.batches(_Ctx(model, args), calibration.DataSpec("self", 4, 99, 4))])
+    again = torch.cat([b[0] for b in calibration.batches(StubContext(model, args), spec)])
+    other = torch.cat([b[0] for b in calibration.batches(StubContext(model, args),
+                                                         calibration.DataSpec("self", 4, 99, 4))])
     assert torch.equal(ids, again) and not torch.equal(ids, other)
     assert int(ids.min()) >= 0 and int(ids.max()) < 256
     assert any("sampled from the model itself" in m for m in ctx.messages)
@@ -221,7 +204,7 @@ def test_samples_follow_the_models_distribution():
         def forward(self, ids):
             return self.emb(ids)
 
-    ctx = _Ctx(Bigram(), (torch.zeros(2, 6, dtype=torch.long),))
+    ctx = StubContext(Bigram(), (torch.zeros(2, 6, dtype=torch.long),))
     ids = torch.cat([b[0] for b in calibration.batches(ctx, calibration.DataSpec("self", 6, 6, 0))])
     assert torch.equal(ids[:, 1:], (ids[:, :-1] + 1) % 11)
 
@@ -246,7 +229,7 @@ def test_draws_follow_each_rows_distribution_and_skip_impossible_tokens():
 
 def test_dynamic_programs_take_seq_long_batches(tiny_gpt):
     model, args = tiny_gpt
-    ctx = _Ctx(model, args, dynamic=True)
+    ctx = StubContext(model, args, dynamic=True)
     data = calibration.batches(ctx, calibration.DataSpec("self", 5, 12, 0), rows=2)
     assert [tuple(b[0].shape) for b in data] == [(2, 12), (2, 12), (1, 12)]
 
@@ -255,7 +238,7 @@ def test_non_generative_models_get_inputs_like_their_examples():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     x = torch.randn(64, 6) * torch.tensor([1.0, 2, 3, 4, 5, 6]) + 10
-    ctx = _Ctx(model, (x,))
+    ctx = StubContext(model, (x,))
     io = calibration.describe(ctx)
     assert not io.lm and io.ids_index is None
     data = calibration.batches(ctx, calibration.DataSpec("self", 256, 8, 0))
@@ -266,7 +249,7 @@ def test_non_generative_models_get_inputs_like_their_examples():
 
 def test_layer_grams_are_the_mean_input_outer_products(tiny_gpt):
     model, args = tiny_gpt
-    ctx = _Ctx(model, args)
+    ctx = StubContext(model, args)
     spec = calibration.DataSpec("self", 4, 16, 0)
     stats = calibration.layer_stats(ctx, spec)
     assert calibration.layer_stats(ctx, spec) is stats            # captured once per pipeline
@@ -303,18 +286,32 @@ def test_data_files(tmp_path, tiny_gpt):
         for row in ids.tolist():
             f.write(json.dumps({"input_ids": row}) + "\n")
     for name in ("ids.pt", "ids.jsonl"):
-        ctx = _Ctx(model, args)
+        ctx = StubContext(model, args)
         got = torch.cat([b[0] for b in calibration.batches(ctx, calibration.DataSpec(str(tmp_path / name), 4, 16))])
         assert torch.equal(got, ids.reshape(-1)[:64].view(4, 16))
+    # more samples than the 12 windows the 200 tokens make: the rest start at seeded random offsets
+    ctx = StubContext(model, args)
+    got = torch.cat([b[0] for b in calibration.batches(ctx, calibration.DataSpec(str(tmp_path / "ids.pt"), 20, 16))])
+    stream = ids.reshape(-1)
+    assert got.shape == (20, 16) and torch.equal(got[:12], stream[:192].view(12, 16))
+    assert all(any(torch.equal(row, stream[s:s + 16]) for s in range(185)) for row in got[12:])
+    assert len({tuple(row.tolist()) for row in got[12:]}) > 1 and any("random offsets" in m for m in ctx.messages)
+    again = torch.cat([b[0] for b in calibration.batches(StubContext(model, args),
+                                                         calibration.DataSpec(str(tmp_path / "ids.pt"), 20, 16))])
+    assert torch.equal(got, again)
+    # a static program shorter than seq reads as many tokens of a text as N sequences of seq: 3·32 / 16 windows
+    got = torch.cat([b[0] for b in calibration.batches(StubContext(model, args),
+                                                       calibration.DataSpec(str(tmp_path / "ids.pt"), 3, 32))])
+    assert torch.equal(got, stream[:96].view(6, 16))
     (tmp_path / "t.txt").write_text("some text")
     with pytest.raises(UserError, match="tokenizer") as e:
-        calibration.batches(_Ctx(model, args), calibration.DataSpec(str(tmp_path / "t.txt"), 4, 16))
+        calibration.batches(StubContext(model, args), calibration.DataSpec(str(tmp_path / "t.txt"), 4, 16))
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="not found"):
-        calibration.batches(_Ctx(model, args), calibration.DataSpec(str(tmp_path / "none.pt"), 4, 16))
+        calibration.batches(StubContext(model, args), calibration.DataSpec(str(tmp_path / "none.pt"), 4, 16))
     torch.save(ids + 1000, tmp_path / "big.pt")
     with pytest.raises(UserError, match="vocabulary"):
-        calibration.batches(_Ctx(model, args), calibration.DataSpec(str(tmp_path / "big.pt"), 4, 16))
+        calibration.batches(StubContext(model, args), calibration.DataSpec(str(tmp_path / "big.pt"), 4, 16))
 
 
 @pytest.mark.parametrize("spec", ["monarch{calibrate=-1}", "lowrank{data=x.csv}", "shiftadd{seq=1}",
