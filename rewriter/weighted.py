@@ -109,6 +109,14 @@ def relative_error(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> fl
     return (max(float(((d @ hd) * d).sum()), 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 
+def row_errors(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """diag(ΔW·H·ΔWᵀ) (m,) float64: each output's mean squared error under the undamped H (padding of `approx`
+    beyond W's shape ignored); its sum is the numerator of relative_error's square."""
+    n = w.shape[1]
+    d = w.double() - approx.double()[: w.shape[0], :n]
+    return ((d @ h.double()[:n, :n]) * d).sum(1).clamp_min(0.0)
+
+
 def _objective(e: torch.Tensor, h: torch.Tensor) -> float:
     return float(((e @ h) * e).sum())
 

@@ -361,6 +361,25 @@ def test_static_program_is_calibrated_on_seq_long_sequences(llama_dir, monkeypat
     assert not any("hooks" in m for p in dynamic.report.passes for m in p.messages)
 
 
+def test_static_program_sensitivities_come_from_the_hf_model(llama_dir, monkeypatch):
+    """structured's output sensitivities of a static 2×16 export are measured, like its Grams, on seq-long sequences
+    through the Hugging Face model: the same as measuring a dynamic export of the program on those sequences."""
+    from rewriter import sensitivity
+    seen = []
+    real = sensitivity._measure
+
+    def spy(ctx, spec, sites):
+        seen.append(real(ctx, spec, sites))
+        return seen[-1]
+    monkeypatch.setattr(sensitivity, "_measure", spy)
+    rewrite(llama_dir, None, "structured{calibrate=4,seq=32}")
+    rewrite(llama_dir, None, "structured{calibrate=4,seq=32}", dynamic=True)
+    a, b = seen
+    assert a is not None and a.keys() == b.keys() and len(a) >= 14
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-3, atol=1e-9), name
+
+
 def test_rewritten_program_is_calibrated_on_itself(llama_dir, monkeypatch):
     """Once a pass has changed the program the model's hooks no longer see what its layers see: calibration runs
     the program itself, on inputs of its static shape."""

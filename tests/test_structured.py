@@ -339,16 +339,41 @@ def test_pre_merge_option_in_pass(tiny_gpt):
     assert all(s["flops_after"] < s["flops_before"] for s in below.sites)
 
 
-def test_structured_spends_leftover_budget_on_best_error_per_param():
+def test_structured_allocation_spends_leftover_budget_on_best_cost_per_param():
     from passes.structured import StructuredPass
-    layer = lambda e_half, e_quarter: (None, None, [("dense", None, 100, 0.0), ("half", None, 50, e_half),  # noqa
-                                                     ("quarter", None, 25, e_quarter)])
-    table = [layer(0.2, 0.5), layer(0.1, 0.4), layer(0.35, 0.4)]
-    picks = [options[-1] for _, _, options in table]          # every layer at its cheapest: 75 params
-    new, total = StructuredPass._spend_leftover(table, picks, 75, target=125)
-    assert total <= 125
+    layer = lambda c_half, c_quarter: [(100, 0.0), (50, c_half), (25, c_quarter)]  # noqa: E731
+    options = [layer(0.2, 0.5), layer(0.1, 0.4), layer(0.35, 0.4)]
+    chosen, total = StructuredPass.allocate(options, target=125)
     # two upgrades of 25 params fit; the third layer gains least per parameter (0.05 / 25) and stays
-    assert [p[0] for p in new] == ["half", "half", "quarter"] and total == 125
+    assert chosen == [1, 1, 2] and total == 125
+    assert StructuredPass.allocate(options, target=300) == ([0, 0, 0], 300)      # everything fits: all dense
+    assert StructuredPass.allocate(options, target=10) == ([2, 2, 2], 75)        # nothing fits: the cheapest
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 4), st.integers(2, 4), st.floats(0.2, 1.0))
+def test_structured_allocation_fits_and_is_near_optimal(seed, layers, per_layer, fraction):
+    """Brute force over every choice: the allocation stays within the target, and its cost exceeds the best
+    choice's by at most one layer's cost (the LP relaxation of a multiple-choice knapsack splits at most one layer;
+    the Lagrangian choice is that solution with the split layer at its cheaper option)."""
+    import itertools
+
+    from passes.structured import StructuredPass
+    g = torch.Generator().manual_seed(seed)
+    options = []
+    for _ in range(layers):
+        params = sorted(torch.randint(1, 50, (per_layer - 1,), generator=g).tolist()) + [60]
+        costs = torch.rand(per_layer - 1, generator=g).sort(descending=True).values.tolist() + [0.0]
+        options.append(list(zip(params, costs)))
+    cheapest = sum(min(p for p, _ in o) for o in options)
+    target = cheapest + fraction * (60 * layers - cheapest)
+    chosen, total = StructuredPass.allocate(options, target)
+    assert total <= target and total == sum(o[j][0] for o, j in zip(options, chosen))
+    cost = sum(o[j][1] for o, j in zip(options, chosen))
+    best = min(sum(o[j][1] for o, j in zip(options, pick))
+               for pick in itertools.product(*[range(len(o)) for o in options])
+               if sum(o[j][0] for o, j in zip(options, pick)) <= target)
+    assert cost <= best + max(c for o in options for _, c in o) + 1e-12
 
 
 @pytest.mark.parametrize("kind", ["monarch", "blockdiag"])
