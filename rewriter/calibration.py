@@ -20,11 +20,13 @@ Data
 Shapes
     A program exported with static shapes (the default) only runs on inputs shaped like its example inputs, so
     calibration batches then have exactly that shape (seq = its sequence length; N is rounded up to whole
-    batches). Windows of a text (an encoder's built-in text, data=FILE) shorter than `seq` come N·seq/length at a
-    time — as many tokens as N sequences of `seq`: MiniLM's `rewrite eval` program takes 14-token sentences, and
-    32 windows of them (616 rows) left the 1536-wide FFN inputs' Grams rank-deficient (shiftadd 3 bits: cosine
-    0.969 with 44 windows, 0.976 with 220). A program captured with dynamic shapes (--dynamic, dynamic=True)
-    takes batches of `seq` tokens.
+    batches). A program captured with dynamic shapes (--dynamic, dynamic=True) takes batches of `seq` tokens —
+    except a model that is not a causal LM reading windows of a text, whose windows are as long as its example
+    inputs when those are shorter: an encoder is calibrated on inputs like the ones it was exported for.
+    Windows of a text shorter than `seq` count in tokens: N·seq/length of them (rows·seq/length a batch), as many
+    tokens as N sequences of `seq` — MiniLM's `rewrite eval` program takes 14-token sentences, and 32 windows of
+    them (616 rows) left the 1536-wide FFN inputs' Grams rank-deficient (shiftadd 3 bits: cosine 0.969 with 44
+    windows, 0.976 with 308).
 Sampling cost
     With the Hugging Face model the program came from (resources "hf_model", or the "source" alias/folder) the
     sequences are drawn with a KV cache: O(N·seq) token evaluations. Otherwise the program itself is run on
@@ -189,42 +191,62 @@ def _cache(ctx) -> dict:
 
 def batches(ctx, spec: DataSpec, rows: int | None = None) -> list[list]:
     """Calibration inputs for the program: a list of flat input lists, `spec.samples` samples in all; `rows`
-    samples per batch when the program's shapes are dynamic (default: up to BATCH_TOKENS tokens)."""
+    samples per batch when the program's shapes are dynamic (default: up to BATCH_TOKENS tokens). Windows of a
+    text shorter than `seq` (see `_seq`) count in tokens: N·seq / length of them, rows·seq / length a batch."""
     io = describe(ctx)
-    key = ("batches", spec.data, spec.samples, _seq(io, spec), spec.seed, rows if io.dynamic else None)
+    key = ("batches", spec.data, spec.samples, _seq(ctx, io, spec), spec.seed, rows if io.dynamic else None)
     cache = _cache(ctx)
     if key not in cache:
         cache[key] = _make_batches(ctx, io, spec, rows)
     return cache[key]
 
 
-def _seq(io: ModelIO, spec: DataSpec) -> int:
-    return spec.seq if io.dynamic or io.ids_index is None else io.length
+def _seq(ctx, io: ModelIO, spec: DataSpec) -> int:
+    """The calibration sequences' length: the program's own for a static program; for a dynamic one `seq`, except
+    that a model that is not a causal LM reading windows of a text gets windows as long as its example inputs
+    when those are shorter — an encoder is calibrated on inputs like the ones it was exported for (MiniLM's
+    evaluation sentences are 14 tokens: shiftadd 3 bits then heal on 128-token windows lowered their cosine from
+    0.969 to 0.959, on 16-token ones it raised it to 0.971)."""
+    if io.ids_index is None:
+        return spec.seq
+    if not io.dynamic:
+        return io.length
+    if not io.lm and io.length < spec.seq and _reads_text(ctx, io, spec.data):
+        return max(2, io.length)
+    return spec.seq
 
 
-def _rows_per_batch(io: ModelIO, spec: DataSpec, rows: int | None = None) -> int:
+def _per_token(ctx, io: ModelIO, spec: DataSpec, count: int) -> int:
+    """`count` sequences of `seq` tokens as windows of the (shorter) calibration length, when those are windows
+    of a text (cheap); else `count`."""
+    seq = _seq(ctx, io, spec)
+    if io.ids_index is not None and seq < spec.seq and _reads_text(ctx, io, spec.data):
+        return -(-count * spec.seq // seq)
+    return count
+
+
+def _rows_per_batch(ctx, io: ModelIO, spec: DataSpec, rows: int | None = None) -> int:
     if io.ids_index is None:
         return max(1, int(io.example[0].shape[0])) if io.example and isinstance(io.example[0], torch.Tensor) \
             and io.example[0].ndim else 1
     if not io.dynamic:
         return io.batch
+    samples = _per_token(ctx, io, spec, spec.samples)
     if rows is not None:
-        return max(1, min(spec.samples, rows))
-    return max(1, min(spec.samples, BATCH_TOKENS // _seq(io, spec)))
+        return max(1, min(samples, _per_token(ctx, io, spec, rows)))
+    return max(1, min(samples, BATCH_TOKENS // _seq(ctx, io, spec)))
 
 
 def _make_batches(ctx, io: ModelIO, spec: DataSpec, rows: int | None = None) -> list[list]:
     if spec.samples < 1:
         return []
-    rows = _rows_per_batch(io, spec, rows)
-    n = spec.samples
-    if not io.dynamic and io.ids_index is not None and io.length < spec.seq and _reads_text(ctx, io, spec.data):
-        n = -(-spec.samples * spec.seq // io.length)   # windows of a text: as many tokens as N sequences of seq
+    rows = _rows_per_batch(ctx, io, spec, rows)
+    n = _per_token(ctx, io, spec, spec.samples)     # windows of a text: as many tokens as N sequences of seq
     n = -(-n // rows) * rows if not io.dynamic else n
     device = _device(io)
     if io.ids_index is None:
         return _random_float_batches(io, n, rows, spec.seed)
-    seq = _seq(io, spec)
+    seq = _seq(ctx, io, spec)
     ids, source = _token_ids(ctx, io, spec.data, n, seq, spec.seed)
     ids = ids.to(device)
     out = []

@@ -314,6 +314,27 @@ def test_data_files(tmp_path, tiny_gpt):
         calibration.batches(StubContext(model, args), calibration.DataSpec(str(tmp_path / "big.pt"), 4, 16))
 
 
+def test_an_encoder_reads_windows_as_long_as_its_example_inputs(tmp_path):
+    """A dynamic program that is not a causal LM, calibrated on a text, gets windows of its example inputs' length
+    (8 here) when those are shorter than seq (32) — as many tokens as asked: 3·32/8 windows, 2·32/8 a batch."""
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.proj = torch.nn.Embedding(256, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return self.proj(h + h.mean(1, keepdim=True))     # every position sees every other: not causal
+
+    stream = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(0))
+    torch.save(stream, tmp_path / "ids.pt")
+    ctx = StubContext(Encoder(), (torch.zeros(2, 8, dtype=torch.long),), dynamic=True)
+    assert not calibration.describe(ctx).lm and calibration.describe(ctx).dynamic
+    data = calibration.batches(ctx, calibration.DataSpec(str(tmp_path / "ids.pt"), 3, 32), rows=2)
+    assert [b[0].shape for b in data] == [(8, 8), (4, 8)]
+    assert torch.equal(torch.cat([b[0] for b in data]), stream[:96].view(12, 8))
+
+
 @pytest.mark.parametrize("spec", ["monarch{calibrate=-1}", "lowrank{data=x.csv}", "shiftadd{seq=1}",
                                   "structured{calibrate=-2}", "vq-logits{data=a.bin}"])
 def test_bad_calibration_options_are_one_line_errors(spec):
