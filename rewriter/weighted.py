@@ -81,21 +81,34 @@ def lowrank(w: torch.Tensor, h: torch.Tensor, choose_rank) -> tuple[torch.Tensor
     return u, v, svd[1]
 
 
-def whitened_svd(w: torch.Tensor, h: torch.Tensor | None) -> tuple:
-    """(U, σ, Vᵀ, L) of W·L with H = L·Lᵀ (damped), or of W when `h` is None (L = None), in float64."""
+ROW_WEIGHT_FLOOR = 1e-3      # row weights below this fraction of their mean are raised to it (D⁻¹ stays finite)
+
+
+def whitened_svd(w: torch.Tensor, h: torch.Tensor | None, rows: torch.Tensor | None = None) -> tuple:
+    """(U, σ, Vᵀ, L, d) of D·W·L with H = L·Lᵀ (damped) and D = diag(d), d = √rows — or without L when `h` is None,
+    without D (d = None) when `rows` is None — in float64. Truncating it minimises Σ_i rows_i·(ΔW·H·ΔWᵀ)_ii: the
+    output error weighted per output (rows: the output Fisher diagonal, as in Fisher-weighted SVD, Hsu et al. 2022;
+    floored at ROW_WEIGHT_FLOOR of its mean)."""
     chol = cholesky(damped(h)) if h is not None else None
-    u, sv, vh = torch.linalg.svd(w.double() @ chol if chol is not None else w.double(), full_matrices=False)
-    return u, sv, vh, chol
+    a = w.double() @ chol if chol is not None else w.double()
+    d = None
+    if rows is not None:
+        r = rows.double().to(a.device)
+        d = r.clamp_min(ROW_WEIGHT_FLOOR * float(r.mean().clamp_min(1e-300))).sqrt()
+        a = d[:, None] * a
+    u, sv, vh = torch.linalg.svd(a, full_matrices=False)
+    return u, sv, vh, chol, d
 
 
 def cut(svd: tuple, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rank-r factors (U_r·√σ, √σ·V_rᵀ·L⁻¹) of a `whitened_svd`."""
-    u, sv, vh, chol = svd
+    """The rank-r factors (D⁻¹·U_r·√σ, √σ·V_rᵀ·L⁻¹) of a `whitened_svd`."""
+    u, sv, vh, chol, d = svd
     root = sv[:r].sqrt()
     right = root[:, None] * vh[:r]
     if chol is not None:
         right = torch.linalg.solve_triangular(chol, right, upper=False, left=False)
-    return u[:, :r] * root, right
+    left = u[:, :r] * root
+    return (left / d[:, None] if d is not None else left), right
 
 
 def relative_error(w: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> float:

@@ -53,6 +53,33 @@ def test_svd_llm_is_output_optimal(m, n, rank, seed):
         assert weighted.relative_error(w, bumped, hd) >= _err(w, cal, hd) - 1e-9
 
 
+@given(m=st.integers(4, 40), n=st.integers(4, 40), rank=st.integers(1, 6), seed=st.integers(0, 2**16))
+@settings(max_examples=20)
+def test_row_weighted_truncation_is_optimal_for_its_weighted_error(m, n, rank, seed):
+    """whitened_svd with row weights f (the output Fisher): its rank-r cut minimises Σ_i f_i·(ΔW·H·ΔWᵀ)_ii (H the
+    damped Gram) — exactly the tail of the SVD of D·W·L, never above the unweighted cut, and no rank-r
+    perturbation does better."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    h = _gram(seed, n)
+    hd = weighted.damped(h)
+    f = torch.rand(m, generator=g, dtype=torch.float64) * 10 + 0.1
+
+    def weighted_error(approx):
+        return float(f @ weighted.row_errors(w, approx, hd))
+
+    r = min(rank, m, n)
+    fw_u, fw_v = weighted.cut(weighted.whitened_svd(w, h, f), r)
+    plain_u, plain_v = weighted.cut(weighted.whitened_svd(w, h), r)
+    best = weighted_error(fw_u @ fw_v)
+    sv = torch.linalg.svdvals(f.sqrt()[:, None] * w @ weighted.cholesky(hd))
+    assert best == pytest.approx(float((sv[r:] ** 2).sum()), rel=1e-6, abs=1e-9)
+    assert best <= weighted_error(plain_u @ plain_v) + 1e-9
+    for scale in (1e-3, 1e-2):
+        bumped = (fw_u + scale * torch.randn(fw_u.shape, generator=g, dtype=torch.float64)) @ fw_v
+        assert weighted_error(bumped) >= best - 1e-9
+
+
 @given(m=st.integers(8, 36), n=st.integers(8, 36), blocks=st.sampled_from([2, 4]), seed=st.integers(0, 2**16))
 @settings(max_examples=15)
 def test_calibrated_structured_projections_never_worse_under_h(m, n, blocks, seed):
