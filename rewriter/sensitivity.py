@@ -12,9 +12,10 @@ linear layer's error δy = ΔW·x with the input Gram H = E[x·xᵀ]:
 — the output error `structured` already measures, weighted per output by how much the rest of the network
 amplifies it. f is measured once per pipeline on the calibration samples: forward, ŷ drawn from the model's own
 distribution (the true Fisher, not the empirical one: no labels needed), backward to every layer's output only
-(torch.autograd.grad; no weight gradients). A model that is not a causal LM is distilled with the normalised MSE
-of its first output: its g is Jᵀ·ε with ε ~ N(0, I), whose second moment is the diagonal of JᵀJ, the same
-second-order expansion for a squared error.
+(torch.autograd.grad; no weight gradients). A model that is not a causal LM is measured by the normalised squared
+error of its outputs: g = Σ_k J_kᵀ·ε_k / rms(y_k) with ε_k ~ N(0, I), whose second moment is the diagonal of
+Σ_k J_kᵀJ_k / rms(y_k)², the same second-order expansion for a squared error. A layer no output depends on gets
+f = 0.
 
 Measured on SmolLM2 (`structured`, 32 calibration samples of 128 tokens, perplexity ratio on the 2,048
 evaluation tokens): at budget 0.8, choosing layers by this estimate gives 2.66× where a uniform bound on each
@@ -35,7 +36,8 @@ def output_fisher(ctx, spec: calibration.DataSpec, sites: list) -> dict[str, tor
     """{layer name: f (out_features,) float64, the mean over positions of the squared gradient} for every site in
     `sites`, on `spec`'s calibration data — on the Hugging Face model a short static LM program computes when
     `calibration.hf_modules` says so (as the Grams are), else on the program itself. None when some layer's output
-    got no gradient at all (the caller then falls back to unweighted errors). Cached per pipeline."""
+    was not seen, or nothing measured depends on any of them (the caller then falls back to unweighted errors).
+    Cached per pipeline."""
     key = ("fisher", spec.data, spec.samples, spec.seq, spec.seed, tuple(s.name for s in sites))
     cache = calibration._cache(ctx)
     if key not in cache:
@@ -61,7 +63,7 @@ def _measure(ctx, spec, sites) -> dict[str, torch.Tensor] | None:
         flags = [(p, p.requires_grad) for p in params]
 
         def forward(batch):
-            return model(batch)
+            return [model(batch)]
     else:
         inputs = calibration.batches(ctx, spec)
         by_node = {s.node: s.name for s in sites}
@@ -81,7 +83,7 @@ def _measure(ctx, spec, sites) -> dict[str, torch.Tensor] | None:
 
         def forward(flat):
             out = Capture(ctx.gm).run(*flat)
-            return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)][0]
+            return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
     gen = torch.Generator().manual_seed(spec.seed + 1)     # the sampled labels / noise (the data used seed)
     sums: dict[str, torch.Tensor] = {}
@@ -98,10 +100,11 @@ def _measure(ctx, spec, sites) -> dict[str, torch.Tensor] | None:
                     return None
                 grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
                 for name, g in zip(names, grads):
-                    if g is not None:
-                        g = g.detach().reshape(-1, g.shape[-1]).double()
-                        sums[name] = sums[name] + g.square().sum(0) if name in sums else g.square().sum(0)
-                        counts[name] = counts.get(name, 0) + g.shape[0]
+                    if g is None:          # an output nothing measured depends on (dead code): its errors cost 0
+                        g = torch.zeros_like(outputs[name])
+                    g = g.detach().reshape(-1, g.shape[-1]).double()
+                    sums[name] = sums[name] + g.square().sum(0) if name in sums else g.square().sum(0)
+                    counts[name] = counts.get(name, 0) + g.shape[0]
     finally:
         for h in handles:
             h.remove()
@@ -112,13 +115,19 @@ def _measure(ctx, spec, sites) -> dict[str, torch.Tensor] | None:
     return {name: (total / counts[name]).cpu() for name, total in sums.items()}
 
 
-def _sampled_loss(out: torch.Tensor, io, gen: torch.Generator) -> torch.Tensor:
-    """Σ −log p(ŷ) over positions with ŷ drawn from the model's own next-token distribution (a causal LM), else
-    Σ ε·y with ε ~ N(0, I) (the gradient's second moment is then diag(JᵀJ), the MSE's curvature)."""
+def _sampled_loss(outs: list[torch.Tensor], io, gen: torch.Generator) -> torch.Tensor:
+    """Σ −log p(ŷ) over positions with ŷ drawn from the model's own next-token distribution (a causal LM: its
+    first output, the logits), else Σ_k ε_k·y_k / rms(y_k) over every floating-point output with ε_k ~ N(0, I)
+    (the gradient's second moment is then Σ_k diag(J_kᵀJ_k) / rms(y_k)²: the curvature of each output's normalised
+    squared error, so that a second output — BERT's pooler — counts as much as the first)."""
     if io.lm:
-        logits = out.reshape(-1, out.shape[-1])
+        logits = outs[0].reshape(-1, outs[0].shape[-1])
         labels = calibration._draw(logits.detach()[:, :io.vocab] if io.vocab else logits.detach(), gen)
         return F.cross_entropy(logits.float(), labels.to(logits.device), reduction="sum")
-    noise = torch.randn(out.shape, generator=gen, dtype=torch.float32, device="cpu")
-    noise = noise.to(device=out.device, dtype=out.dtype)
-    return (out * noise).sum()
+    total = None
+    for out in (o for o in outs if o.is_floating_point() and o.requires_grad and o.numel()):
+        noise = torch.randn(out.shape, generator=gen, dtype=torch.float32, device="cpu")
+        rms = out.detach().float().square().mean().sqrt().clamp_min(1e-30)
+        term = (out.float() * noise.to(out.device)).sum() / rms
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros((), device="cpu")

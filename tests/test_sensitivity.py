@@ -9,17 +9,31 @@ from tests.helpers import StubContext
 
 
 def test_mse_model_sensitivity_is_the_column_norms_of_what_follows():
-    """y = W2·(W1·x): the second layer's outputs are the model's (J = I, f = E[ε²] = 1), the first layer's reach
-    the output through W2 (f_i = Σ_j W2[j, i]², the diagonal of W2ᵀW2)."""
+    """y = W2·(W1·x), measured by its normalised squared error: the second layer's outputs are the model's (J = I,
+    f = E[ε²]/ms(y) = 1/ms(y)), the first layer's reach the output through W2 (f_i = Σ_j W2[j, i]² / ms(y), the
+    diagonal of W2ᵀW2). A third layer beside them that no output depends on gets f = 0."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 4, bias=False)
+            self.unused = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            self.unused(x)
+            return self.second(self.first(x))
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 4, bias=False))
+    model = Net()
     ctx = StubContext(model, (torch.randn(50, 6),))
-    sites = find_linears(ctx.gm)
-    f = sensitivity.output_fisher(ctx, calibration.DataSpec("self", 4000, 8, 0), sites)
-    first, second = (f[s.name] for s in sites)
-    assert torch.allclose(second, torch.ones(4, dtype=torch.float64), rtol=0.1)
-    w2 = model[1].weight.detach().double()
-    assert torch.allclose(first, (w2 * w2).sum(0), rtol=0.15)
+    sites = {s.name: s for s in find_linears(ctx.gm)}
+    spec = calibration.DataSpec("self", 4000, 8, 0)
+    f = sensitivity.output_fisher(ctx, spec, list(sites.values()))
+    with torch.no_grad():
+        inv_ms = torch.tensor([1 / float(model(b[0]).double().square().mean()) for b in calibration.batches(ctx, spec)])
+    w2 = model.second.weight.detach().double()
+    assert torch.allclose(f["second"], inv_ms.mean() * torch.ones(4, dtype=torch.float64), rtol=0.1)
+    assert torch.allclose(f["first"], inv_ms.mean() * (w2 * w2).sum(0), rtol=0.15)
+    assert torch.equal(f["unused"], torch.zeros(3, dtype=torch.float64))
 
 
 def test_lm_head_sensitivity_is_the_softmax_variance(tiny_gpt):
