@@ -161,7 +161,7 @@ class StructuredPass(Pass):
                         f"{total / dense_total:.3f} of the dense parameters")
         bound = max(p[3] for p in picks)
         measure = "calibrated output" if stats is not None else self.metric
-        cost_name = "est. KL" if fisher else "error²"
+        cost_name = ("est. KL" if calibration.describe(ctx).lm else "est. MSE") if fisher else "error²"
         lines = [f"structured: budget {self.budget:g} of {dense_total} params -> {total} "
                  f"({total / dense_total:.3f}), max error {bound:.4g} ({measure}), total {cost_name} "
                  f"{sum(p[4] for p in picks):.4g}",
@@ -184,7 +184,7 @@ class StructuredPass(Pass):
             if grams[site.name] is not None:
                 extra["calibrated_error"] = weighted.relative_error(w, approx, grams[site.name])
             if fisher:
-                extra["estimated_kl"] = cost
+                extra["estimated_loss"] = cost
             ctx.site(site.name, choice=spec, params_before=w.numel(), params_after=fac.params,
                      weight_error=weight_error(w, approx),
                      output_error=output_error(x, w, approx, bias.detach() if bias is not None else None)

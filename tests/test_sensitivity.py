@@ -70,4 +70,4 @@ def test_structured_reports_estimated_kl(tiny_gpt):
     res = rewrite(model, args, passes="structured{budget=0.5,calibrate=4}").report.passes[0]
     assert "est. KL" in res.messages[-1]
     rewritten = [s for s in res.sites if s["status"] == "rewritten"]
-    assert rewritten and all(s["estimated_kl"] >= 0 for s in rewritten)
+    assert rewritten and all(s["estimated_loss"] >= 0 for s in rewritten)
