@@ -323,7 +323,7 @@ class HealPass(Pass):
             history = distill.train(
                 distill.forward_of(gm, student), distill.forward_of(ctx.teacher, teacher_call), train_tensors, local,
                 steps=self.steps, lr=self.lr, accum=accum, loss=loss, status=status, average=distributed.mean,
-                lr_scales=train_scales,
+                lr_scales=train_scales, cache_bytes=0 if sharded is not None else teacher_cache_bytes(),
                 progress=lambda it: ctx.progress(it, f"distilling ({sum(t.numel() for t in tensors):,} parameters)",
                                                  lambda: f"{label} {status.get('loss', float('nan')):.4f} "
                                                          f"running {status.get('running', float('nan')):.4f}"))
@@ -393,6 +393,13 @@ class HealPass(Pass):
         u, v, add = trainable.add_branch(gm, site.node, site.x, site.out_features, site.in_features, self.rank,
                                          site.weight.target, self.seed + i, w.device, w.dtype)
         return ("linear", u, v, add, site.weight_name, site.layout)
+
+
+def teacher_cache_bytes() -> int:
+    """How many bytes of the teacher's outputs training may keep instead of recomputing them: the environment's
+    REWRITE_TEACHER_CACHE_BYTES, default 2 GiB (SmolLM2's 15 default training batches take 1.5 GB); 0 recomputes
+    every time. They stay where the teacher computed them — on a GPU, in its memory."""
+    return calibration.env_bytes("REWRITE_TEACHER_CACHE_BYTES", 2 * 2**30, allow_zero=True)
 
 
 def _split_calibrated(layers: list) -> tuple[list, list]:

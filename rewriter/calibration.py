@@ -589,16 +589,23 @@ def gram_budget() -> int:
     traceback."""
     if GRAM_BUDGET is not None:
         return GRAM_BUDGET
-    raw = os.environ.get("REWRITE_GRAM_BYTES", "").strip()
+    return env_bytes("REWRITE_GRAM_BYTES", DEFAULT_GRAM_BYTES)
+
+
+def env_bytes(name: str, default: int, allow_zero: bool = False) -> int:
+    """A byte count from the environment variable `name` (digits, or with a K/M/G suffix: 512M, 4G), `default`
+    when unset; a malformed value (or 0 unless `allow_zero`) is the user's one-line error."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_GRAM_BYTES
+        return default
     number, unit = raw.rstrip("KMGkmgBb"), raw[len(raw.rstrip("KMGkmgBb")):].upper().rstrip("B")
     try:
         value = int(float(number) * _UNITS[unit])
     except (ValueError, KeyError):
-        value = 0
-    if value <= 0:
-        raise UserError(f"REWRITE_GRAM_BYTES={raw!r} is not a positive byte count; give e.g. 536870912, 512M or 4G")
+        value = -1
+    if value < 0 or (value == 0 and not allow_zero):
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise UserError(f"{name}={raw!r} is not {kind} byte count; give e.g. 536870912, 512M or 4G")
     return value
 
 
@@ -769,6 +776,14 @@ def hf_modules(ctx, io: ModelIO, spec: DataSpec, sites: list):
     return model, modules
 
 
+def hf_batches(ctx, io: ModelIO, spec: DataSpec, device) -> tuple[list[torch.Tensor], str]:
+    """The token batches statistics are taken on through the Hugging Face model (`hf_modules`): `spec.samples`
+    sequences of `spec.seq` tokens, BATCH_TOKENS tokens a batch, on `device`; and where they came from."""
+    ids, source = _token_ids(ctx, io, spec.data, spec.samples, spec.seq, spec.seed)
+    rows = max(1, BATCH_TOKENS // spec.seq)
+    return [ids[s:s + rows].to(device) for s in range(0, ids.shape[0], rows)], source
+
+
 def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | None:
     """Statistics of a static causal-LM program whose inputs are shorter than `seq` tokens (`rewrite smollm2`
     exports 2×16 tokens), taken on seq-long sequences from the Hugging Face model it was captured from, with
@@ -798,15 +813,13 @@ def _hf_stats(ctx, io: ModelIO, spec: DataSpec, sites: list) -> LayerStats | Non
             _accumulate(sums, counts, node, args[0])
         return hook
 
-    ids, source = _token_ids(ctx, io, spec.data, spec.samples, spec.seq, spec.seed)
-    rows = max(1, BATCH_TOKENS // spec.seq)
+    inputs, source = hf_batches(ctx, io, spec, device)
     handles = [m.register_forward_hook(hook_for(node, widths[node])) for node, m in hooked.items()]
     probs_sum, prob_rows = None, 0
     try:
         with torch.no_grad(), reading(ctx):
-            for start in ctx.progress(range(0, ids.shape[0], rows),
-                                      f"capturing layer statistics ({len(sites)} layers, {spec.seq}-token sequences)"):
-                batch = ids[start:start + rows].to(device)
+            for batch in ctx.progress(inputs, f"capturing layer statistics ({len(sites)} layers, {spec.seq}-token "
+                                              f"sequences)"):
                 logits = model(batch)
                 if len(counts) != len(hooked) or any(c != prob_rows + batch.numel() for c in counts.values()):
                     raise _NotTheProgram()   # a module called more (a layer shared by two inputs) or less than once

@@ -53,9 +53,7 @@ def _measure(ctx, spec, sites) -> dict[str, torch.Tensor] | None:
     if found is not None:
         model, modules = found
         device = next(iter(modules.values())).weight.device
-        ids, _ = calibration._token_ids(ctx, io, spec.data, spec.samples, spec.seq, spec.seed)
-        rows = max(1, calibration.BATCH_TOKENS // spec.seq)
-        inputs = [ids[s:s + rows].to(device) for s in range(0, ids.shape[0], rows)]
+        inputs, _ = calibration.hf_batches(ctx, io, spec, device)
         for name, module in modules.items():
             handles.append(module.register_forward_hook(
                 lambda mod, args, out, name=name: outputs.__setitem__(name, out)))

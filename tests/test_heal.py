@@ -141,6 +141,43 @@ def test_lr_scales_give_each_tensor_its_own_learning_rate():
     assert torch.allclose(b.detach(), torch.full((3,), 0.001), rtol=1e-3)
 
 
+@pytest.mark.parametrize("budget, kept", [(0, 0), (2 * 8 * 4, 2), (3 * 8 * 4, 3), (10**9, 3)])
+def test_teacher_outputs_are_cached_within_the_budget_and_training_is_unchanged(budget, kept):
+    """distill.train(cache_bytes=…): the teacher runs once per batch it can keep (three batches of 2×4 floats,
+    cycled over 7 steps), and the trained values and losses are those of recomputing it every time."""
+    torch.manual_seed(0)
+    w0, batches = torch.randn(4, 4), [[torch.randn(2, 4)] for _ in range(3)]
+    teacher_w = torch.randn(4, 4)
+
+    def run(cache_bytes):
+        w, calls = w0.clone().requires_grad_(True), []
+
+        def teacher(batch):
+            calls.append(1)
+            return batch[0] @ teacher_w
+        history = distill.train(lambda batch: batch[0] @ w, teacher, [w], batches, steps=7, lr=0.05, loss="mse",
+                                cache_bytes=cache_bytes)
+        return w.detach(), history, len(calls)
+
+    w_plain, h_plain, calls_plain = run(0)
+    w_cached, h_cached, calls_cached = run(budget)
+    assert torch.equal(w_plain, w_cached) and h_plain == h_cached
+    # steps 0..6 visit batches 0, 1, 2, then 0, 1, 2, 0 again: a repeat of one of the first `kept` is free
+    assert calls_plain == 7 and calls_cached == 3 + sum(1 for b in (0, 1, 2, 0) if b >= kept)
+
+
+def test_heal_with_the_teacher_cache_equals_heal_without(tiny_gpt, monkeypatch):
+    model, args = tiny_gpt
+    spec = f"monarch{{calibrate=8}},heal{{steps=6,{FAST}}}"
+    cached = rewrite(model, args, passes=spec).program.state_dict
+    monkeypatch.setenv("REWRITE_TEACHER_CACHE_BYTES", "0")
+    plain = rewrite(model, args, passes=spec).program.state_dict
+    assert cached.keys() == plain.keys() and all(torch.equal(cached[k], plain[k]) for k in cached)
+    monkeypatch.setenv("REWRITE_TEACHER_CACHE_BYTES", "lots")
+    with pytest.raises(UserError, match="REWRITE_TEACHER_CACHE_BYTES"):
+        rewrite(model, args, passes=spec)
+
+
 def test_adapters_beside_binary_weights_are_kept(tiny_gpt):
     model, args = tiny_gpt
     r = rewrite(model, args, passes=f"shiftadd{{bits=2,group=32,calibrate=8}},heal{{steps=20,lr=1e-3,adapters=true,"
