@@ -6,7 +6,10 @@ Metrics (--metric, chosen from the model when not given):
             256, capped at the model's context) — at most --max-tokens in all (default 2,048, so a perplexity is
             not a 128-token anecdote); NLL of token t+1 from
             positions ≤ t. Also next-token agreement: top-1 (same argmax), top-5 (the original's top-1 is in the
-            rewritten top 5) and KL(p_original ‖ p_rewritten), averaged over positions.
+            rewritten top 5) and KL(p_original ‖ p_rewritten), averaged over positions. `--also-text FILE`
+            (repeatable): the same figures on other texts, through the same two programs (metrics.also) — the
+            default text is famous (the Declaration of Independence, Pride and Prejudice): a small model half
+            knows it by heart, and a compressed one loses that first.
     cosine  encoders with a tokenizer: sentence embeddings by mean pooling over the attention mask, on the
             sentences of rewriter/data/sentence_pairs.json; cosine(original, rewritten) per sentence, and the Spearman
             correlation between the pairwise similarities before and after (rank agreement); also each
@@ -52,6 +55,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--metric", choices=METRICS, default=None,
                         help="ppl (causal LM), cosine (encoder), agree (any model); default: from the model")
     parser.add_argument("--text", default=None, metavar="FILE", help="text for perplexity (default: rewriter/data/eval_text.txt)")
+    parser.add_argument("--also-text", dest="also_text", action="append", default=[], metavar="FILE",
+                        help="another text to measure perplexity on, the same programs (repeatable; e.g. one the "
+                             "model has not memorised beside a famous one)")
     parser.add_argument("--pairs", default=None, metavar="FILE",
                         help="sentence pairs JSON for --metric cosine (default: rewriter/data/sentence_pairs.json)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
@@ -293,6 +299,7 @@ def evaluate(args) -> dict:
     trains = any(getattr(p, "needs_teacher", False) for p in pipeline)
     rtn = parse_rtn(getattr(args, "rtn", None))
     captured, metric, extra = prepare(args, dynamic=trains)
+    also = also_windows(args, metric, extra, dynamic=trains)
     original = captured.program
     if rtn is not None:
         round_to_nearest(captured.gm, *rtn)
@@ -307,6 +314,12 @@ def evaluate(args) -> dict:
         metrics.update(next_token_metrics(out_ref, out_new, extra["ids"]))
         metrics["tokens"] = int(extra["ids"].numel())
         metrics["windows"] = list(extra["ids"].shape)
+        for path, ids in also:
+            with torch.no_grad():
+                ref_also, new_also = ref_mod(ids, **kw), new_mod(ids, **kw)
+            metrics.setdefault("also", {})[path] = {**next_token_metrics(ref_also, new_also, ids),
+                                                    "tokens": int(ids.numel()), "windows": list(ids.shape)}
+            del ref_also, new_also
     elif metric == "cosine":
         metrics.update(embedding_metrics(out_ref, out_new, extra["mask"], extra["n_pairs"], extra["human"]))
         metrics["sentences"] = 2 * extra["n_pairs"]
@@ -338,6 +351,28 @@ def evaluate(args) -> dict:
         "forward_s": {"original": t_ref, "rewritten": t_new, "ratio": t_new / t_ref if t_ref > 0 else None},
         "pass_results": passes,
     }
+
+
+def also_windows(args, metric: str, extra: dict, dynamic: bool) -> list[tuple[str, torch.Tensor]]:
+    """(path, windows) of every --also-text, read before anything runs: windows as long as the evaluation text's;
+    a program exported with static shapes takes exactly as many as the evaluation text gave."""
+    paths = getattr(args, "also_text", None) or []
+    if not paths:
+        return []
+    if metric != "ppl":
+        raise UserError("--also-text measures perplexity: it needs a causal LM with a tokenizer (--metric ppl)")
+    tokenizer, ids = extra["resources"]["tokenizer"], extra["ids"]
+    out = []
+    for path in paths:
+        windows = text_windows(tokenizer, _read_text(path), ids.shape[1], args.max_tokens)
+        if not dynamic:
+            if windows.shape[1] != ids.shape[1] or windows.shape[0] < ids.shape[0]:
+                raise UserError(f"--also-text {path} gives {windows.shape[0]} windows of {windows.shape[1]} tokens; "
+                                f"the programs take {ids.shape[0]} of {ids.shape[1]} (the evaluation text's): give "
+                                f"a text of at least {ids.numel()} tokens, or a smaller --max-tokens")
+            windows = windows[: ids.shape[0]]
+        out.append((path, windows.to(ids.device)))
+    return out
 
 
 def parse_rtn(text: str | None) -> tuple[int, int, int] | None:
@@ -376,7 +411,8 @@ def round_to_nearest(gm, bits: int, group: int, scale_bits: int = 0) -> int:
 
 def check_disjoint(pipeline, args) -> None:
     """Refuse a pipeline whose calibration/training data file is the evaluation text (or pairs) itself."""
-    evaluated = {os.path.realpath(p) for p in (_text_path(args), getattr(args, "pairs", None) or DEFAULT_PAIRS)}
+    evaluated = {os.path.realpath(p) for p in (_text_path(args), getattr(args, "pairs", None) or DEFAULT_PAIRS,
+                                                *(getattr(args, "also_text", None) or []))}
     for p in pipeline:
         data = getattr(p, "data", "self")
         if isinstance(data, str) and data != "self" and os.path.realpath(data) in evaluated:
@@ -398,6 +434,8 @@ def command_line(args) -> str:
         value = getattr(args, flag, default)
         if value != default:
             parts += [f"--{flag.replace('_', '-')}", str(value)]
+    for path in getattr(args, "also_text", None) or []:
+        parts += ["--also-text", path]
     if getattr(args, "verify", False):
         parts.append("--verify")
     if getattr(args, "rtn", None):
@@ -447,6 +485,10 @@ def render(results: dict, console) -> None:
     if "ppl_original" in m:
         table.add_row(f"perplexity ({m['tokens']} tokens)", f"{m['ppl_original']:.3f}", f"{m['ppl_rewritten']:.3f}",
                       f"{m['ppl_rewritten'] / m['ppl_original']:.4f}")
+    for path, a in m.get("also", {}).items():
+        table.add_row(f"perplexity, {os.path.basename(path)} ({a['tokens']} tokens; KL {a['kl']:.3g}, top-1 "
+                      f"{a['top1_agreement']:.1%})", f"{a['ppl_original']:.3f}", f"{a['ppl_rewritten']:.3f}",
+                      f"{a['ppl_rewritten'] / a['ppl_original']:.4f}")
     if "spearman_human_original" in m:
         table.add_row("Spearman vs human pair scores", f"{m['spearman_human_original']:.4f}",
                       f"{m['spearman_human_rewritten']:.4f}", "")

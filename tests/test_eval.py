@@ -73,6 +73,31 @@ def test_causal_lm_perplexity_exact_pipeline(llama_dir, files):
     assert r["command"].startswith("rewrite eval ") and "--pass 'lora{rank=4},lora-merge'" in r["command"]
 
 
+def test_also_text_measures_the_same_programs_on_another_text(llama_dir, files, tmp_path):
+    """--also-text: the figures of another text through the same programs — equal to evaluating that text as
+    --text; windows as long as the evaluation text's, as many as the static programs take; fewer is refused."""
+    text, _ = files
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(reversed(TEXT.split())) * 3)
+    r = run_eval(llama_dir, "--pass", "lowrank{ratio=0.5,calibrate=2,seq=8}", "--text", text, "--also-text",
+                 str(other), "--window", "16", "--max-tokens", "40")
+    alone = run_eval(llama_dir, "--pass", "lowrank{ratio=0.5,calibrate=2,seq=8}", "--text", str(other), "--window",
+                     "16", "--max-tokens", "40")
+    also = r["metrics"]["also"][str(other)]
+    assert also["windows"] == [2, 16] and r["metrics"]["windows"] == [2, 16]
+    for key in ("ppl_original", "ppl_rewritten", "kl", "top1_agreement"):
+        assert also[key] == pytest.approx(alone["metrics"][key], rel=1e-5, abs=1e-7), key
+    assert also["ppl_original"] != pytest.approx(r["metrics"]["ppl_original"], rel=1e-3)
+    assert f"--also-text {other}" in r["command"]
+    assert "perplexity, other.txt" in run_eval(llama_dir, "--text", text, "--also-text", str(other), "--window",
+                                               "16", "--max-tokens", "40", fmt="table")
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(TEXT.split()[:12]))
+    with pytest.raises(UserError, match="--also-text .* windows") as e:
+        run_eval(llama_dir, "--text", text, "--also-text", str(short), "--window", "16", "--max-tokens", "40")
+    assert "\n" not in str(e.value)
+
+
 def test_perplexity_matches_direct_computation(llama_dir, files):
     """ppl from the eval equals exp(mean NLL) computed by hand with the HF model on the same windows."""
     import transformers
@@ -190,6 +215,10 @@ def test_errors_are_one_line(llama_dir, bert_dir, tmp_path, files):
         ((bert_dir, "--metric", "ppl"), "causal LM"),
         ((llama_dir, "--metric", "cosine"), "encoders"),
         ((llama_dir, "--text", str(tmp_path / "none.txt")), "no such text file"),
+        ((llama_dir, "--text", files[0], "--also-text", str(tmp_path / "none.txt")), "no such text file"),
+        ((bert_dir, "--also-text", files[0]), "--also-text measures perplexity"),
+        ((llama_dir, "--text", files[0], "--also-text", files[0], "--pass", f"lowrank{{data={files[0]}}}"),
+         "the text it is evaluated on"),
         ((bert_dir, "--pairs", str(tmp_path / "none.json")), "no such sentence-pairs file"),
         (("demo:tiny-gpt", "--metric", "ppl"), "tokenizer"),
         ((str(tmp_path / "missing-model"),), "no such"),

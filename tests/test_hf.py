@@ -32,7 +32,14 @@ def save_tokenizer(folder) -> int:
     os.makedirs(folder, exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(vocab) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=path)
+    ids = {word: i for i, word in enumerate(vocab)}
+    try:       # transformers 5 takes the vocabulary itself and ignores vocab_file= (every word became [UNK])
+        tok = transformers.BertTokenizerFast(vocab=ids)
+    except TypeError:
+        tok = None
+    if tok is None or tok.convert_tokens_to_ids("the") != ids["the"]:
+        tok = transformers.BertTokenizerFast(vocab_file=path)
+    assert tok(TEXT, add_special_tokens=False)["input_ids"][:3] == [ids[w] for w in TEXT.split()[:3]]
     tok.save_pretrained(folder)
     return len(vocab)
 
