@@ -70,7 +70,7 @@ def variant_spec(spec: str, variant: str, heal: str) -> str:
 
 
 def eval_args(model: str, spec: str, *, tokens: int, window: int, repeat: int, attn: str, rtn: str | None = None,
-              device: str | None = None):
+              device: str | None = None, also_text: list[str] | None = None):
     from rewriter import evaluate
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -82,6 +82,8 @@ def eval_args(model: str, spec: str, *, tokens: int, window: int, repeat: int, a
         argv += ["--rtn", rtn]
     if device:
         argv += ["--device", device]
+    for path in also_text or []:
+        argv += ["--also-text", path]
     return parser.parse_args(argv)
 
 
@@ -169,6 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", metavar="FILE.jsonl", help="also append each run to FILE as one JSON line, as soon as it "
                    "ends (a bench cut short keeps what it measured)")
     p.add_argument("--progress", action="store_true", help="progress bars on stderr")
+    p.add_argument("--also-text", action="append", default=[], metavar="FILE",
+                   help="causal LMs: also the perplexity on this text, same programs (repeatable; e.g. "
+                        "rewriter/data/calibration_text.txt, which data=self never reads)")
     args = p.parse_args(argv)
     if args.out:                    # an unwritable --out fails now, not after an hour of measuring
         try:
@@ -196,7 +201,8 @@ def main(argv=None) -> int:
             console.print(f"[yellow]{model}: package {package} not installed; skipped[/yellow]")
             continue
         kw = dict(tokens=tokens, window=window, repeat=args.repeat, attn=args.attn, device=args.device,
-                  console=console if args.progress else None)
+                  console=console if args.progress else None,
+                  also_text=args.also_text if kind == "causal" else None)
         groups = []
         for spec in args.passes or (QUICK if args.quick else PASSES):
             rows = {}

@@ -201,6 +201,13 @@ def test_accuracy_bench_refuses_an_unwritable_out_before_measuring(tmp_path, cap
     assert "--out" in err[-1] and "No such file" in err[-1] and "Traceback" not in "".join(err)
 
 
+def test_accuracy_bench_passes_also_text_to_eval():
+    from bench.accuracy import eval_args
+    args = eval_args("smollm2", "lowrank", tokens=64, window=32, repeat=1, attn="eager", also_text=["a.txt", "b.txt"])
+    assert args.also_text == ["a.txt", "b.txt"] and "--also-text a.txt --also-text b.txt" in ev.command_line(args)
+    assert eval_args("minilm", "", tokens=64, window=32, repeat=1, attn="eager").also_text == []
+
+
 def test_cli_eval(llama_dir, files, capsys):
     from rewriter.cli import main
     code = main(["eval", llama_dir, "--pass", "lora{rank=2},lora-merge", "--text", files[0], "--window", "16",
