@@ -37,7 +37,8 @@ Afterwards the discrete parts are re-derived so the program keeps its compact fo
 trained scales, LoRA branches of dense layers merged into their weights (float64, rounded once), pre-merged
 products recomputed, and each vq code map re-derived (every token to the trained code nearest its teacher row),
 kept where that lowers the held-out loss. If the held-out loss ended higher than it started, every change is
-undone.
+undone. When the training loss ends under half the held-out loss after each training batch was seen more than
+once, heal says the samples are overfit (figure `overfit`): more samples or data=FILE generalise better.
 
 Data-parallel (rewriter/distributed.py) — under `torchrun --nproc_per_node W -m rewriter.cli MODEL --pass "…,heal"`
     (WORLD_SIZE > 1, or a process group already initialised) heal opens the default process group (gloo on the
@@ -211,6 +212,11 @@ class HealPass(Pass):
         ctx.message(f"heal: held-out {'KL (nats/token)' if loss == 'kl' else 'normalised MSE'} {stages} "
                     f"({len(train_batches)} training batches, {self.steps if self.mode != 'layer' else 0} steps, "
                     f"{figures['seconds']:.0f} s)")
+        hint = overfit_hint(figures.get("train_loss_end"), figures["loss_after"], len(train_batches),
+                            self.steps * self.accum if self.mode != "layer" else 0)
+        if hint:
+            figures["overfit"] = True
+            ctx.message(hint)
         ctx.site("program", "rewritten", **figures)
 
     # ---- stage 1: closed-form layer refits ------------------------------------------------------------------------
@@ -345,6 +351,8 @@ class HealPass(Pass):
                 trainable.refresh_dense(gm, layer)
         figures.update(steps=len(history), train_loss_first=history[0] if history else None,
                        train_loss_last=history[-1] if history else None,
+                       train_loss_end=sum(history[-max(1, len(history) // 10):]) / max(1, len(history) // 10)
+                       if history else None,
                        trained_parameters=sum(t.numel() for t in tensors),
                        lora_branches=len(branches))
         return [b for b in branches if b[0] != "linear"]
@@ -393,6 +401,18 @@ class HealPass(Pass):
         u, v, add = trainable.add_branch(gm, site.node, site.x, site.out_features, site.in_features, self.rank,
                                          site.weight.target, self.seed + i, w.device, w.dtype)
         return ("linear", u, v, add, site.weight_name, site.layout)
+
+
+def overfit_hint(train_end: float | None, held_out: float, batches: int, micro_steps: int) -> str:
+    """A message when training fit its batches far better than it does the held-out batch (the last tenth of the
+    steps' mean training loss under half the held-out loss) after visiting each of them more than once: the
+    default 64 SmolLM2 samples made structured 0.8 reach training KL 0.12 against held-out 0.365; 512 samples
+    (each seen once) 0.40 against 0.347, and 1.43× perplexity instead of 1.53× on a text nobody trained on."""
+    if train_end is None or micro_steps <= batches or not train_end < 0.5 * held_out:
+        return ""
+    return (f"heal: training loss {train_end:.3g} against held-out {held_out:.3g}: the {batches} training batches "
+            f"(each seen {micro_steps / batches:.1f} times) are overfit — more samples (samples=N) or data=FILE "
+            f"generalise better")
 
 
 def teacher_cache_bytes() -> int:

@@ -446,3 +446,21 @@ def test_heal_never_writes_into_the_callers_model(first, options):
     r = rewrite(model, args, passes=f"{first},heal{{steps=3,lr=1e-2,{options},{FAST}}}")
     assert _site(r.report)[0]["trained_parameters"] > 0
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_overfit_hint_only_when_batches_were_revisited_and_fit_far_better_than_the_held_out_one():
+    from passes.heal import overfit_hint
+    assert "overfit" in overfit_hint(0.119, 0.365, 15, 100)           # SmolLM2 structured 0.8, 64 samples
+    assert overfit_hint(0.399, 0.347, 127, 100) == ""                 # 512 samples: each batch seen once
+    assert overfit_hint(0.01, 0.365, 127, 100) == ""                  # never revisited: not overfitting
+    assert overfit_hint(0.3, 0.365, 15, 100) == ""                    # revisited, but no gap
+    assert overfit_hint(None, 0.365, 15, 100) == ""                   # nothing trained
+
+
+def test_heal_says_when_it_overfits_its_samples(tiny_gpt):
+    model, args = _healable(tiny_gpt)
+    r = rewrite(model, args, passes="lowrank{ratio=0.3,calibrate=8},heal{mode=e2e,steps=60,lr=1e-2,samples=4,"
+                                    "seq=16,batch=2}")                # one training batch, one held out
+    s, heal = _site(r.report)
+    assert s["train_loss_end"] < 0.5 * s["loss_after"], s      # measured: 0.09 of it
+    assert s.get("overfit") and any("are overfit" in m for m in heal.messages), heal.messages
