@@ -245,13 +245,15 @@ def template_cases(quick: bool):
                 add(f"vq {tag} {rows}x768 V50257 K1024 log_softmax={log_softmax} bias={bias}", vq_t.candidates,
                     E(rows, 768, dtype=dt), E(1024, 768, dtype=dt), torch.zeros(50257, dtype=torch.int64),
                     E(50257, dtype=dt) if bias else None, log_softmax)
-        for causal, mask, reweight in ((True, False, False), (False, False, False), (False, True, False),
-                                       (True, False, True)):
-            for d in (64,) if quick else (64, 128, 256):
-                add(f"softplus-attn {tag} 2x8x1024x{d} causal={causal} mask={mask} reweight={reweight}",
+        for causal, mask, reweight, head in ((True, False, False, False), (False, False, False, False),
+                                             (False, True, False, False), (True, False, True, False),
+                                             (True, False, False, True)):
+            for d in (64,) if quick else (64, 128, 256):   # head: the calibrated per-head gain and bias (fp32)
+                add(f"softplus-attn {tag} 2x8x1024x{d} causal={causal} mask={mask} reweight={reweight} "
+                    f"gain,bias={head}",
                     sp_t.candidates, E(2, 8, 1024, d, dtype=dt), E(2, 8, 1024, d, dtype=dt),
                     E(2, 8, 1024, d, dtype=dt), torch.ones(1024, 1024, dtype=torch.bool) if mask else None,
-                    causal, reweight, 1.0, 512, 1e-6)
+                    causal, reweight, 1.0, 512, 1e-6, E(8) if head else None, E(8) if head else None)
     return cases
 
 

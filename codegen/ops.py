@@ -343,15 +343,17 @@ def _(x, signs, exponents, bias, in_features, group, scales=None, offsets=None):
 
 @torch.library.custom_op("rewrite_triton::softplus_attention", mutates_args=())
 def softplus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                       is_causal: bool, reweight: bool, p: float, train_len: int, eps: float) -> torch.Tensor:
-    args = (q, k, v, mask, is_causal, reweight, p, train_len, eps)
-    return _run("softplus_attention", lambda: softplus_t.supported(q, k, v, mask), [q, k, v, mask],
+                       is_causal: bool, reweight: bool, p: float, train_len: int, eps: float,
+                       gain: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    args = (q, k, v, mask, is_causal, reweight, p, train_len, eps, gain, bias)
+    return _run("softplus_attention", lambda: softplus_t.supported(q, k, v, mask, gain, bias),
+                [q, k, v, mask, gain, bias],
                 lambda: q.numel() // max(q.shape[-1], 1) * v.shape[-1], lambda: softplus_t.candidates(*args),
                 lambda: softplus_t.reference(*args), args)
 
 
 @softplus_attention.register_fake
-def _(q, k, v, mask, is_causal, reweight, p, train_len, eps):
+def _(q, k, v, mask, is_causal, reweight, p, train_len, eps, gain=None, bias=None):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 

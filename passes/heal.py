@@ -23,7 +23,8 @@ mode=e2e — AdamW on the whole program's output: KL(p_teacher ‖ p_student) pe
     step, gradient clipping). What trains (train=auto): the parameters the pipeline created (factors, codebooks)
     and the shift-add scales (straight-through power-of-two snapping, rewriter/trainable.py; the affine code's
     scales and offsets at lr·2^(1−q), q bit planes: they are a grid step, not a weight); with nothing of that
-    kind (e.g. after softplus-attn) LoRA branches of rank `rank` on the linear layers. train=new: only the first
+    kind but softplus-attn's per-head gains and biases (2 numbers a head), LoRA branches of rank `rank` on the
+    linear layers as well. train=new: only the first
     group; lora: LoRA branches; all: every floating-point parameter. adapters=true also puts LoRA branches beside
     shift-add layers (kept in the program: binary weights cannot absorb them). vectors=true also trains the
     program's own 1-D parameters — normalisation scales and shifts, biases (norm tweaking): a few thousand numbers
@@ -287,7 +288,8 @@ class HealPass(Pass):
         if self.train == "all":
             trained = [name for name, p in gm.named_parameters() if p.is_floating_point()]
         lora_sites = []
-        if self.train == "lora" or (self.train == "auto" and not trained):
+        head = trainable.attention_head_tensors(gm)          # softplus-attn's per-head gains and biases: too few
+        if self.train == "lora" or (self.train == "auto" and all(name in head for name in trained)):
             lora_sites = [s for s in find_linears(gm) if not is_lm_head(gm, s)]
         if self.adapters:
             lora_sites += [("shiftadd", layer) for layer in layers if layer.kind == "shiftadd"]

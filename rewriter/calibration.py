@@ -686,6 +686,25 @@ def _capture_stats(ctx, spec: DataSpec, sites: list) -> LayerStats:
     return _layer_stats(spec, by_input, sums, counts, probs_sum, prob_rows)
 
 
+def node_values(ctx, spec: DataSpec, nodes: list, what: str):
+    """For each calibration batch (`batches`), {node: its value} for `nodes`, as the program computes them now —
+    one fx.Interpreter run a batch; a generator, so the caller reduces each batch before the next is computed."""
+    wanted = set(nodes)
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n in wanted:
+                seen[n] = value
+            return value
+
+    with torch.no_grad(), reading(ctx):
+        for flat in ctx.progress(batches(ctx, spec), what):
+            seen: dict = {}
+            Capture(ctx.gm).run(*flat)
+            yield seen
+
+
 def _accumulate(sums: dict, counts: dict, key, value: torch.Tensor) -> None:
     """Add one input batch's x·xᵀ and Σx (rows: every position) to the running sums of `key`."""
     x = value.detach().reshape(-1, value.shape[-1]).float()

@@ -32,7 +32,8 @@ from torch import fx
 from . import bcq, group_codes, params
 from .ir import get_attr_value, insert_call
 from .matchers.linear import LinearSite, layer_tensor_name
-from .ops import blockdiag_linear, group_values, lowrank_linear, monarch_linear, shiftadd_linear, vq_logits
+from .ops import (blockdiag_linear, group_values, lowrank_linear, monarch_linear, shiftadd_linear, softplus_attention,
+                  vq_logits)
 from .projections import Factored
 
 aten = torch.ops.aten
@@ -93,6 +94,15 @@ def find_layers(gm: fx.GraphModule) -> list[Layer]:
         if all(r in tensors for r in REQUIRED[kind]):
             out.append(Layer(node, kind, tensors, coded))
     return out
+
+
+def attention_head_tensors(gm: fx.GraphModule) -> set[str]:
+    """Names of the per-head gains and biases softplus attention reads (rewrite::softplus_attention's args 9, 10)."""
+    names = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == softplus_attention.OP:
+            names.update(a.target for a in node.args[9:11] if isinstance(a, fx.Node) and a.op == "get_attr")
+    return names
 
 
 def _is_group_values(arg) -> bool:

@@ -209,8 +209,9 @@ def test_matcher_reasons_and_pass_skips_without_crashing():
 
 
 # ---- softplus attention -------------------------------------------------------------------------------------
-def straightforward_lssa(q, k, v, keep, reweight, p, eps=1e-6):
-    """The formula written out row by row in float64 (independent of the op's vectorised code)."""
+def straightforward_lssa(q, k, v, keep, reweight, p, eps=1e-6, gain=None, bias=None):
+    """The formula written out row by row in float64 (independent of the op's vectorised code); gain / bias: one
+    per head (q's dim −3)."""
     q, k, v = q.double(), k.double(), v.double()
     d = q.shape[-1]
     out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
@@ -222,7 +223,9 @@ def straightforward_lssa(q, k, v, keep, reweight, p, eps=1e-6):
         w = torch.zeros(k.shape[-2], dtype=torch.float64)
         for j in vis:
             cos = float(qi @ ks[j]) / (max(float(qi.norm()), eps) * max(float(ks[j].norm()), eps))
-            w[j] = math.log1p(math.exp(math.log(d) * math.log(n) * cos))
+            g = 1.0 if gain is None else float(gain[lead[-1]])
+            b = 0.0 if bias is None else float(bias[lead[-1]])
+            w[j] = math.log1p(math.exp(g * math.log(d) * math.log(n) * cos + b))
         w = w / (w.sum() + eps)
         if reweight:
             r = torch.clamp(w * n - (1.0 if n > 1 else 0.0), min=0)
@@ -235,27 +238,32 @@ def straightforward_lssa(q, k, v, keep, reweight, p, eps=1e-6):
 
 @settings(max_examples=15, deadline=None)
 @given(t=st.integers(1, 9), d=st.sampled_from([2, 4, 8]), causal=st.booleans(), reweight=st.booleans(),
-       p=st.sampled_from([1.0, 3.0, 15.0]), padded=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_softplus_attention_formula_rows_and_causality(t, d, causal, reweight, p, padded, seed):
+       p=st.sampled_from([1.0, 3.0, 15.0]), padded=st.booleans(), head=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_softplus_attention_formula_rows_and_causality(t, d, causal, reweight, p, padded, head, seed):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, 2, t, d, generator=g) for _ in range(3))
+    gain = torch.rand(2, generator=g) * 3 + 0.1 if head else None           # per head (the fitted form)
+    bias = torch.randn(2, generator=g) * 3 if head else None
     mask = torch.ones(t, t, dtype=torch.bool)
     if padded and t > 1:
         mask[:, -1] = False                      # a padded last key
     keep = mask.tril() if causal else mask
-    weights = sp_op.attention_weights(q, k, mask, causal, reweight, p)
+    weights = sp_op.attention_weights(q, k, mask, causal, reweight, p, gain=gain, bias=bias)
     sums = weights.sum(-1)
     visible = keep.any(-1).expand_as(sums)
-    torch.testing.assert_close(sums[visible], torch.ones_like(sums[visible]), rtol=1e-5, atol=1e-5)
+    z, _, _ = sp_op.logits(q, k, mask, causal, gain=gain, bias=bias)
+    total = (torch.nn.functional.softplus(z) * keep).sum(-1)      # rows sum to S / (S + eps): 1 unless S ~ eps
+    assert bool((sums[visible] >= (total / (total + 1e-6))[visible] - 1e-5).all())
+    assert bool((sums[visible] <= 1 + 1e-5).all())
     assert bool((weights[..., ~keep] == 0).all()), "a masked / future key got weight"
-    got = sp_op.OP(q, k, v, mask, causal, reweight, p, 0, 1e-6)
-    want = straightforward_lssa(q, k, v, keep, reweight, p)
+    got = sp_op.OP(q, k, v, mask, causal, reweight, p, 0, 1e-6, gain, bias)
+    want = straightforward_lssa(q, k, v, keep, reweight, p, gain=gain, bias=bias)
     torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-5)
     if causal and t > 1:                        # changing the future does not change the past
         k2, v2 = k.clone(), v.clone()
         k2[..., -1, :] += 5
         v2[..., -1, :] -= 5
-        again = sp_op.OP(q, k2, v2, mask, causal, reweight, p, 0, 1e-6)
+        again = sp_op.OP(q, k2, v2, mask, causal, reweight, p, 0, 1e-6, gain, bias)
         torch.testing.assert_close(again[..., :-1, :], got[..., :-1, :])
 
 
@@ -270,6 +278,60 @@ def test_softplus_attention_train_len_and_gradient():
     for t in (q, k, v):
         t.requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b, c: sp_op.OP(a, b, c, None, True, True, 3.0, 0, 1e-6), (q, k, v))
+    gain = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor([-2.0, 1.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, g_, b_: sp_op.OP(a, b, c, None, True, True, 3.0, 0, 1e-6, g_, b_), (q, k, v, gain, bias))
+    # a program saved before gain and bias existed calls the op with nine arguments: the paper's LSSA
+    torch.testing.assert_close(sp_op.OP(q, k, v, None, True, False, 3.0, 0, 1e-6),
+                               sp_op.OP(q, k, v, None, True, False, 3.0, 0, 1e-6, torch.ones(2, dtype=q.dtype),
+                                        torch.zeros(2, dtype=q.dtype)))
+
+
+@settings(max_examples=12, deadline=None)
+@given(heads=st.integers(1, 4), t=st.integers(8, 24), seed=st.integers(0, 2 ** 16))
+def test_fit_recovers_a_planted_gain_and_bias(heads, t, seed):
+    """Softmax targets that ARE LSSA rows with a known per-head gain and bias: the fit finds them (KL → 0)."""
+    from passes.softplus_attn import fit_gain_bias
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(3, heads, t, 8, generator=g) for _ in range(2))
+    gain = torch.rand(heads, generator=g) * 2.5 + 0.3
+    bias = torch.rand(heads, generator=g) * 4 - 1             # softplus' curved range: bias identifiable
+    z, keep, _ = sp_op.logits(q, k, None, True)
+    target = sp_op.attention_weights(q, k, None, True, gain=gain, bias=bias)
+
+    def rows(x):                                  # (B, H, T, T) -> (H, B·T, T), as the pass gathers them
+        return x.transpose(0, 1).reshape(heads, -1, t)
+
+    fit = fit_gain_bias(rows(z), rows(keep), rows(target), 1e-6)
+    assert fit["kl_fitted"] < 1e-4 and fit["kl_fitted"] <= fit["kl_paper"]
+    got = sp_op.attention_weights(q, k, None, True, gain=fit["gain"], bias=fit["bias"])
+    torch.testing.assert_close(got, target, rtol=0, atol=1e-2)      # the rows, not the (flat-valleyed) numbers
+
+
+def test_calibrated_softplus_attn_is_closer_to_softmax_than_the_papers_scale():
+    """On a random Llama, fitted per-head gains and biases lower each site's KL to the softmax rows on the
+    calibration data, and the whole model's output moves less on inputs no pass saw."""
+    model = _hf("llama", "sdpa", 2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (2, 24), generator=g)
+    held = torch.randint(0, 100, (2, 24), generator=g)
+    kwargs = {"use_cache": False}
+    with torch.no_grad():
+        want = model(held, **kwargs).logits
+    errors = {}
+    for spec in ("softplus-attn{calibrate=0}", "softplus-attn{calibrate=8}"):
+        r = rewrite(model, (ids,), passes=spec, example_kwargs=kwargs, verify=True)
+        sites = _rewritten(r)
+        if spec.endswith("=8}"):
+            assert all(s["kl_fitted"] < s["kl_paper"] for s in sites)
+            names = [n for n, _ in r.program.named_parameters() if "softplus_attn" in n]
+            assert len(names) == 2 * len(sites)
+        with torch.no_grad():
+            got = r.module()(held, **kwargs)
+        got = got.logits if hasattr(got, "logits") else got[0]
+        errors[spec] = float((got - want).norm() / want.norm())
+    assert errors["softplus-attn{calibrate=8}"] < errors["softplus-attn{calibrate=0}"]
 
 
 def _hf(kind, impl, layers=2):
@@ -380,7 +442,8 @@ def test_classify_keep():
 def test_options_are_validated():
     from rewriter.errors import UserError
     from rewriter.pass_base import parse_pipeline
-    for spec in ("softplus-attn{p=0}", "softplus-attn{train_len=-1}", "soft-attn{landmarks=0}",
+    for spec in ("softplus-attn{p=0}", "softplus-attn{train_len=-1}", "softplus-attn{calibrate=-1}",
+                 "soft-attn{landmarks=0}",
                  "soft-attn{qk=v}"):
         with pytest.raises(UserError):
             parse_pipeline(spec)

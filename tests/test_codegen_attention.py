@@ -52,9 +52,9 @@ def _mask(kind, lead, tq, tk, g):
        causal=st.booleans(), mask=st.sampled_from(["none", "none", "padding", "random"]),
        reweight=st.booleans(), p=st.sampled_from([1.0, 3.0, 15.0]), train_len=st.sampled_from([0, 0, 4]),
        dtype=st.sampled_from([torch.float32, torch.float16]), kv_bcast=st.booleans(), strided=st.booleans(),
-       zero_rows=st.booleans(), seed=st.integers(0, 2**16))
+       zero_rows=st.booleans(), head=st.sampled_from(["none", "shared", "per-head"]), seed=st.integers(0, 2**16))
 def test_kernel_matches_reference_in_float64(tq, tk, d, dv, lead_i, bm, bn, causal, mask, reweight, p, train_len,
-                                             dtype, kv_bcast, strided, zero_rows, seed):
+                                             dtype, kv_bcast, strided, zero_rows, head, seed):
     fits = [lead for lead in LEADS if math.prod(lead) * triton.cdiv(tq, bm) <= 4]   # ≤ 4 programs
     lead = fits[lead_i % len(fits)]
     g = torch.Generator().manual_seed(seed)
@@ -67,14 +67,18 @@ def test_kernel_matches_reference_in_float64(tq, tk, d, dv, lead_i, bm, bn, caus
         k[..., (tk - 1) // 2, :] = 0
     keep = _mask(mask, lead, tq, tk, g)
     args = (causal, reweight, p, train_len, 1e-6)
-    assert sp_t.supported(q, k, v, keep) is None
+    heads = {"none": 0, "shared": 1, "per-head": lead[-1] if len(lead) == 2 else 1}[head]
+    gain = torch.rand(heads, generator=g) * 3 + 0.1 if heads else None       # a fitted gain and bias per head
+    bias = torch.randn(heads, generator=g) * 3 if heads else None
+    assert sp_t.supported(q, k, v, keep, gain, bias) is None
     out = guarded_output((*lead, tq, dv), dtype, strided=strided)
     gq, gk, gv = (guarded(t, strided=strided) for t in (q, k, v))
-    got = sp_t.launch(gq, gk, gv, on_device(keep), *args, blocks=_blocks(bm, bn, d, dv), out=out)
+    got = sp_t.launch(gq, gk, gv, on_device(keep), *args, on_device(gain), on_device(bias),
+                      blocks=_blocks(bm, bn, d, dv), out=out)
     assert got.data_ptr() == out.data_ptr() and got.shape == (*lead, tq, dv)
     assert not torch.isnan(out).any(), "NaN leaked from a guard region: out-of-bounds read"
     assert guard_intact(out), "write outside the output"
-    want = sp_op.reference(q.double(), k.double(), v.double(), keep, *args)
+    want = sp_op.reference(q.double(), k.double(), v.double(), keep, *args, gain, bias)
     tol = TOL[dtype] if not (reweight and dtype == torch.float32) else dict(rtol=2e-4, atol=2e-5)
     torch.testing.assert_close(out.cpu().double(), want, **tol)
 
@@ -114,6 +118,8 @@ def test_supported_reasons_and_fallback_for_float64():
     assert sp_t.supported(q.double(), q.double(), q.double(), None) is not None
     assert sp_t.supported(q[0], q[0], q[0], None) is not None          # 2-D: no (H, T, d) layout
     assert sp_t.supported(q, q.half(), q, None) is not None            # mixed dtypes
+    assert sp_t.supported(q, q, q, None, torch.ones(3)) is not None     # a gain for 3 heads, q has 2
+    assert sp_t.supported(q, q, q, None, torch.ones(2), torch.zeros(1)) is None
     x = torch.randn(2, 7, 8, dtype=torch.float64)
     args = (None, True, True, 3.0, 0, 1e-6)
     torch.testing.assert_close(TRITON_OP(x, x, x, *args), sp_op.reference(x, x, x, *args), rtol=0, atol=0)
@@ -125,11 +131,12 @@ def test_gradients_match_the_rewrite_op():
     base = [torch.randn(1, 2, 11, 16, generator=g) for _ in range(3)]
     keep = torch.rand(11, 11, generator=g) < 0.7
     grad = torch.randn(1, 2, 11, 16, generator=g)
+    head = [torch.tensor([0.7, 2.0]), torch.tensor([-1.0, 0.5])]           # gain, bias: trained by heal
     results = []
     for op in (TRITON_OP, sp_op.OP):
-        q, k, v = (t.clone().requires_grad_() for t in base)
-        out = op(q, k, v, keep, True, True, 3.0, 0, 1e-6)
-        results.append((out, *torch.autograd.grad(out, [q, k, v], grad)))
+        q, k, v, gain, bias = (t.clone().requires_grad_() for t in base + head)
+        out = op(q, k, v, keep, True, True, 3.0, 0, 1e-6, gain, bias)
+        results.append((out, *torch.autograd.grad(out, [q, k, v, gain, bias], grad)))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
     assert all(t.abs().sum() > 0 for t in results[0][1:])
@@ -145,12 +152,19 @@ def test_lowering_puts_the_kernel_in_the_program():
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     x = torch.randn(1, 2, 9, 16)
-    r = rewrite(Attn().eval(), (x,), passes="softplus-attn", codegen="triton", verify=True)
-    targets = [str(n.target) for n in r.module().graph.nodes if n.op == "call_function"]
-    assert "rewrite_triton.softplus_attention.default" in targets
-    assert "rewrite.softplus_attention.default" not in targets
-    want = sp_op.reference(x.double(), (x * 0.5).double(), x.flip(-1).double(), None, True, False, 15.0, 0, 1e-6)
-    torch.testing.assert_close(r.module()(x).double(), want, rtol=2e-5, atol=2e-6)
+    for spec in ("softplus-attn{calibrate=0}", "softplus-attn"):      # the paper's LSSA; a fitted gain and bias
+        r = rewrite(Attn().eval(), (x,), passes=spec, codegen="triton", verify=True)
+        module = r.module()
+        targets = [str(n.target) for n in module.graph.nodes if n.op == "call_function"]
+        assert "rewrite_triton.softplus_attention.default" in targets
+        assert "rewrite.softplus_attention.default" not in targets
+        head = {name.rsplit("_", 1)[1]: t.detach().double() for name, t in module.named_parameters()
+                if "softplus_attn" in name}
+        assert sorted(head) == ([] if spec.endswith("=0}") else ["bias", "gain"])
+        assert all(t.shape == (2,) for t in head.values())                     # one per head
+        want = sp_op.reference(x.double(), (x * 0.5).double(), x.flip(-1).double(), None, True, False, 15.0, 0,
+                               1e-6, head.get("gain"), head.get("bias"))
+        torch.testing.assert_close(module(x).double(), want, rtol=2e-5, atol=2e-6)
 
 
 

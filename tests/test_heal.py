@@ -97,12 +97,18 @@ def test_heal_keeps_the_compact_form(tiny_gpt):
     assert set(r.program.state_dict) == set(base.program.state_dict)          # no α, no adapters left behind
     for name, t in r.program.state_dict.items():
         assert t.dtype == base.program.state_dict[name].dtype and t.shape == base.program.state_dict[name].shape
-    # LoRA branches on dense layers (softplus-attn adds no parameters) are merged back
-    r = rewrite(model, args, passes=f"softplus-attn,heal{{steps=5,{FAST}}}")
+    # after softplus-attn: its per-head gains and biases train, with LoRA branches on the dense layers (merged
+    # back: the program keeps its tensors)
+    plain = rewrite(model, args, passes="softplus-attn{calibrate=4}")
+    r = rewrite(model, args, passes=f"softplus-attn{{calibrate=4}},heal{{steps=5,lr=1e-2,{FAST}}}")
     s, _ = _site(r.report)
-    assert s["lora_branches"] > 0
+    head = [n for n in plain.program.state_dict if "softplus_attn" in n]
+    assert s["lora_branches"] > 0 and len(head) == 4
+    lora = rewrite(model, args, passes=f"softplus-attn{{calibrate=4}},heal{{steps=5,lr=1e-2,train=lora,{FAST}}}")
+    assert s["trained_parameters"] - _site(lora.report)[0]["trained_parameters"] == \
+        sum(plain.program.state_dict[n].numel() for n in head)          # LoRA and the gains and biases
     assert lowrank_linear.OP not in _ops(r.program)
-    assert set(r.program.state_dict) == set(rewrite(model, args, passes="softplus-attn").program.state_dict)
+    assert set(r.program.state_dict) == set(plain.program.state_dict)
 
 
 @pytest.mark.parametrize("code,lr", [("affine", None), ("affine,scale_bits=0", None), ("pow2", "1e-3")])

@@ -1,6 +1,8 @@
 """Flash-style LSSA / LSSAR attention for rewrite::softplus_attention (math: rewriter/ops/softplus_attention.py).
 
-    aᵢⱼ = softplus(log d · log Nᵢ · q̂ᵢ·k̂ⱼ)·keepᵢⱼ,   out = Σⱼ aᵢⱼ vⱼ / (Σⱼ aᵢⱼ + eps)
+    aᵢⱼ = softplus(gₕ · log d · log Nᵢ · q̂ᵢ·k̂ⱼ + bₕ)·keepᵢⱼ,   out = Σⱼ aᵢⱼ vⱼ / (Σⱼ aᵢⱼ + eps)
+
+(the per-head gain g and bias b are optional: one scalar load each per program, g = 1 and b = 0 without them).
 
 The structure of a flash-attention forward: the weights are never materialised; one program owns BM = 128
 query rows of one (batch, head) (64 in the second candidate) and walks the keys in BN blocks (K/V loads
@@ -9,7 +11,8 @@ max(‖x‖, eps)). Causal: a tile stops at the key block holding its last row (
 computed: half the work of a dense sweep), the blocks wholly below the diagonal run without any mask arithmetic,
 only the diagonal blocks (and the key tail) are masked; programs start with the longest rows so the launch's
 tail is short.
-softplus needs no running max (|q̂·k̂| ≤ 1 bounds the scores), so LSSA is one sweep accumulating Σa·v and Σa.
+softplus needs no running max (|q̂·k̂| ≤ 1 bounds the scores: |z| ≤ |g|·log d·log Nᵢ + |b|), so LSSA is one sweep
+accumulating Σa·v and Σa.
 Nᵢ is min(i+1, Tk) (causal), Tk, or — with a mask — counted in a first sweep over the mask row.
 LSSAR (reweight) adds a sweep: sweep A gets Sᵢ = Σa and maxⱼ aᵢⱼ (max r = ReLU(max a/(S+eps)·N − O) since the
 map is monotone), sweep B accumulates Σa·v, Σr and Σr·v with r = (ReLU(a/(S+eps)·N − O)/(max r + eps))^p
@@ -74,13 +77,13 @@ def _scores(q, rq, k_ptr, koff, rn, TK, D, skn, skd, eps, UPCAST: tl.constexpr, 
 
 
 @triton.jit
-def _weights(q, rq, scale, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
+def _weights(q, rq, scale, bias, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
              HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
              IEEE: tl.constexpr, BD: tl.constexpr):
     """The LSSA weights of a (BM, BN) tile; MASKED = False for tiles wholly inside the causal triangle and the
     key range (no mask arithmetic at all)."""
     s = _scores(q, rq, k_ptr, koff, rn, TK, D, skt, skd, eps, UPCAST, IEEE, BD)
-    a = _softplus(scale[:, None] * s)
+    a = _softplus(scale[:, None] * s + bias)
     if MASKED:
         a = tl.where(_keep(m_ptr, moff, rm, rn, TQ, TK, smq, smk, HAS_MASK, CAUSAL), a, 0.0)
     return a
@@ -102,12 +105,12 @@ def _accumulate(acc, a, v_ptr, voff, rn, re, TK, DV, svt, svd, UPCAST: tl.conste
 
 
 @triton.jit
-def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
-                              H, TQ, TK, D, DV, log_d, p, train_len, eps,
+def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, g_ptr, b_ptr,
+                              H, NG, NB, TQ, TK, D, DV, log_d, p, train_len, eps,
                               sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                               smb, smh, smq, smk, sob, soh, sot, sod,
                               HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr,
-                              UPCAST: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                              HAS_GAIN: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                               BD: tl.constexpr, BDV: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:                      # the longest rows (most key blocks) first: the tail of the launch is short
@@ -149,13 +152,18 @@ def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
     else:
         n = tl.zeros((BM,), dtype=tl.float32) + TK
     scale = log_d * tl.log(tl.maximum(n, 1.0))
+    if HAS_GAIN:                    # NG = H (one per head) or 1 (shared)
+        scale = scale * tl.load(g_ptr + h % NG).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + h % NB).to(tl.float32)
     total = tl.zeros((BM,), dtype=tl.float32)
     acc = tl.zeros((BM, BDV), dtype=tl.float32)
     if REWEIGHT:   # sweep A: row sums and row maxima of the LSSA weights; sweep B below
         a_max = tl.zeros((BM,), dtype=tl.float32)
         for n0 in range(0, hi, BN):
             rn = n0 + tl.arange(0, BN)
-            a = _weights(q, rq, scale, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
+            a = _weights(q, rq, scale, bias, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
                          HAS_MASK, CAUSAL, True, UPCAST, IEEE, BD)
             total += tl.sum(a, axis=1)
             a_max = tl.maximum(a_max, tl.max(a, axis=1))
@@ -165,7 +173,7 @@ def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
         acc_r = tl.zeros((BM, BDV), dtype=tl.float32)
         for n0 in range(0, hi, BN):
             rn = n0 + tl.arange(0, BN)
-            a = _weights(q, rq, scale, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
+            a = _weights(q, rq, scale, bias, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
                          HAS_MASK, CAUSAL, True, UPCAST, IEEE, BD)
             acc = _accumulate(acc, a, v_ptr, voff, rn, re, TK, DV, svt, svd, UPCAST, IEEE)
             r = tl.maximum(a / (total + eps)[:, None] * n[:, None] - offset[:, None], 0.0)
@@ -176,13 +184,13 @@ def softplus_attention_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr,
     else:          # LSSA: one sweep (softplus needs no running max: |q̂·k̂| ≤ 1 bounds the scores)
         for n0 in range(0, full, BN):
             rn = n0 + tl.arange(0, BN)
-            a = _weights(q, rq, scale, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
+            a = _weights(q, rq, scale, bias, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
                          HAS_MASK, CAUSAL, False, UPCAST, IEEE, BD)
             total += tl.sum(a, axis=1)
             acc = _accumulate(acc, a, v_ptr, voff, rn, re, TK, DV, svt, svd, UPCAST, IEEE)
         for n0 in range(full, hi, BN):
             rn = n0 + tl.arange(0, BN)
-            a = _weights(q, rq, scale, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
+            a = _weights(q, rq, scale, bias, k_ptr, koff, m_ptr, moff, rm, rn, TQ, TK, D, skt, skd, smq, smk, eps,
                          HAS_MASK, CAUSAL, True, UPCAST, IEEE, BD)
             total += tl.sum(a, axis=1)
             acc = _accumulate(acc, a, v_ptr, voff, rn, re, TK, DV, svt, svd, UPCAST, IEEE)
@@ -201,7 +209,7 @@ def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
     return min(v, hi) if hi is not None else v
 
 
-def supported(q, k, v, mask) -> str | None:
+def supported(q, k, v, mask, gain=None, bias=None) -> str | None:
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} has no kernel"
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -218,6 +226,10 @@ def supported(q, k, v, mask) -> str | None:
         return "shapes do not broadcast"
     if torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2]) != q.shape[:-2]:
         return "q must carry the batch dims"
+    for name, t in (("gain", gain), ("bias", bias)):
+        if t is not None and (t.numel() not in (1, q.shape[-3]) or not t.is_floating_point()
+                              or t.device != q.device):
+            return f"{name} must hold 1 or H floats on q's device"
     return None
 
 
@@ -252,9 +264,10 @@ def launch_options(blocks: dict, reweight: bool) -> dict:
 
 
 def launch(q, k, v, mask, is_causal: bool, reweight: bool, p: float, train_len: int, eps: float,
+           gain: torch.Tensor | None = None, bias: torch.Tensor | None = None,
            blocks: dict | None = None, out: torch.Tensor | None = None, bm: int = 128) -> torch.Tensor:
     """rewrite::softplus_attention. `out` (q's shape with v's head dim), any strides, gets the result; `bm` the
-    query tile on a GPU when `blocks` is not given."""
+    query tile on a GPU when `blocks` is not given; gain / bias: H or 1 elements (H = q.shape[-3])."""
     squeeze = q.dim() == 3
     if squeeze:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
@@ -274,22 +287,26 @@ def launch(q, k, v, mask, is_causal: bool, reweight: bool, p: float, train_len: 
     if bsz * heads and tq and dv:
         ms = mask.stride() if mask is not None else (0, 0, 0, 0)
         grid = (cdiv(tq, blocks["BM"]), bsz * heads)
+        gain = gain.reshape(-1).contiguous() if gain is not None else None
+        bias = bias.reshape(-1).contiguous() if bias is not None else None
         softplus_attention_kernel[grid](
-            q, k, v, mask if mask is not None else q, o, heads, tq, tk, d, dv,
+            q, k, v, mask if mask is not None else q, o, gain if gain is not None else q,
+            bias if bias is not None else q, heads, gain.numel() if gain is not None else 1,
+            bias.numel() if bias is not None else 1, tq, tk, d, dv,
             math.log(d), float(p), int(train_len), float(eps),
             *q.stride(), *k.stride(), *v.stride(), *ms, *o.stride(),
             HAS_MASK=mask is not None, CAUSAL=bool(is_causal), REWEIGHT=bool(reweight),
-            UPCAST=mma_upcast(q.dtype), IEEE=q.dtype == torch.float32, **blocks,
+            HAS_GAIN=gain is not None, HAS_BIAS=bias is not None, UPCAST=mma_upcast(q.dtype), IEEE=q.dtype == torch.float32, **blocks,
             **launch_options(blocks, reweight))
     if out is not None:
         return out.squeeze(0) if squeeze else out
     return o.squeeze(0) if squeeze else o
 
 
-def candidates(q, k, v, mask, is_causal, reweight, p, train_len, eps):
+def candidates(q, k, v, mask, is_causal, reweight, p, train_len, eps, gain=None, bias=None):
     """Triton with 128-row query tiles (flash attention's), then 64-row ones (GPU only; one candidate where the
     tile rules already chose 64), then the aten path (the op's reference: the T × T weights materialised)."""
-    args = (q, k, v, mask, is_causal, reweight, p, train_len, eps)
+    args = (q, k, v, mask, is_causal, reweight, p, train_len, eps, gain, bias)
     out = []
     if interpreter():
         out.append(Candidate("triton", "triton", lambda: launch(*args)))
@@ -306,6 +323,6 @@ def candidates(q, k, v, mask, is_causal, reweight, p, train_len, eps):
     return out
 
 
-def reference(q, k, v, mask, is_causal, reweight, p, train_len, eps):
+def reference(q, k, v, mask, is_causal, reweight, p, train_len, eps, gain=None, bias=None):
     from rewriter.ops import softplus_attention as op
-    return op.reference(q, k, v, mask, is_causal, reweight, p, train_len, eps)
+    return op.reference(q, k, v, mask, is_causal, reweight, p, train_len, eps, gain, bias)
