@@ -39,6 +39,7 @@ the calibration data before and after the fit.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -171,34 +172,44 @@ def _tensor_stem(site) -> str:
 def _site_rows(site, values: dict, eps: float, budget: int, gen: torch.Generator):
     """One batch's (z, keep, P) rows for a site, each (H, R, Tk): the paper's logits log d · log Nᵢ · q̂k̂ᵀ, the
     "may attend" mask and the softmax rows the site computed (rows with no key to attend dropped); at most
-    `budget` scores, as query rows drawn at random. None when the values are missing or do not broadcast."""
+    `budget` scores, as query rows drawn at random in each sequence of the batch — only those rows are computed,
+    so a long context never materialises its (B, H, T, T) scores. None when the values are missing or do not
+    broadcast."""
     q, k = values.get(site.q), values.get(site.k)
-    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() < 2:
         return None
     mask = values.get(site.mask) if site.mask is not None else None
-    keep = keep_mask_value(site.mask_kind, mask, q.shape[-2], k.shape[-2], q.device)
+    tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    keep = keep_mask_value(site.mask_kind, mask, tq, tk, q.device)
     if isinstance(keep, str):
         return None
     try:
-        z, keep_full, _ = op.logits(q, k, keep, False, eps)
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], *(() if keep is None else (keep.shape[:-2],)))
+        q, k = q.expand(*lead, tq, d), k.expand(*lead, tk, k.shape[-1])
+        keep = (torch.ones(tq, tk, dtype=torch.bool, device=q.device) if keep is None else keep.bool()) \
+            .expand(*lead, tq, tk)
     except RuntimeError:
         return None
-    scores = (q.to(z.dtype) @ k.to(z.dtype).transpose(-2, -1)) * site.scale
-    target = scores.masked_fill(~keep_full, float("-inf")).softmax(-1)
     heads = q.shape[-3] if q.dim() == 4 else 1
-    tk = z.shape[-1]
-
-    def by_head(t):                  # (…, H, Tq, Tk) -> (H, rows, Tk); without a head dim: one head
-        t = t.reshape(-1, heads, t.shape[-2], tk) if heads > 1 else t.reshape(1, -1, tk)
-        return t.transpose(0, 1).reshape(heads, -1, tk) if heads > 1 else t
-
-    z, keep_full, target = by_head(z), by_head(keep_full), by_head(target)
-    live = keep_full.any(-1).all(0)              # rows where every head has a key to attend
-    index = live.nonzero().squeeze(1)
-    want = max(1, budget // (heads * tk))
-    if index.numel() > want:
-        index = index[torch.randperm(index.numel(), generator=gen)[:want].to(index.device)]
-    return z[:, index], keep_full[:, index], target[:, index]
+    sequences = list(itertools.product(*map(range, lead[:-1] if heads > 1 else lead)))
+    want = max(1, budget // (heads * tk * max(len(sequences), 1)))       # query rows per sequence
+    parts = []
+    for idx in sequences:
+        qs, ks, ms = (t[idx] if idx else t for t in (q, k, keep))
+        if heads == 1:
+            qs, ks, ms = qs.unsqueeze(0), ks.unsqueeze(0), ms.unsqueeze(0)       # (1, T, ·): one head
+        rows = ms.any(-1).all(0).nonzero().squeeze(1)       # rows where every head has a key to attend
+        if rows.numel() > want:
+            rows = rows[torch.randperm(rows.numel(), generator=gen)[:want].to(rows.device)]
+        if rows.numel() == 0:
+            continue
+        qr, mr = qs[:, rows], ms[:, rows]
+        z, mr, _ = op.logits(qr, ks, mr, False, eps)        # Nᵢ counted on each row's own mask
+        scores = (qr.to(z.dtype) @ ks.to(z.dtype).transpose(-2, -1)) * site.scale
+        parts.append((z, mr, scores.masked_fill(~mr, float("-inf")).softmax(-1)))
+    if not parts:
+        return None
+    return tuple(torch.cat(group, 1) for group in zip(*parts))
 
 
 def _joined(parts: list) -> tuple:

@@ -463,3 +463,35 @@ def test_rewritten_programs_decompose_save_and_load():
         torch.export.save(r.program, buf)
         buf.seek(0)
         torch.testing.assert_close(torch.export.load(buf).module()(*args), want)
+
+
+@pytest.mark.parametrize("shape,kind", [((2, 3, 7, 4), "causal"), ((3, 7, 4), "none"), ((7, 4), "causal"),
+                                        ((2, 3, 7, 4), "keep")])
+def test_calibration_rows_are_the_full_computations_rows(shape, kind):
+    """The pass computes only the query rows it fits on, sequence by sequence: with room for every row they are
+    exactly the rows of the whole (…, H, T, T) computation, and a budget bounds them."""
+    import types
+    from passes.softplus_attn import _site_rows
+    from rewriter.matchers.attention import keep_mask_value
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    mask = None
+    if kind == "keep":                                   # padding: the last two keys of every sequence
+        mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        mask[..., 5:] = False
+    site = types.SimpleNamespace(q="q", k="k", mask="m" if mask is not None else None, mask_kind=kind, scale=0.5)
+    z, keep, target = _site_rows(site, {"q": q, "k": k, "m": mask}, 1e-6, 10 ** 9, g)
+    full_keep = keep_mask_value(kind, mask, 7, 7)
+    z_full, keep_full, _ = sp_op.logits(q, k, full_keep, False)
+    target_full = (q @ k.mT * 0.5).masked_fill(~keep_full, float("-inf")).softmax(-1)
+    heads = shape[-3] if len(shape) == 4 else 1
+
+    def rows(t):
+        return t.reshape(-1, heads, 7, 7).transpose(0, 1).reshape(heads, -1, 7)
+
+    torch.testing.assert_close(z, rows(z_full))
+    assert torch.equal(keep, rows(keep_full))
+    torch.testing.assert_close(target, rows(target_full))
+    sequences = max(1, math.prod(shape[:-2]) // heads)
+    z, _, _ = _site_rows(site, {"q": q, "k": k, "m": mask}, 1e-6, heads * 7 * 2 * sequences, g)
+    assert z.shape[1] == 2 * sequences                                  # the budget: 2 rows a sequence
