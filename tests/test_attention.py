@@ -495,3 +495,21 @@ def test_calibration_rows_are_the_full_computations_rows(shape, kind):
     sequences = max(1, math.prod(shape[:-2]) // heads)
     z, _, _ = _site_rows(site, {"q": q, "k": k, "m": mask}, 1e-6, heads * 7 * 2 * sequences, g)
     assert z.shape[1] == 2 * sequences                                  # the budget: 2 rows a sequence
+
+
+def test_batches_of_different_lengths_are_joined_without_changing_the_fit_objective():
+    """A dynamic program's calibration batches may differ in length: the shorter ones are padded with keys nobody
+    may attend, which must add nothing — the joined rows' KL is the row-weighted mean of each batch's own."""
+    from passes.softplus_attn import _joined, fit_gain_bias
+    g = torch.Generator().manual_seed(3)
+    parts = []
+    for t in (9, 5):
+        q, k = torch.randn(2, 2, t, 8, generator=g), torch.randn(2, 2, t, 8, generator=g)
+        z, keep, _ = sp_op.logits(q, k, None, True)
+        target = (q @ k.mT).masked_fill(~keep, float("-inf")).softmax(-1)
+        parts.append(tuple(x.transpose(0, 1).reshape(2, -1, t) for x in (z, keep, target)))
+    joined = _joined(parts)
+    assert joined[0].shape == (2, 2 * 9 + 2 * 5, 9) and not joined[1][:, 18:, 5:].any()
+    alone = [fit_gain_bias(*p, 1e-6)["kl_paper"] for p in parts]
+    want = (18 * alone[0] + 10 * alone[1]) / 28
+    assert fit_gain_bias(*joined, 1e-6)["kl_paper"] == pytest.approx(want, rel=1e-5)
