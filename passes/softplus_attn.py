@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rewriter import calibration, params
+from rewriter import calibration, local_fit, params
 from rewriter.ir import insert_call, replace_node
 from rewriter.matchers.attention import (ATTENTION_OPS, classify_keep, drop_side_nodes, sites_and_values,
                                          keep_mask_node, keep_mask_value)
@@ -56,6 +56,9 @@ from rewriter.pass_base import Contract, Pass
 
 FIT_SCORES = 1 << 20          # scores (query rows × keys × heads) a site is fitted on, at most
 FIT_ITERATIONS = 40
+FIT_ROWS = 4                  # sequences a batch of the projections' fit (a dynamic program's; a static one: its own)
+HEAD_LR = 1e-2                # Adam's rate for log-gains and biases in the projections' fit
+FIT_QUERY_ROWS = 64           # query rows of each sequence a training step of the projections' fit computes
 
 
 def output_drift(before: torch.Tensor, after: torch.Tensor) -> float:
@@ -71,7 +74,7 @@ class SoftplusAttnPass(Pass):
     target_ops = ATTENTION_OPS
     summary = "softmax attention → length-scaled softplus attention (LSSA; LSSAR with reweight=true)"
 
-    fuzz_options = {"calibrate": 2}
+    fuzz_options = {"calibrate": 2, "fit_steps": 2}
 
     reweight: bool = False
     p: float = 15.0
@@ -81,9 +84,15 @@ class SoftplusAttnPass(Pass):
     data: str = "self"
     seq: int = calibration.DEFAULT_SEQ
     seed: int = 0
+    fit_steps: int = 150
+    fit_lr: float = 5e-3
 
     def __post_init__(self):
         calibration.check_options(self.data, self.calibrate, self.seq)
+        if self.fit_steps < 0:
+            raise ValueError(f"fit_steps must be >= 0 (0 = gains and biases only), got {self.fit_steps}")
+        if not self.fit_lr > 0:
+            raise ValueError(f"fit_lr must be > 0, got {self.fit_lr}")
         if not self.p > 0:
             raise ValueError(f"p must be > 0, got {self.p}")
         if self.train_len < 0:
@@ -105,6 +114,9 @@ class SoftplusAttnPass(Pass):
                 continue
             ready.append((site, keep))
         fits = self._calibrate(ctx, [site for site, _ in ready]) if self.calibrate > 0 else {}
+        moved = [n for site, _ in ready for n in (site.q, site.k, site.v)
+                 if fits.get(site.name, {}).get("projections")]
+        now = ctx.activations(moved) if moved else {}      # q, k (and v) as the fitted projections compute them
         for site, keep in ready:
             fit = fits.get(site.name)
             head = (None, None)
@@ -122,7 +134,8 @@ class SoftplusAttnPass(Pass):
                               calibrated=head[0] is not None)
             figures = {"rule": site.rule, "mask": classify_keep(keep, site.seq_q, site.seq_k),
                        "heads": site.q_heads, "head_dim": site.head_dim, "seq": site.seq_q}
-            q, k, v, out = (values.get(n) for n in (site.q, site.k, site.v, site.node))
+            q, k, v = (now.get(n, values.get(n)) for n in (site.q, site.k, site.v))
+            out = values.get(site.node)                              # the softmax attention, as it was
             if all(isinstance(t, torch.Tensor) for t in (q, k, v, out)):
                 with torch.no_grad():
                     got = op.reference(q, k, v, keep, False, self.reweight, self.p, self.train_len, self.eps,
@@ -130,6 +143,8 @@ class SoftplusAttnPass(Pass):
                 figures["output_drift"] = output_drift(out, got)
             if fit is not None:
                 figures.update(kl_paper=fit["kl_paper"], kl_fitted=fit["kl_fitted"], fit_rows=fit["rows"])
+                figures.update({key: fit[key] for key in ("fit_loss_before", "fit_loss_after", "projections",
+                                                          "fit_skipped") if key in fit})
                 if fit["gain"] is not None:
                     figures.update(gain_mean=float(fit["gain"].mean()), bias_mean=float(fit["bias"].mean()))
             softmax = site.softmax
@@ -158,7 +173,94 @@ class SoftplusAttnPass(Pass):
         for site in ctx.progress(sites, "fitting gains and biases"):
             if rows[site.name]:
                 fits[site.name] = fit_gain_bias(*_joined(rows.pop(site.name)), self.eps)
+        if self.fit_steps > 0:
+            self._fit_projections(ctx, [site for site in sites if site.name in fits], fits)
         return fits
+
+    # ---- calibration: the q and k projections --------------------------------------------------------------
+    def _fit_projections(self, ctx, sites: list, fits: dict) -> None:
+        """Train each site's q and k projections with its gain and bias so that the softplus attention, fed what
+        the program feeds the projections, reproduces the softmax attention's output (rewriter/local_fit.py);
+        every site on the program as the pass received it, the new weights written once all are fitted. Updates
+        `fits` with the trained gain and bias, the held-out losses and the weights' names."""
+        gm = ctx.gm
+        spec = calibration.spec_of(self)
+        regions = {}
+        for site in sites:
+            region = local_fit.find_region(gm, (site.q, site.k), (site.q, site.k, site.v), site.node)
+            if isinstance(region, str):
+                fits[site.name]["fit_skipped"] = region
+            else:
+                regions[site.name] = region
+        new_weights = {}
+        for chunk in _capture_chunks(ctx, spec, [s for s in sites if s.name in regions], regions):
+            nodes = {n for site in chunk for n in regions[site.name].inputs + [site.node]
+                     + ([site.mask] if site.mask is not None else [])}
+            batches = list(calibration.node_values(ctx, spec, list(nodes), f"capturing attention blocks "
+                                                   f"({len(chunk)} sites)", rows=FIT_ROWS))
+            for site in ctx.progress(chunk, "fitting q/k projections"):
+                fit = fits[site.name]
+                device = batches[0][site.node].device
+                none = torch.zeros(site.q_heads, device=device)
+                start = {"log_gain": none if fit["gain"] is None else fit["gain"].float().log().to(device),
+                         "bias": none if fit["bias"] is None else fit["bias"].float().to(device)}
+                result = local_fit.fit(gm, regions[site.name], batches, start, self._replacement(site),
+                                       self.fit_steps, self.fit_lr, HEAD_LR, self.seed)
+                fit.update(fit_loss_before=result["loss_before"], fit_loss_after=result["loss_after"])
+                if result["weights"] is not None:
+                    new_weights.update(result["weights"])
+                    fit.update(gain=result["extra"]["log_gain"].exp(), bias=result["extra"]["bias"],
+                               projections=sorted(result["weights"]))
+            del batches
+        for name, weight in new_weights.items():
+            params.set_tensor(gm, name, weight)
+
+    def _replacement(self, site):
+        """(q, k, v), the batch's values, {log_gain, bias}, a generator -> (the softplus attention output, the
+        softmax attention's) in fp32; with a generator only FIT_QUERY_ROWS query rows drawn from it (every key
+        still: the cost of a training step is rows × keys, not keys²)."""
+        masks: dict = {}          # each batch's "may attend" mask, made once
+
+        def attend(qkv, values, numbers, generator):
+            q, k, v = (t.float() for t in qkv)
+            want = values[site.node].float()
+            tq = q.shape[-2]
+            mask = values.get(site.mask) if site.mask is not None else None
+            if id(mask) not in masks:
+                masks[id(mask)] = keep_mask_value(site.mask_kind, mask, tq, k.shape[-2], q.device)
+            keep = masks[id(mask)]
+            if generator is not None and tq > FIT_QUERY_ROWS:
+                rows = torch.randperm(tq, generator=generator, device="cpu")[:FIT_QUERY_ROWS].to(q.device)
+                q, want = q.index_select(-2, rows), want.index_select(-2, rows)
+                if keep is not None and keep.shape[-2] == tq:
+                    keep = keep.index_select(-2, rows)
+            out = op.reference(q, k, v, keep, False, self.reweight, self.p, self.train_len, self.eps,
+                               numbers["log_gain"].exp(), numbers["bias"])
+            return out, want
+        return attend
+
+
+def _capture_chunks(ctx, spec, sites: list, regions: dict) -> list[list]:
+    """Consecutive chunks of `sites` whose captured values (each region's inputs and the attention output, on every
+    calibration batch, fp32) fit $REWRITE_CAPTURE_BYTES (default 1 GiB); a site larger than that gets a chunk
+    alone. Sizes are estimated from the example inputs' values, scaled to the calibration batches' tokens."""
+    budget = calibration.env_bytes("REWRITE_CAPTURE_BYTES", 1 << 30)
+    io = calibration.describe(ctx)
+    batches = calibration.batches(ctx, spec, rows=FIT_ROWS)
+    scale = 1.0
+    if io.ids_index is not None and batches and io.example:
+        scale = batches[0][io.ids_index].numel() / max(1, io.example[io.ids_index].numel())
+    chunks, chunk, used = [], [], 0
+    for site in sites:
+        nodes = regions[site.name].inputs + [site.node]
+        cost = int(scale * len(batches) * sum(4 * v.numel() for v in (n.meta.get("val") for n in nodes)
+                                              if isinstance(v, torch.Tensor)))
+        if chunk and used + cost > budget:
+            chunks.append(chunk)
+            chunk, used = [], 0
+        chunk.append(site)
+        used += cost
+    return chunks + [chunk] if chunk else chunks
 
 
 def q_dtype(q) -> torch.dtype:

@@ -686,9 +686,10 @@ def _capture_stats(ctx, spec: DataSpec, sites: list) -> LayerStats:
     return _layer_stats(spec, by_input, sums, counts, probs_sum, prob_rows)
 
 
-def node_values(ctx, spec: DataSpec, nodes: list, what: str):
-    """For each calibration batch (`batches`), {node: its value} for `nodes`, as the program computes them now —
-    one fx.Interpreter run a batch; a generator, so the caller reduces each batch before the next is computed."""
+def node_values(ctx, spec: DataSpec, nodes: list, what: str, rows: int | None = None):
+    """For each calibration batch (`batches`, `rows` samples a batch for a dynamic program), {node: its value}
+    for `nodes`, as the program computes them now — one fx.Interpreter run a batch; a generator, so the caller
+    reduces each batch before the next is computed."""
     wanted = set(nodes)
 
     class Capture(fx.Interpreter):
@@ -699,7 +700,7 @@ def node_values(ctx, spec: DataSpec, nodes: list, what: str):
             return value
 
     with torch.no_grad(), reading(ctx):
-        for flat in ctx.progress(batches(ctx, spec), what):
+        for flat in ctx.progress(batches(ctx, spec, rows), what):
             seen: dict = {}
             Capture(ctx.gm).run(*flat)
             yield seen

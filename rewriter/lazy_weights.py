@@ -67,16 +67,44 @@ def _libc():
 
 
 _LIBC = _libc() if sys.platform.startswith("linux") else None
-M_MMAP_THRESHOLD = -3      # glibc mallopt parameter
+M_TRIM_THRESHOLD = -1      # glibc mallopt parameters
+M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 2**20     # allocations at least this big get their own mapping, returned to the system on free
+TRIM_THRESHOLD = 128 * 1024            # glibc's default: free heap above this at the top goes back to the system
+TRAINING_MMAP_THRESHOLD = 32 * 2**20   # glibc's largest
+TRAINING_TRIM_THRESHOLD = 2**30
+_heap_limited = False
 
 
 def limit_heap_growth() -> None:
     """glibc raises its mmap threshold each time a big block is freed (up to 32 MiB), after which per-layer
     temporaries of that size come from the heap and stay there when freed: measured here, a merge pass over a
     300 MB model left 1.1 GB of freed-but-kept heap. Fixing the threshold keeps big blocks as their own mappings."""
+    global _heap_limited
     if _LIBC is not None and hasattr(_LIBC, "mallopt"):
         _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        _heap_limited = True
+
+
+@contextlib.contextmanager
+def reusing_heap():
+    """A training loop allocates the same temporaries at every step. Under `limit_heap_growth` each one over 1 MiB
+    is a fresh mapping whose pages the kernel zero-fills on first touch and unmaps on free: measured on one
+    softplus-attn site of SmolLM2 (8 × 256 tokens a step), 71,500 page faults a step and as much system time as
+    compute, 2.6× the step time of the same loop in a fresh process. Inside this block big temporaries come
+    from the heap again and stay there between steps; afterwards the limit is restored and the free heap given
+    back (malloc_trim). A no-op unless the limit is in force."""
+    if not _heap_limited:
+        yield
+        return
+    _LIBC.mallopt(M_MMAP_THRESHOLD, TRAINING_MMAP_THRESHOLD)
+    _LIBC.mallopt(M_TRIM_THRESHOLD, TRAINING_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        trim_heap()
 
 
 def trim_heap() -> None:
