@@ -29,13 +29,37 @@ k on N calibration samples to the softmax rows P it replaces:
 paper's g = 1, b = 0 on up to FIT_SCORES scores a site (query rows drawn at random, seeded, when there are more),
 kept only where the KL drops. Each site is fitted on the original program's own q and k (fitting each on the q
 and k of the already-rewritten layers before it, offline: 3.87× against 4.06× — not worth a capture pass per
-layer). Measured on SmolLM2 (2,048 evaluation tokens, windows of 256; `python -m bench.accuracy`): perplexity
-ratio 12.0× with the paper's scale, 4.17× fitted (no training), 2.40× after the default heal (which trains g and
-b with its LoRA branches); MiniLM embedding cosine 0.843 → 0.961 (0.982 healed). calibrate=0: the paper's LSSA.
+layer). calibrate=0: the paper's LSSA.
+
+Then the projections (fit_steps=S > 0, the default 150): cosines discard ‖q‖ and ‖k‖, which the softmax reads,
+and no per-head number gives them back; the q and k projections can. Each site's W_q, W_k (the nearest linear
+layers above q and k — one fused qkv layer where the model has one, v then trains with it), gₕ and bₕ are trained
+so that the softplus attention, fed what the program feeds the projections, reproduces the softmax attention's
+output o on the same calibration samples (rewriter/local_fit.py):
+
+    min over W_q, W_k, log g, b   Σ_batches ‖softplus_attention(q(x), k(x), v) − o‖² / ‖o‖²
+
+S Adam steps a site (cosine schedule, each weight at fit_lr × its own RMS, g and b at 1e-2), one calibration
+batch a step of FIT_ROWS sequences (a static program: its own batch), FIT_QUERY_ROWS query rows a sequence drawn
+at random against every key (the loss of a whole batch on the held-out last batch, which decides: a site keeps
+its new weights only where that loss drops). Every site is fitted on the program as the pass received it (the
+captured values: $REWRITE_CAPTURE_BYTES, default 1 GiB, per chunk of sites); the new weights are written once
+all are fitted. The pass changes those weights in place (the report lists them: `projections`), nothing else.
+
+Measured (SmolLM2: perplexity ratio on the 2,048 evaluation tokens, windows of 256, `python -m bench.accuracy
+--model smollm2 --pass softplus-attn --variants …`; MiniLM: embedding cosine over 44 sentences):
+
+    paper's scale (calibrate=0)                12.0×        0.843
+    gains and biases (fit_steps=0)             4.17×        0.961
+    + the projections (the default, 150 steps) 1.24×        0.990      pass 338 s on 2 cores (SmolLM2), 25 s
+    (full query rows a step: 1.22× in 27 minutes; 30 steps 2.21×, 60 steps 1.60×)
+    the default heal after it                  1.27× (1.31× before it on heal's 128-token samples)
 
 Contract: semantic (the function changes on purpose); every site records the drift of its output against the
 softmax attention it replaces on the example inputs, and, calibrated, the mean KL of its rows to the softmax's on
-the calibration data before and after the fit.
+the calibration data before and after the gain fit, and the held-out reconstruction error before and after the
+projections' fit (`fit_loss_before`, `fit_loss_after`; `fit_skipped` says why a site's projections were left
+alone: a value they compute also feeds something else, a weight read elsewhere).
 """
 from __future__ import annotations
 

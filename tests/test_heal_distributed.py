@@ -127,7 +127,8 @@ SHARDED = "heal{mode=e2e,steps=4,lr=1e-3,samples=16,seq=16,batch=4,accum=2,shard
 @pytest.mark.parametrize("spec", [
     "monarch{blocks=2,calibrate=0}," + SHARDED + ",train=all}",   # data-free factors; the tied embedding trains too
     "shiftadd{bits=4,calibrate=0}," + SHARDED + "}",              # scales trained through straight-through ops
-    "softplus-attn," + SHARDED + "}",                             # LoRA branches added for training, merged after
+    "softplus-attn{fit_steps=0}," + SHARDED + "}",                # LoRA branches added for training, merged after
+    # (fit_steps=0: with its projections fitted softplus-attn leaves this tiny model nothing to heal)
 ], ids=["monarch-train-all", "shiftadd", "softplus-lora"])
 def test_sharded_heal_trains_as_one_process_does_holding_half_of_every_tensor(tmp_path, spec):
     # FSDP (rewriter/fsdp.py): each rank holds half of every tensor of the training copies (student and teacher),
