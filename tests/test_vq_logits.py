@@ -143,6 +143,7 @@ def test_pass_on_tiny_gpt_tied(tiny_gpt, tmp_path):
     assert s["token_bias"] and "lm_head.vq_token_bias" in dict(r.program.named_parameters())
     assert 0 <= s["top1_agreement"] <= 1 and 0 <= s["top5_overlap"] <= 1
     assert "perplexity_before" in s and "perplexity_after" in s
+    assert s["kl"] >= s["kl_floor"] - 1e-9 and s["kl_floor"] >= 0
     assert 0 < res.error_vs_original < 1.0
     assert res.flops_after < res.flops_before
     torch.export.save(r.program, tmp_path / "vq.pt2")
@@ -253,3 +254,91 @@ def test_token_bias_is_each_tokens_best_offset_and_the_error_says_what_is_left(v
     assert logit_error(w, codebook, code_map, h, pi, mu) == pytest.approx(measured, rel=1e-6, abs=1e-9)
     without = fit_codebook(w, h, pi, k, 3, 0, code_map, None)
     assert without[2] is None and torch.equal(without[1], code_map)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(rows=st.integers(1, 40), vocab=st.integers(2, 50), k=st.integers(1, 8), dim=st.integers(1, 6),
+       scale=st.floats(0.1, 8.0), seed=st.integers(0, 2**16))
+def test_map_kl_floor_bounds_every_codebook_and_bias_and_is_attained(rows, vocab, k, dim, scale, seed):
+    """map_kl_floor is a floor: no codebook C, hidden states h and token bias β — the whole family the op computes,
+    (h·Cᵀ)[M] + β — gets closer to the original logits in mean KL; and it is the minimum: the distribution that
+    keeps each row's code probabilities and splits every code as the rows do on average reaches it."""
+    from passes.vq_logits import kl_divergence, map_kl_floor
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, vocab)
+    logits = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * scale
+    code_map = torch.randint(0, k, (vocab,), generator=g)
+    floor = map_kl_floor(logits, code_map, k, chunk=7)
+    assert floor >= 0
+    for _ in range(5):
+        h = torch.randn(rows, dim, generator=g, dtype=torch.float64)
+        codebook = torch.randn(k, dim, generator=g, dtype=torch.float64) * scale
+        beta = torch.randn(vocab, generator=g, dtype=torch.float64) * scale
+        assert kl_divergence(logits, (h @ codebook.t())[:, code_map] + beta) >= floor - 1e-9
+    p = torch.softmax(logits, -1)
+    per_row = torch.zeros(rows, k, dtype=torch.float64).index_add_(1, code_map, p)
+    mass = p.sum(0)
+    split = mass / torch.zeros(k, dtype=torch.float64).index_add_(0, code_map, mass)[code_map]
+    best = torch.log(per_row[:, code_map]) + torch.log(split)
+    assert kl_divergence(logits, best) == pytest.approx(floor, rel=1e-7, abs=1e-10)
+
+
+def test_map_kl_floor_is_zero_when_the_map_loses_nothing():
+    """Tokens of one code whose logits differ by a constant in every row are split in the same proportions
+    everywhere: the map loses nothing, and the floor is 0; merging two tokens that trade places costs log 2 a row."""
+    from passes.vq_logits import map_kl_floor
+    g = torch.Generator().manual_seed(0)
+    code_map = torch.tensor([0, 1, 0, 2, 1, 2])
+    logits = torch.randn(9, 3, generator=g, dtype=torch.float64)[:, code_map] + torch.randn(6, generator=g,
+                                                                                          dtype=torch.float64)
+    assert map_kl_floor(logits, code_map, 3) == pytest.approx(0.0, abs=1e-12)
+    swap = torch.tensor([[30.0, 0.0], [0.0, 30.0]], dtype=torch.float64)   # one token or the other, each certain
+    assert map_kl_floor(swap, torch.tensor([0, 0]), 1) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-6)
+
+
+def _mean_kl(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    lr, la = torch.log_softmax(ref.double(), -1), torch.log_softmax(approx.double(), -1)
+    return float((lr.exp() * (lr - la)).sum(-1).mean())
+
+
+def test_codebook_trained_to_the_logits_lowers_the_kl_on_held_out_ids():
+    """fit_steps trains C and β to the original's next-token distribution on the calibration batches: the held-out
+    batch's KL drops (the figures say so), and so does the KL of the whole program on ids it never saw — against
+    the same closed-form fit without the training; the floor of the map stays below both."""
+    g = torch.Generator().manual_seed(3)
+    model = _LM(vocab=300, dim=16, rows=torch.randn(300, 16, generator=g) * 2, seed=3).eval()
+    ids = torch.randint(0, 300, (4, 24), generator=g)
+    held = torch.randint(0, 300, (4, 4, 24), generator=g)          # the program takes (4, 24): four batches
+    spec = "vq-logits{codes=24,calibrate=16,seq=32,fit_steps=%d}"
+    closed = rewrite(model, (ids,), passes=spec % 0)
+    fitted = rewrite(model, (ids,), passes=spec % 80)
+    site = fitted.report.passes[0].sites[0]
+    assert "fit_kl_before" not in closed.report.passes[0].sites[0]
+    assert site["fit_kept"] and site["fit_kl_after"] < 0.85 * site["fit_kl_before"]   # 0.72 measured
+    with torch.no_grad():
+        want = torch.cat([model(b) for b in held])
+        kl_closed = _mean_kl(want, torch.cat([closed.module()(b) for b in held]))
+        kl_fitted = _mean_kl(want, torch.cat([fitted.module()(b) for b in held]))
+    assert kl_fitted < 0.95 * kl_closed                                    # 0.86 measured
+    assert site["kl_floor"] <= site["kl"]
+    names = dict(fitted.program.named_buffers())
+    assert torch.equal(names["head.vq_code_map"], dict(closed.program.named_buffers())["head.vq_code_map"])
+
+
+def test_fit_to_logits_is_undone_when_the_held_out_kl_does_not_drop():
+    from passes.vq_logits import fit_to_logits
+    g = torch.Generator().manual_seed(0)
+    w, inputs = torch.randn(50, 6, generator=g), [torch.randn(40, 6, generator=g) for _ in range(3)]
+    codebook, code_map, beta = torch.randn(5, 6, generator=g), torch.randint(0, 5, (50,), generator=g), torch.zeros(50)
+    c, b, figures = fit_to_logits(w, None, codebook, code_map, beta, inputs, steps=5, lr=1e4)   # diverges
+    assert not figures["fit_kept"] and c is codebook and b is beta
+    assert figures["fit_kl_after"] == figures["fit_kl_before"]
+    c, b, figures = fit_to_logits(w.bfloat16(), None, codebook.bfloat16(), code_map, beta.bfloat16(),
+                                  [x.bfloat16() for x in inputs], steps=40, lr=1e-2)
+    assert figures["fit_kept"] and c.dtype == b.dtype == torch.bfloat16
+
+
+def test_fit_options_are_validated():
+    for spec in ("vq-logits{fit_steps=-1}", "vq-logits{fit_lr=0}"):
+        with pytest.raises(Exception, match="fit_"):
+            parse_pass(spec)
