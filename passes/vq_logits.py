@@ -24,12 +24,13 @@ Then, calibrated, the codebook and the token bias are trained to the logits them
 `fit_to_logits`): the closed form minimises a squared logit error, but what the head must keep is the
 next-token distribution, so C and β are trained by Adam on the calibration batches' head inputs to minimise the
 mean KL(softmax(h·Wᵀ) ‖ softmax((h·Cᵀ)[M] + β)), the last batch held out and the fit kept only where its KL
-drops. SmolLM2 (codes=4096, the head alone, offline on the same 32 self-samples of 128 tokens): held-out KL
-1.04 → 0.86 and the evaluation perplexity ratio 5.88× → 4.52× in 100 steps (4.39× in 300; 4.12× on 7× the
-samples) — while the default end-to-end `heal` (64 samples, the whole program) reached 5.40×. Through the pass itself (`python -m bench.accuracy
---model smollm2 --pass "vq-logits{codes=4096}" --variants calibrated`, its own 32 self-samples, fewer of them
-trained on than offline): 6.01× → 5.20× (held-out KL 0.705 → 0.592; pass 362 s, 227 s without the fit). A floor no training of C and β
-crosses is reported beside it (`kl_floor` below): 0.41 nats on SmolLM2's self-samples for this map.
+drops. SmolLM2 (codes=4096, the head alone, offline on 32 self-samples of 128 tokens): held-out KL 1.04 → 0.86
+and the evaluation perplexity ratio 5.88× → 4.52× in 100 steps (4.39× in 300; 4.12× on 7× the samples), where
+the default end-to-end `heal` (64 samples, the whole program) reached 5.40×. Through the pass itself (`python -m
+bench.accuracy --model smollm2 --pass "vq-logits{codes=4096}" --variants calibrated`: its own 32 self-samples,
+fewer of them trained on than offline): 6.01× → 5.20× (held-out KL 0.705 → 0.592; pass 362 s, 227 s without the
+fit). A floor no training of C and β crosses is reported beside it (`kl_floor` below): 0.41 nats on SmolLM2's
+self-samples for this map.
 Or M from `map=FILE` (a .pt tensor/list or a .json list of V ints; C = the (weighted) mean of each code's rows;
 `codes` is then ignored: K = max(map) + 1). Tokens sharing a code get equal logits; when W has exactly K distinct
 rows the rewrite is exact.
@@ -55,7 +56,8 @@ equal) and top-5 overlap (|top5 ∩ top5'|/5) with the original logits on the ex
 input is a token-id tensor shaped like the logits' leading dims (a causal LM) — next-token perplexity
 before/after; `kl` (mean KL(original ‖ rewritten) per row) and `kl_floor`, the least KL any codebook and token
 bias could reach with this code map on the same rows (`map_kl_floor`: tokens sharing a code keep fixed proportions
-within it, so what the map merges is lost whatever is trained afterwards); when calibrated, calibrated_error = √(Σπ_v·Δ_v·G·Δ_vᵀ / Σπ_v·W_v·H·W_vᵀ), G = Σ with the token
+within it, so what the map merges is lost whatever is trained afterwards); when calibrated,
+calibrated_error = √(Σπ_v·Δ_v·G·Δ_vᵀ / Σπ_v·W_v·H·W_vᵀ), G = Σ with the token
 bias, else H.
 """
 from __future__ import annotations
@@ -311,8 +313,8 @@ class VQLogitsPass(Pass):
 
 def fit_to_logits(w, bias, codebook, code_map, token_bias, inputs: list, steps: int, lr: float, seed: int = 0):
     """Train the codebook (and the token bias) on the head's calibration inputs to minimise the mean
-    KL(softmax(h·Wᵀ + b) ‖ softmax((h·Cᵀ)[M] + b + β)) — the logits the head must reproduce, not the rows' metric
-    the closed form fits. `inputs`: (rows, d) head inputs a calibration batch, the last one held out. Adam, cosine
+    KL(softmax(h·Wᵀ + b) ‖ softmax((h·Cᵀ)[M] + b + β)) — the logits the head must reproduce, not the rows'
+    metric the closed form fits. `inputs`: (rows, d) head inputs a calibration batch, the last one held out. Adam, cosine
     learning rate, each tensor at `lr` times its own root-mean-square, fp32 masters, `FIT_ROWS_PER_STEP` random
     rows a step (fewer for a vocabulary over 65,536: ≤ 2²⁶ logits a step); kept only where the held-out KL drops.
     Returns (codebook, token bias, figures) in the given dtypes."""
