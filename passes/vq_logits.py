@@ -347,12 +347,12 @@ def fit_to_logits(w, bias, codebook, code_map, token_bias, inputs: list, steps: 
     opt = torch.optim.Adam([{"params": [t], "lr": lr * float(t.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
                             for t in masters.values()])
     base = [g["lr"] for g in opt.param_groups]
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator("cpu").manual_seed(seed)
     with torch.enable_grad(), reusing_heap():
         for step in range(steps):
             for group, rate in zip(opt.param_groups, base):
                 group["lr"] = rate * 0.5 * (1 + math.cos(math.pi * step / steps))
-            h = x[torch.randint(0, x.shape[0], (rows,), generator=generator).to(x.device)]
+            h = x[torch.randint(0, x.shape[0], (rows,), generator=generator, device="cpu").to(x.device)]
             with torch.no_grad():
                 target = torch.log_softmax(teacher(h), -1)
             student = torch.log_softmax(logits(h, masters), -1)
