@@ -342,3 +342,31 @@ def test_fit_options_are_validated():
     for spec in ("vq-logits{fit_steps=-1}", "vq-logits{fit_lr=0}"):
         with pytest.raises(Exception, match="fit_"):
             parse_pass(spec)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(vocab=st.integers(12, 80), k=st.integers(2, 10), frequent=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_frequent_tokens_get_codes_of_their_own(vocab, k, frequent, seed):
+    """fit_codebook(frequent=S): the S heaviest tokens each alone in a code (their logits exact up to the bias),
+    every other token in one of the remaining k − S codes; with no more distinct rows than codes, plain k-means
+    (which is exact there)."""
+    from passes.vq_logits import fit_codebook
+    frequent = min(frequent, k - 1)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(vocab, 5, generator=g, dtype=torch.float64)
+    pi = torch.rand(vocab, generator=g, dtype=torch.float64)
+    codebook, code_map, _ = fit_codebook(w, None, pi, k, 3, 0, None, None, frequent)
+    heaviest = pi.argsort(descending=True)[:frequent]
+    sizes = torch.bincount(code_map, minlength=k)
+    assert bool((sizes[code_map[heaviest]] == 1).all()) and len(set(code_map[heaviest].tolist())) == frequent
+    assert torch.allclose(codebook[code_map[heaviest]], w[heaviest])
+    repeated = _repeated_rows(k, vocab, 5, seed).double()
+    codebook, code_map, _ = fit_codebook(repeated, None, pi, k, 3, 0, None, None, frequent)
+    assert torch.allclose(codebook[code_map], repeated)
+
+
+def test_frequent_option_is_validated():
+    for spec in ("vq-logits{frequent=-2}", "vq-logits{codes=8,frequent=8}"):
+        with pytest.raises(Exception, match="frequent"):
+            parse_pass(spec)
+    parse_pass("vq-logits{codes=8,frequent=7}")
