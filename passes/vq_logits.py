@@ -24,7 +24,8 @@ The most probable tokens get codes of their own when calibrated (frequent=S, def
 that shares a code loses the part of its probability that differs from its code-mates', which costs most where
 tokens are frequent; k-means shares the other codes among the rest. SmolLM2 (codes=4096, head alone, offline, with
 the KL fit below): S = 0 / 500 / 1,000 / 2,000 gave 4.52 / 3.98 / 3.81 / 4.13× (closed form alone 5.88 / 5.30 /
-5.21 / 5.71×). A head with no more distinct rows than codes keeps plain k-means, which is exact there.
+5.21 / 5.71×). Through the pass (its own 32 self-samples): 5.20× → 5.03×, top-1 65.4 → 73.9 %, `kl_floor` 0.37 → 0.32.
+A head with no more distinct rows than codes keeps plain k-means, which is exact there.
 Then, calibrated, the codebook and the token bias are trained to the logits themselves (fit_steps, default 100;
 `fit_to_logits`): the closed form minimises a squared logit error, but what the head must keep is the
 next-token distribution, so C and β are trained by Adam on the calibration batches' head inputs to minimise the
