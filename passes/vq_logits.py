@@ -75,7 +75,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rewriter import calibration, kmeans, params, weighted
+from rewriter import calibration, distill, kmeans, params, weighted
 from rewriter.errors import UserError, first_line
 from rewriter.ir import insert_call, replace_node
 from rewriter.lazy_weights import reusing_heap
@@ -374,10 +374,7 @@ def fit_to_logits(w, bias, codebook, code_map, token_bias, inputs: list, steps: 
             for group, rate in zip(opt.param_groups, base):
                 group["lr"] = rate * 0.5 * (1 + math.cos(math.pi * step / steps))
             h = x[torch.randint(0, x.shape[0], (rows,), generator=generator, device="cpu").to(x.device)]
-            with torch.no_grad():
-                target = torch.log_softmax(teacher(h), -1)
-            student = torch.log_softmax(logits(h, masters), -1)
-            loss = (target.exp() * (target - student)).sum(-1).mean()
+            loss = distill.kl_loss(logits(h, masters), teacher(h))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
